@@ -1,0 +1,100 @@
+"""The one interface every reward source implements.
+
+A reward maps ``(prompts, responses)`` to one float score per response, higher is better.
+Sources that are made of parts (a composite, a multi-label detoxify) also expose their
+parts through :meth:`Reward.components` so each can be logged on its own
+(``env/reward/<name>_mean``).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import torch
+
+
+class RewardOutputError(ValueError):
+    """A reward returned something that is not one finite-or-not float per response."""
+
+
+class Reward(abc.ABC):
+    """Base class for reward sources.
+
+    Subclasses implement :meth:`components`. They must be cheap to construct twice
+    (LightningCLI may build them while parsing) and load heavy models lazily in
+    :meth:`setup`, which the training module calls once with the policy's device.
+
+    Attributes:
+        name: short identifier used in log tags (``env/reward/<name>_mean``).
+    """
+
+    name: str = "reward"
+
+    def setup(self, device: torch.device | str = "cpu") -> "Reward":
+        """Load models (once) and move them to ``device``. Idempotent. Returns ``self``."""
+        return self
+
+    @abc.abstractmethod
+    def components(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Score each response.
+
+        Args:
+            prompts: ``batch`` prompt strings (the text the policy saw).
+            responses: ``batch`` decoded response strings.
+
+        Returns:
+            Mapping from component name to a float tensor of shape ``(batch,)``. For a single
+            source this is ``{self.name: scores}``.
+        """
+
+    def combine(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fold components into the scalar reward, shape ``(batch,)``. Default: the sum."""
+        return torch.stack(list(components.values()), dim=0).sum(dim=0)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Validated scores: ``(reward, components)``.
+
+        Returns:
+            reward: float32 CPU tensor, shape ``(batch,)``; may hold NaN/inf (callers guard).
+            components: each component as a float32 CPU tensor of shape ``(batch,)``.
+        Raises:
+            RewardOutputError: a component of the wrong type or shape.
+        """
+        raw = self.components(prompts, responses)
+        if not isinstance(raw, dict) or not raw:
+            raise RewardOutputError(
+                f"reward '{self.name}' returned {type(raw).__name__} from components(), "
+                "expected a non-empty dict of name -> scores"
+            )
+        checked = {key: check_scores(key, value, len(responses)) for key, value in raw.items()}
+        return check_scores(self.name, self.combine(checked), len(responses)), checked
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """The scalar reward per response, shape ``(batch,)``, float32, on CPU."""
+        return self.score(prompts, responses)[0]
+
+
+def check_scores(name: str, scores: object, batch_size: int) -> torch.Tensor:
+    """Validate one reward component and return it as a float32 CPU tensor of shape ``(batch,)``.
+
+    NaN and inf are allowed through (the training loop's guard skips and counts them); a
+    wrong type or shape is a bug in the reward and raises :class:`RewardOutputError`.
+    """
+    if not isinstance(scores, torch.Tensor):
+        try:
+            scores = torch.as_tensor(scores, dtype=torch.float32)
+        except Exception as err:  # noqa: BLE001 - we re-raise with a clear message
+            raise RewardOutputError(
+                f"reward '{name}' returned {type(scores).__name__}, expected a float tensor of shape "
+                f"({batch_size},): make it return one number per response"
+            ) from err
+    if scores.dim() == 2 and scores.shape[-1] == 1:
+        scores = scores.squeeze(-1)
+    if tuple(scores.shape) != (batch_size,):
+        raise RewardOutputError(
+            f"reward '{name}' returned shape {tuple(scores.shape)}, expected ({batch_size},): "
+            f"return one score per response"
+        )
+    if not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64, torch.bool)):
+        raise RewardOutputError(f"reward '{name}' returned dtype {scores.dtype}, expected a float tensor")
+    return scores.detach().float().cpu()
