@@ -1,0 +1,92 @@
+"""validate / test / predict steps of the PPO module: sample, score, and measure quality.
+
+Quality metrics are torchmetrics ``Metric`` objects held by the module, so under DDP they are
+synchronised across processes when logged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics.text import BLEUScore, ROUGEScore
+
+EVAL_SEED_OFFSET = 1_000_000  # evaluation batches use seeds disjoint from training iterations
+
+
+class EvaluationMixin:
+    """Adds ``validation_step``, ``test_step`` and ``predict_step`` to :class:`PPOModule`.
+
+    Sampling uses ``eval_generation`` with a seed fixed per batch, so two evaluations of the
+    same checkpoint see the same samples.
+    """
+
+    def _eval_metrics(self, stage: str) -> dict[str, Any]:
+        attr = f"_{stage}_text_metrics"
+        if not hasattr(self, attr):
+            # ROUGE-Lsum needs nltk's punkt data (a download): rouge1/2/L need nothing.
+            metrics = torch.nn.ModuleDict({
+                "rouge": ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"), accumulate="best"),
+                "bleu": BLEUScore(),
+            }).to(self.device)
+            object.__setattr__(self, attr, metrics)  # not a registered submodule: not in checkpoints
+        return getattr(self, attr)
+
+    def _sample_and_score(self, batch: dict[str, Any], batch_idx: int):
+        """Seeded sampling of one evaluation batch; returns the scored rollout and per-sequence KL ``(batch,)``."""
+        self._seed_iteration(EVAL_SEED_OFFSET + batch_idx)
+        rollout = self.rollout(batch["prompt"], self.eval_generation)
+        self.score_rollout(rollout)
+        kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1)
+        return rollout, kl
+
+    def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        rollout, kl = self._sample_and_score(batch, batch_idx)
+        size = len(batch["prompt"])
+        self.log(f"{stage}/reward_mean", rollout.scores.float().mean(), sync_dist=True, batch_size=size, prog_bar=True)
+        self.log(f"{stage}/kl", kl.mean(), sync_dist=True, batch_size=size)
+        self.log(f"{stage}/response_len_mean", rollout.mask.sum(1).float().mean(), sync_dist=True, batch_size=size)
+        for name, value in rollout.components.items():
+            self.log(f"{stage}/reward/{name}_mean", value.float().mean(), sync_dist=True, batch_size=size)
+        references = batch.get("references")
+        if references and all(len(r) > 0 for r in references):
+            metrics = self._eval_metrics(stage)
+            metrics["rouge"].update(rollout.texts, references)
+            metrics["bleu"].update(rollout.texts, references)
+
+    def _log_text_metrics(self, stage: str) -> None:
+        metrics = self._eval_metrics(stage)
+        if metrics["bleu"].update_count == 0:
+            return
+        rouge = metrics["rouge"].compute()
+        for key in ("rouge1", "rouge2", "rougeL"):
+            self.log(f"{stage}/{key}", rouge[f"{key}_fmeasure"], sync_dist=False)
+        self.log(f"{stage}/bleu", metrics["bleu"].compute(), sync_dist=False)
+        for metric in metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_text_metrics("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_text_metrics("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Rows ``{prompt, response, reward, <component>..., kl, references?}`` for the writer."""
+        rollout, kl = self._sample_and_score(batch, batch_idx)
+        rows = []
+        for i, (prompt, text) in enumerate(zip(rollout.prompts, rollout.texts)):
+            row = {"prompt": prompt, "response": text, "reward": float(rollout.scores[i])}
+            row.update({name: float(value[i]) for name, value in rollout.components.items()})
+            row["kl"] = float(kl[i])
+            if "prompt_id" in batch:
+                row["prompt_id"] = int(batch["prompt_id"][i])
+            if batch.get("references"):
+                row["references"] = list(batch["references"][i])
+            rows.append(row)
+        return rows

@@ -1,0 +1,465 @@
+"""The PPO LightningModule: rollout -> score -> KL-penalised rewards -> GAE -> PPO epochs.
+
+One ``training_step`` is one PPO iteration (one rollout batch and all its epochs of minibatch
+updates), and ``trainer.global_step`` counts iterations (see :mod:`flan_rlhf.step_counting`).
+The math lives in :mod:`flan_rlhf.ppo`; this file only wires it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from flan_rlhf import ppo
+from flan_rlhf.ppo import RunningMoments
+from flan_rlhf.evaluation_step import EvaluationMixin
+from flan_rlhf.guards import NonFiniteGuard
+from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
+from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rollout import (
+    Rollout,
+    evaluate_responses,
+    response_mask,
+    sample_responses,
+    shift_right,
+    tokenize_prompts,
+)
+from flan_rlhf.settings import GenerationSettings, PPOSettings
+from flan_rlhf.step_counting import count_as_one_step
+
+log = logging.getLogger(__name__)
+
+
+class PPOModule(EvaluationMixin, L.LightningModule):
+    """RLHF-PPO of a seq2seq policy with LoRA against a reward.
+
+    Args:
+        policy: where the policy weights and tokenizer come from.
+        reward: the reward source (``flan_rlhf.rewards.*``), higher is better.
+        lora: LoRA settings; ``null`` for full fine-tuning (a frozen copy is the reference).
+        generation: rollout sampling settings.
+        ppo: PPO hyperparameters (defaults: TRL 0.11's).
+        max_prompt_tokens: prompts are truncated to this many tokens (counted in
+            ``data/truncated_prompts``).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        warmup_steps: linear learning-rate warm-up, in PPO iterations.
+        seed: base of the per-iteration sampling seed (``seed``, iteration, rank), which makes
+            every iteration reproducible and a resumed run identical to an uninterrupted one.
+        log_samples_every_n_steps: write a text table of (prompt, response, reward) rows to
+            TensorBoard every N iterations; 0 disables.
+        num_log_samples: rows in that table.
+        export_dir: at the end of ``fit``, save the LoRA adapter (peft format), value head and
+            tokenizer here (rank 0). ``null`` disables.
+        eval_generation: sampling settings for validate/test/predict; ``null`` reuses
+            ``generation``.
+    """
+
+    def __init__(
+        self,
+        policy: PolicySpec,
+        reward: Reward,
+        lora: LoraSettings | None = LoraSettings(),
+        generation: GenerationSettings = GenerationSettings(),
+        ppo: PPOSettings = PPOSettings(),
+        max_prompt_tokens: int = 512,
+        gradient_checkpointing: bool = False,
+        warmup_steps: int = 0,
+        seed: int = 0,
+        log_samples_every_n_steps: int = 10,
+        num_log_samples: int = 4,
+        export_dir: str | None = None,
+        eval_generation: GenerationSettings | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["reward"])
+        self.automatic_optimization = False
+        self.policy_spec = policy
+        self.reward = reward
+        self.lora = lora
+        self.generation = generation
+        self.eval_generation = eval_generation or generation
+        self.settings = ppo
+        self.max_prompt_tokens = max_prompt_tokens
+        self.seed = seed
+        self.kl_controller = _make_kl_controller(self.settings)
+        self.score_moments = RunningMoments()
+        self.guard = NonFiniteGuard(self.settings.max_nonfinite_in_a_row)
+        self.actor: ActorCritic | None = None
+        self.tokenizer = None
+        self._reward_ready = False
+        self._resumed_from: str | None = None
+        # LoRA checkpoints hold only what training changes; the frozen base is re-loaded.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Build the actor-critic once (Lightning calls this before restoring a checkpoint)."""
+        if self.actor is not None:
+            return
+        model, self.tokenizer = load_policy_model(self.policy_spec)
+        self.actor = ActorCritic(model, self.lora, self.hparams.gradient_checkpointing)
+
+    def _ensure_reward(self) -> None:
+        if not self._reward_ready:
+            self.reward.setup(self.device)
+            self._reward_ready = True
+
+    def configure_optimizers(self):
+        params = [p for p in self.actor.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay)
+        warmup = max(0, self.hparams.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, (it + 1) / (warmup + 1)) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ rollout
+    def _seed_iteration(self, iteration: int, salt: int = 0) -> int:
+        """Seed the global RNGs from (seed, iteration, rank) so each iteration is reproducible."""
+        rank = self.global_rank if self._trainer is not None else 0
+        seed = (self.seed * 1_000_003 + iteration * 7_919 + rank * 104_729 + salt) % (2**31 - 1)
+        torch.manual_seed(seed)
+        return seed
+
+    def rollout(self, prompts: list[str], settings: GenerationSettings, with_reference: bool = True) -> Rollout:
+        """Sample responses for ``prompts`` and evaluate them under policy, value head and reference.
+
+        The reward is not computed here (see :meth:`score_rollout`).
+        """
+        input_ids, attention_mask, n_truncated = tokenize_prompts(
+            self.tokenizer, prompts, self.max_prompt_tokens, self.device
+        )
+        self._n_truncated = n_truncated
+        responses = sample_responses(self.actor, input_ids, attention_mask, settings, self.tokenizer)
+        mask = response_mask(responses, self.tokenizer.eos_token_id)
+        logprobs, values, ref_logprobs, entropy = evaluate_responses(
+            self.actor, input_ids, attention_mask, responses, self._decoder_start, settings.temperature, with_reference
+        )
+        texts = self.tokenizer.batch_decode(responses * mask.long() + self.tokenizer.pad_token_id * (1 - mask.long()),
+                                            skip_special_tokens=True)
+        return Rollout(input_ids, attention_mask, responses, mask, logprobs,
+                       ref_logprobs if ref_logprobs is not None else torch.zeros_like(logprobs),
+                       values, entropy, list(prompts), texts)
+
+    def score_rollout(self, rollout: Rollout) -> None:
+        """Fill ``rollout.scores`` (raw reward) and ``rollout.components``."""
+        self._ensure_reward()
+        scores, components = self.reward.score(rollout.prompts, rollout.texts)
+        rollout.scores = scores.to(self.device)
+        rollout.components = components
+
+    def shaped_scores(self, rollout: Rollout) -> torch.Tensor:
+        """Scores after the EOS penalty, running normalisation, scaling and clipping; shape ``(batch,)``."""
+        s = self.settings
+        scores = rollout.scores.clone()
+        if s.no_eos_penalty is not None:
+            has_eos = (rollout.responses == self.tokenizer.eos_token_id).any(dim=1)
+            scores = torch.where(has_eos, scores, scores - s.no_eos_penalty)
+        if s.score_normalize:
+            self.score_moments.update(self.all_gather(scores).reshape(-1).float().cpu())
+            scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
+        scores = scores * s.score_scale
+        if s.score_clip is not None:
+            scores = scores.clamp(-s.score_clip, s.score_clip)
+        return scores
+
+    @property
+    def _decoder_start(self) -> int:
+        config = self.actor.base_model.config
+        start = getattr(config, "decoder_start_token_id", None)
+        return self.tokenizer.pad_token_id if start is None else int(start)
+
+    # ------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        if self._resumed_from is not None:
+            msg = f"resumed from step {self.global_step} ({self._resumed_from})"
+            log.warning(msg)
+            if self.global_rank == 0:
+                print(msg, flush=True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        with count_as_one_step(optimizer):
+            stats = self.ppo_iteration(batch["prompt"], optimizer)
+        scheduler.step()
+        stats["ppo/learning_rate"] = optimizer.param_groups[0]["lr"]
+        shown = {key: stats.pop(key) for key in ("env/reward_mean", "objective/kl") if key in stats}
+        size = len(batch["prompt"])
+        self.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log_dict(stats, on_step=True, on_epoch=False, prog_bar=False, sync_dist=True, batch_size=size)
+
+    def ppo_iteration(self, prompts: list[str], optimizer) -> dict[str, float]:
+        """One PPO iteration on ``prompts``; returns the statistics to log."""
+        s = self.settings
+        iteration = self.global_step
+        self._seed_iteration(iteration)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            rollout = self.rollout(prompts, self.generation)
+            self.score_rollout(rollout)
+        t_rollout = time.perf_counter() - t0
+        raw = rollout.scores.float()
+        stats: dict[str, float] = {
+            "env/reward_mean": _finite_mean(raw),
+            "env/reward_std": _finite_std(raw),
+            "tokens/response_len_mean": rollout.mask.sum(1).float().mean().item(),
+            "data/truncated_prompts": float(self._n_truncated),
+            "objective/kl_coef": float(self.kl_controller.value),
+        }
+        for name, value in rollout.components.items():
+            stats[f"env/reward/{name}_mean"] = _finite_mean(value.float())
+
+        scores = self.shaped_scores(rollout)
+        cause = self._nonfinite_cause(rollout, scores)
+        stats["guards/nonfinite_skipped"] = float(self.guard.total_skipped)
+        if cause is not None:
+            self.guard.record_skip(cause)  # raises after max_nonfinite_in_a_row in a row
+            stats["guards/nonfinite_skipped"] = float(self.guard.total_skipped)
+            stats.update({"time/rollout_s": t_rollout, "time/update_s": 0.0})
+            return stats
+        self.guard.record_ok()
+
+        rewards, kl = ppo.kl_penalized_rewards(
+            scores, rollout.logprobs, rollout.ref_logprobs, rollout.mask, self.kl_controller.value, s.kl_estimator
+        )
+        advantages, returns = ppo.gae(rollout.values, rewards, rollout.mask, s.gamma, s.lam)
+        if s.whiten_advantages:
+            advantages = ppo.masked_whiten(advantages, rollout.mask)
+        kl_per_sequence = kl.sum(dim=1)
+        mean_kl = self._global_mean(kl_per_sequence)
+        stats.update({
+            "objective/kl": mean_kl,
+            "objective/entropy": (rollout.entropy * rollout.mask).sum(1).mean().item(),
+            "ppo/returns/mean": ppo.masked_mean(returns, rollout.mask).item(),
+            "ppo/val/mean": ppo.masked_mean(rollout.values, rollout.mask).item(),
+            "ppo/advantages/mean": ppo.masked_mean(advantages, rollout.mask).item(),
+        })
+
+        t1 = time.perf_counter()
+        stats.update(self.ppo_update(rollout, advantages, returns, optimizer, iteration))
+        stats["time/rollout_s"] = t_rollout
+        stats["time/update_s"] = time.perf_counter() - t1
+
+        self.kl_controller.update(mean_kl, len(prompts) * self.trainer.world_size if self._trainer else len(prompts))
+        if s.kl_stop is not None and mean_kl > s.kl_stop:
+            message = (f"stopping: rollout KL {mean_kl:.3f} exceeded ppo.kl_stop={s.kl_stop} at iteration {iteration} "
+                       f"- lower ppo.learning_rate or raise ppo.init_kl_coef")
+            log.error(message)
+            print(message, flush=True)
+            self.trainer.should_stop = True
+        self._maybe_log_samples(rollout, iteration)
+        return stats
+
+    def ppo_update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, optimizer, iteration: int) -> dict[str, float]:
+        """``ppo_epochs`` passes of clipped PPO minibatch updates over one rollout batch.
+
+        Skip decisions (ratio threshold, non-finite loss, target-KL early stop) are agreed across
+        processes so every rank makes the same number of backward passes (DDP all-reduces in
+        backward; a rank that skipped alone would hang the others).
+        """
+        s = self.settings
+        batch_size = rollout.responses.shape[0]
+        generator = torch.Generator().manual_seed(self._seed_iteration(iteration, salt=1))
+        totals: dict[str, float] = {}
+        n_updates = n_skipped_ratio = n_skipped_nonfinite = pending = 0
+        early_stopped = 0.0
+        decoder_input_ids = shift_right(rollout.responses, self._decoder_start)
+        optimizer.zero_grad()
+        for _epoch in range(s.ppo_epochs):
+            order = torch.randperm(batch_size, generator=generator)
+            for start in range(0, batch_size, s.mini_batch_size):
+                idx = order[start:start + s.mini_batch_size].to(self.device)
+                mb = _minibatch(rollout, decoder_input_ids, advantages, returns, idx)
+                logits, vpred = self.actor(mb["input_ids"], mb["attention_mask"], mb["decoder_input_ids"])
+                logprobs = ppo.logprobs_from_logits(logits / self.generation.temperature, mb["responses"])
+                pg_loss, clipfrac, approx_kl = ppo.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], s.cliprange)
+                vf_loss, vf_clipfrac = ppo.value_loss(vpred, mb["values"], mb["returns"], mb["mask"], s.cliprange_value)
+                loss = pg_loss + s.vf_coef * vf_loss
+                ratio_mean = ppo.masked_ratio_mean(logprobs.detach(), mb["logprobs"], mb["mask"])
+                nonfinite = not bool(torch.isfinite(loss.detach()))
+                too_far = s.ratio_threshold is not None and (not nonfinite) and ratio_mean.item() > s.ratio_threshold
+                nonfinite, too_far = self._any_rank(nonfinite), self._any_rank(too_far)
+                if nonfinite or too_far:
+                    # No backward, no optimiser step: TRL zeroed the loss and still stepped Adam.
+                    n_skipped_nonfinite += int(nonfinite)
+                    n_skipped_ratio += int(too_far and not nonfinite)
+                    continue
+                self.manual_backward(loss / s.gradient_accumulation_steps)
+                pending += 1
+                if pending == s.gradient_accumulation_steps:
+                    self._optimizer_step(optimizer)
+                    pending = 0
+                n_updates += 1
+                for key, value in (("ppo/loss/policy", pg_loss), ("ppo/loss/value", vf_loss), ("ppo/loss/total", loss),
+                                   ("ppo/policy/approxkl", approx_kl), ("ppo/policy/clipfrac", clipfrac),
+                                   ("ppo/val/clipfrac", vf_clipfrac), ("ppo/policy/ratio_mean", ratio_mean)):
+                    totals[key] = totals.get(key, 0.0) + float(value.detach())
+                if s.target_kl is not None and self._any_rank(float(approx_kl) > s.target_kl):
+                    early_stopped = 1.0
+                    break
+            if early_stopped:
+                break
+        if pending:
+            self._optimizer_step(optimizer)
+        stats = {key: value / max(n_updates, 1) for key, value in totals.items()}
+        stats.update({
+            "ppo/updates": float(n_updates),
+            "guards/ratio_skipped": float(n_skipped_ratio),
+            "guards/nonfinite_loss_skipped": float(n_skipped_nonfinite),
+            "guards/early_stopped": early_stopped,
+        })
+        for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/clipfrac"):
+            stats.setdefault(key, 0.0)
+        return stats
+
+    def _optimizer_step(self, optimizer) -> None:
+        if self.settings.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.settings.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad()
+
+    # ------------------------------------------------------------------ guards & sync
+    def _nonfinite_cause(self, rollout: Rollout, scores: torch.Tensor) -> str | None:
+        """Name the first non-finite input of the update, agreed across ranks; ``None`` if all finite."""
+        checks = [
+            (f"reward '{self.reward.name}' returned NaN/inf scores", scores),
+            ("value head produced NaN/inf values", rollout.values),
+            ("policy log-probs are NaN/inf", rollout.logprobs),
+            ("reference log-probs are NaN/inf", rollout.ref_logprobs),
+        ]
+        for cause, tensor in checks:
+            if self._any_rank(not bool(torch.isfinite(tensor).all())):
+                return cause
+        return None
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is True on any process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return bool(flag)
+        value = torch.tensor(float(flag), device=self.device)
+        return bool(self.trainer.strategy.reduce(value, reduce_op="max") > 0)
+
+    def _global_mean(self, values: torch.Tensor) -> float:
+        """Mean of ``values`` over all processes' batches."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values.float().mean().item()
+        return self.all_gather(values.float()).mean().item()
+
+    # ------------------------------------------------------------------ logging
+    def _maybe_log_samples(self, rollout: Rollout, iteration: int) -> None:
+        every = self.hparams.log_samples_every_n_steps
+        if not every or iteration % every or self._trainer is None or self.global_rank != 0 or self.logger is None:
+            return
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_text"):
+            return
+        rows = ["| prompt | response | reward |", "|---|---|---|"]
+        for prompt, text, score in list(zip(rollout.prompts, rollout.texts, rollout.scores.tolist()))[: self.hparams.num_log_samples]:
+            rows.append(f"| {_md(prompt)} | {_md(text)} | {score:.3f} |")
+        experiment.add_text("samples", "\n".join(rows), iteration)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        keep_base = self.policy_spec.name_or_path is None  # built from config: the base is part of the run
+        trainable = {f"actor.{k}" for k in self.actor.trainable_state_dict()}
+        for key in list(state):
+            if key.startswith("actor.frozen_reference."):
+                del state[key]
+            elif self.actor.uses_lora and not keep_base and key not in trainable:
+                del state[key]
+        if self.actor.frozen_reference is not None and keep_base:
+            checkpoint["flan_rlhf_reference"] = {k: v for k, v in self.actor.frozen_reference.state_dict().items()}
+        checkpoint["flan_rlhf"] = {
+            "kl_controller": self.kl_controller.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "guard": self.guard.state_dict(),
+            "rng": {
+                "torch": torch.random.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        saved = checkpoint.get("state_dict", {})
+        own = set(self.state_dict())
+        unknown = [k for k in saved if k not in own]
+        trainable = {f"actor.{k}" for k in self.actor.trainable_state_dict()}
+        missing = sorted(trainable - set(saved))
+        if unknown or missing:
+            raise ValueError(
+                f"checkpoint does not match this model ({len(unknown)} unexpected keys, e.g. {unknown[:2]}; "
+                f"{len(missing)} missing trainable keys, e.g. {missing[:2]}) - resume with the same policy, lora and t5_config settings it was trained with"
+            )
+        if "flan_rlhf_reference" in checkpoint and self.actor.frozen_reference is not None:
+            self.actor.frozen_reference.load_state_dict(checkpoint["flan_rlhf_reference"])
+        extra = checkpoint.get("flan_rlhf")
+        if extra:
+            self.kl_controller.load_state_dict(extra["kl_controller"])
+            self.score_moments.load_state_dict(extra["score_moments"])
+            self.guard.load_state_dict(extra["guard"])
+            rng = extra["rng"]
+            torch.random.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._resumed_from = str(self.trainer.ckpt_path)
+
+    def on_train_end(self) -> None:
+        export_dir = self.hparams.export_dir
+        if export_dir and self.global_rank == 0:
+            from flan_rlhf.export import save_adapter
+
+            save_adapter(self.actor, self.tokenizer, export_dir)
+
+
+def _make_kl_controller(settings: PPOSettings):
+    if settings.adaptive_kl:
+        return ppo.AdaptiveKLController(settings.init_kl_coef, settings.kl_target, settings.kl_horizon)
+    return ppo.FixedKLController(settings.init_kl_coef)
+
+
+def _minibatch(rollout: Rollout, decoder_input_ids, advantages, returns, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Select rows ``idx`` and trim right padding (dynamic padding per minibatch).
+
+    Returns tensors of shape ``(mb, prompt_len')`` and ``(mb, response_len')``.
+    """
+    prompt_len = int(rollout.attention_mask[idx].sum(1).max())
+    response_len = int(rollout.mask[idx].sum(1).max())
+    p = slice(0, prompt_len)
+    r = slice(0, response_len)
+    return {
+        "input_ids": rollout.input_ids[idx][:, p],
+        "attention_mask": rollout.attention_mask[idx][:, p],
+        "decoder_input_ids": decoder_input_ids[idx][:, r],
+        "responses": rollout.responses[idx][:, r],
+        "mask": rollout.mask[idx][:, r],
+        "logprobs": rollout.logprobs[idx][:, r],
+        "values": rollout.values[idx][:, r],
+        "advantages": advantages[idx][:, r],
+        "returns": returns[idx][:, r],
+    }
+
+
+def _finite_mean(x: torch.Tensor) -> float:
+    finite = x[torch.isfinite(x)]
+    return finite.mean().item() if finite.numel() else float("nan")
+
+
+def _finite_std(x: torch.Tensor) -> float:
+    finite = x[torch.isfinite(x)]
+    return finite.std().item() if finite.numel() > 1 else 0.0
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:300]

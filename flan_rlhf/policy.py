@@ -1,0 +1,343 @@
+"""The seq2seq actor-critic: a Hugging Face encoder-decoder with LoRA adapters and a value head.
+
+* Loading: any encoder-decoder by hub name or local folder (``from_pretrained``), or a FLAN-T5
+  architecture (T5 v1.1: gated-GELU, untied embeddings) built from a config with no files.
+* Reference policy: under LoRA, the same weights with the adapters disabled (peft's
+  ``disable_adapter()``), so no second copy is held in memory; under full fine-tuning, a frozen
+  deep copy.
+* Value head: ``Linear(d_model, 1)`` on the decoder's last hidden state (after the final layer
+  norm), as TRL's ``AutoModelForSeq2SeqLMWithValueHead`` did.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message names the fix."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft ``LoraConfig``).
+
+    Attributes:
+        r: adapter rank.
+        alpha: scaling numerator; the update is scaled by ``alpha / r``.
+        dropout: dropout on the adapter input. 0 by default: dropout during PPO makes the
+            log-probs of the rollout and of the update disagree, so the first ratio is not 1.
+        target_modules: module names to adapt (``q``, ``k``, ``v``, ``o`` for T5 attention).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
+
+
+@dataclass
+class PolicySpec:
+    """Where the policy's weights and tokenizer come from.
+
+    Attributes:
+        name_or_path: hub id (``google/flan-t5-base``) or local folder of a HF encoder-decoder.
+            ``None`` builds a FLAN-T5-architecture model from ``t5_config``.
+        tokenizer: hub id or folder of the tokenizer; ``"byt5"`` is ``ByT5Tokenizer()`` (needs no
+            files); ``None`` means the same as ``name_or_path``.
+        t5_config: keyword arguments of :func:`build_t5_from_config` (used when
+            ``name_or_path`` is ``None``).
+        trust_remote_code: allow model code from the hub. Off: remote code runs with your rights.
+        dtype: weights dtype when loading (``float32``, ``bfloat16``, ``float16``); ``None`` keeps
+            the checkpoint's. Mixed precision is the Trainer's ``precision`` setting.
+    """
+
+    name_or_path: str | None = None
+    tokenizer: str | None = None
+    t5_config: dict[str, Any] | None = None
+    trust_remote_code: bool = False
+    dtype: str | None = None
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Load a tokenizer; ``"byt5"`` builds ``ByT5Tokenizer()`` with no files."""
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    if name_or_path == "byt5":
+        return ByT5Tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_load_hint("tokenizer", name_or_path, err)) from err
+
+
+def _load_hint(what: str, name_or_path: str, err: Exception) -> str:
+    """One line that names what failed and how to fix it."""
+    if os.path.isdir(name_or_path):
+        return (
+            f"cannot load {what} from folder '{name_or_path}': {str(err).splitlines()[0]} "
+            f"- point it at a folder written by save_pretrained() of a Hugging Face encoder-decoder"
+        )
+    if os.path.exists(name_or_path):
+        return f"{what} path '{name_or_path}' is a file, not a model folder - pass the folder that holds config.json"
+    return (
+        f"cannot load {what} '{name_or_path}': not a local folder and not reachable on the Hugging Face Hub "
+        f"(offline or unknown name) - check the name, or download it on a connected machine with "
+        f"`huggingface-cli download {name_or_path} --local-dir DIR` and pass DIR"
+    )
+
+
+def load_seq2seq_model(name_or_path: str, trust_remote_code: bool = False, dtype: str | None = None):
+    """``AutoModelForSeq2SeqLM.from_pretrained`` with errors that say what to do.
+
+    Raises:
+        ModelLoadError: offline and not cached, unknown name, or a folder that does not hold an
+            encoder-decoder (e.g. a causal LM or a classifier).
+    """
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_load_hint("model", name_or_path, err)) from err
+    if not getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"model '{name_or_path}' is a {config.model_type} model, not an encoder-decoder - "
+            f"flan-rlhf trains seq2seq models such as google/flan-t5-base; pass one of those"
+        )
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_load_hint("model", name_or_path, err)) from err
+
+
+def build_t5_from_config(
+    vocab_size: int,
+    d_model: int = 128,
+    d_ff: int = 256,
+    num_layers: int = 2,
+    num_decoder_layers: int | None = None,
+    num_heads: int = 4,
+    d_kv: int | None = None,
+    dropout_rate: float = 0.0,
+    pad_token_id: int = 0,
+    eos_token_id: int = 1,
+    decoder_start_token_id: int = 0,
+    seed: int = 0,
+):
+    """A randomly initialised FLAN-T5-architecture model (T5 v1.1: gated-GELU, untied embeddings).
+
+    The untied ``lm_head`` is re-initialised with std ``d_model**-0.5`` instead of HF's 1.0:
+    with std 1 the initial logits have std ~sqrt(d_model) and the first cross-entropy is ~40
+    (measured on the demo); scaled, it starts near ``log(vocab_size)``.
+    """
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_ff=d_ff,
+        d_kv=d_kv or d_model // num_heads,
+        num_layers=num_layers,
+        num_decoder_layers=num_decoder_layers or num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=dropout_rate,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        decoder_start_token_id=decoder_start_token_id,
+    )
+    with _fork_rng(seed):
+        model = T5ForConditionalGeneration(config)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(mean=0.0, std=d_model**-0.5)
+    return model
+
+
+class _fork_rng:
+    """Seed torch inside a block without disturbing the caller's RNG stream."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self._state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.random.set_rng_state(self._state)
+
+
+def load_policy_model(spec: PolicySpec):
+    """Build or load ``(model, tokenizer)`` from a :class:`PolicySpec`.
+
+    Returns:
+        model: a HF encoder-decoder (``PreTrainedModel``) in eval mode.
+        tokenizer: its tokenizer (right padding, as T5 expects).
+    """
+    if spec.name_or_path is None and spec.t5_config is None:
+        raise ModelLoadError("policy needs either name_or_path (hub id or folder) or t5_config - set one of them")
+    tok_name = spec.tokenizer or spec.name_or_path
+    if tok_name is None:
+        raise ModelLoadError("a policy built from t5_config needs `tokenizer` (a folder, a hub id, or 'byt5')")
+    tokenizer = load_tokenizer(tok_name, spec.trust_remote_code)
+    tokenizer.padding_side = "right"  # T5 was trained with right padding (TRL PR #262: left padding broke T5)
+    if spec.name_or_path is not None:
+        model = load_seq2seq_model(spec.name_or_path, spec.trust_remote_code, spec.dtype)
+    else:
+        cfg = dict(spec.t5_config or {})
+        cfg.setdefault("vocab_size", len(tokenizer))
+        cfg.setdefault("pad_token_id", tokenizer.pad_token_id)
+        cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
+        cfg.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
+        model = build_t5_from_config(**cfg)
+    model.eval()
+    return model, tokenizer
+
+
+def hidden_size(model) -> int:
+    """The decoder hidden size of a HF encoder-decoder config."""
+    config = model.config
+    return int(getattr(config, "d_model", None) or config.hidden_size)
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Set every dropout probability to 0 (N implementation details of RLHF, #6: dropout off in
+    policy, reference and critic so rollout and update log-probs agree)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "dropout_rate"):
+        config.dropout_rate = 0.0
+
+
+class ActorCritic(nn.Module):
+    """Policy (a seq2seq LM, optionally with LoRA), value head, and the frozen reference.
+
+    Args:
+        model: a HF encoder-decoder (``PreTrainedModel``).
+        lora: adapter settings, or ``None`` for full fine-tuning (a frozen deep copy then
+            serves as reference).
+        gradient_checkpointing: recompute activations in backward to save memory.
+    """
+
+    def __init__(self, model: nn.Module, lora: LoraSettings | None = None, gradient_checkpointing: bool = False):
+        super().__init__()
+        disable_dropout(model)
+        self.uses_lora = lora is not None
+        if lora is not None:
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            for p in model.parameters():
+                p.requires_grad_(False)
+            peft_config = LoraConfig(
+                task_type=TaskType.SEQ_2_SEQ_LM,
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+            )
+            self.policy = get_peft_model(model, peft_config)
+            self.frozen_reference = None
+        else:
+            # Full fine-tuning: the reference is a frozen copy (costs one more model in memory).
+            reference = copy.deepcopy(model)
+            for p in reference.parameters():
+                p.requires_grad_(False)
+            reference.eval()
+            self.policy = model
+            # Kept out of the module tree's parameters list via a plain attribute would break
+            # device moves; register it but exclude it from checkpoints in PPOModule.
+            self.frozen_reference = reference
+        if gradient_checkpointing:
+            base = self.policy.get_base_model() if self.uses_lora else self.policy
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+        self.value_head = nn.Linear(hidden_size(model), 1)
+        # Small init keeps the first value estimates near 0 (TRL ValueHead uses default Linear init + dropout).
+        nn.init.normal_(self.value_head.weight, std=hidden_size(model) ** -0.5 * 0.1)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The underlying HF model (LoRA layers included, peft wrapper removed)."""
+        return self.policy.get_base_model() if self.uses_lora else self.policy
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass of the policy and value head.
+
+        Args:
+            input_ids: prompt tokens, shape ``(batch, prompt_len)``, right-padded.
+            attention_mask: shape ``(batch, prompt_len)``.
+            decoder_input_ids: ``[decoder_start] + response[:-1]``, shape ``(batch, response_len)``.
+            decoder_attention_mask: shape ``(batch, response_len)`` or ``None``.
+            encoder_outputs: optional precomputed encoder outputs (skips the encoder).
+
+        Returns:
+            logits: shape ``(batch, response_len, vocab)``, float32.
+            values: shape ``(batch, response_len)``, float32.
+        """
+        out = self.policy(
+            input_ids=None if encoder_outputs is not None else input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            output_hidden_states=True,
+            use_cache=False,
+            return_dict=True,
+        )
+        hidden = out.decoder_hidden_states[-1]
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return out.logits.float(), values.float()
+
+    def reference_context(self):
+        """Context under which ``self.policy`` computes the reference policy (LoRA: adapters off)."""
+        return self.policy.disable_adapter() if self.uses_lora else nullcontext()
+
+    @torch.no_grad()
+    def reference_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of the frozen reference policy, shape ``(batch, response_len, vocab)``, float32."""
+        model = self.frozen_reference if self.frozen_reference is not None else self.policy
+        with self.reference_context():
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                use_cache=False,
+                return_dict=True,
+            )
+        return out.logits.float()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: LoRA weights (or all policy weights) and the value head."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
