@@ -45,11 +45,11 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         lora: LoRA settings; ``null`` for full fine-tuning (a frozen copy is the reference).
         generation: rollout sampling settings.
         ppo: PPO hyperparameters (defaults: TRL 0.11's).
-        max_prompt_tokens: prompts are truncated to this many tokens (counted in
+        truncate_prompt_tokens: prompts are truncated to this many tokens (counted in
             ``data/truncated_prompts``).
         gradient_checkpointing: recompute activations in backward to save memory.
         warmup_steps: linear learning-rate warm-up, in PPO iterations.
-        seed: base of the per-iteration sampling seed (``seed``, iteration, rank), which makes
+        sampling_seed: base of the per-iteration sampling seed (``seed``, iteration, rank), which makes
             every iteration reproducible and a resumed run identical to an uninterrupted one.
         log_samples_every_n_steps: write a text table of (prompt, response, reward) rows to
             TensorBoard every N iterations; 0 disables.
@@ -67,10 +67,10 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         lora: LoraSettings | None = LoraSettings(),
         generation: GenerationSettings = GenerationSettings(),
         ppo: PPOSettings = PPOSettings(),
-        max_prompt_tokens: int = 512,
+        truncate_prompt_tokens: int = 512,
         gradient_checkpointing: bool = False,
         warmup_steps: int = 0,
-        seed: int = 0,
+        sampling_seed: int = 0,
         log_samples_every_n_steps: int = 10,
         num_log_samples: int = 4,
         export_dir: str | None = None,
@@ -85,8 +85,8 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         self.generation = generation
         self.eval_generation = eval_generation or generation
         self.settings = ppo
-        self.max_prompt_tokens = max_prompt_tokens
-        self.seed = seed
+        self.truncate_prompt_tokens = truncate_prompt_tokens
+        self.sampling_seed = sampling_seed
         self.kl_controller = _make_kl_controller(self.settings)
         self.score_moments = RunningMoments()
         self.guard = NonFiniteGuard(self.settings.max_nonfinite_in_a_row)
@@ -121,7 +121,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
     def _seed_iteration(self, iteration: int, salt: int = 0) -> int:
         """Seed the global RNGs from (seed, iteration, rank) so each iteration is reproducible."""
         rank = self.global_rank if self._trainer is not None else 0
-        seed = (self.seed * 1_000_003 + iteration * 7_919 + rank * 104_729 + salt) % (2**31 - 1)
+        seed = (self.sampling_seed * 1_000_003 + iteration * 7_919 + rank * 104_729 + salt) % (2**31 - 1)
         torch.manual_seed(seed)
         return seed
 
@@ -131,7 +131,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         The reward is not computed here (see :meth:`score_rollout`).
         """
         input_ids, attention_mask, n_truncated = tokenize_prompts(
-            self.tokenizer, prompts, self.max_prompt_tokens, self.device
+            self.tokenizer, prompts, self.truncate_prompt_tokens, self.device
         )
         self._n_truncated = n_truncated
         responses = sample_responses(self.actor, input_ids, attention_mask, settings, self.tokenizer)

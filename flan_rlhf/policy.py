@@ -139,7 +139,7 @@ def build_t5_from_config(
 ):
     """A randomly initialised FLAN-T5-architecture model (T5 v1.1: gated-GELU, untied embeddings).
 
-    The untied ``lm_head`` is re-initialised with std ``d_model**-0.5`` instead of HF's 1.0:
+    The untied ``lm_head`` is initialised with std ``d_model**-0.5`` instead of HF's 1.0:
     with std 1 the initial logits have std ~sqrt(d_model) and the first cross-entropy is ~40
     (measured on the demo); scaled, it starts near ``log(vocab_size)``.
     """
@@ -162,8 +162,11 @@ def build_t5_from_config(
     )
     with _fork_rng(seed):
         model = T5ForConditionalGeneration(config)
-        with torch.no_grad():
-            model.lm_head.weight.normal_(mean=0.0, std=d_model**-0.5)
+        # transformers 5 T5 ties lm_head to the input embedding whatever the config says (it only
+        # reads tie_word_embeddings=False as "don't scale decoder outputs"). FLAN-T5 is untied,
+        # so give the head its own weights; from_pretrained keeps them apart when both differ.
+        model.lm_head.weight = nn.Parameter(torch.empty_like(model.shared.weight).normal_(mean=0.0, std=d_model**-0.5))
+    model.config.tie_word_embeddings = False
     return model
 
 

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models and rewards built in the tests (no downloads)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from flan_rlhf.policy import PolicySpec
+from flan_rlhf.rewards.base import Reward
+
+TINY_T5 = dict(d_model=64, d_ff=128, num_layers=2, num_heads=4)
+
+
+def tiny_policy_spec() -> PolicySpec:
+    """A FLAN-T5-architecture model (T5 v1.1) of ~0.25M parameters with the ByT5 byte vocabulary."""
+    return PolicySpec(tokenizer="byt5", t5_config=dict(TINY_T5))
+
+
+class TokenFractionReward(Reward):
+    """Reward = share of characters of the response equal to ``char``: a reward the policy can move."""
+
+    name = "char_fraction"
+
+    def __init__(self, char: str = "a"):
+        self.char = char
+
+    def components(self, prompts, responses):
+        return {self.name: torch.tensor([r.count(self.char) / max(len(r), 1) for r in responses])}
+
+
+class ScriptedReward(Reward):
+    """Returns a scripted score list per call (for NaN/inf guard tests); then ``fallback``."""
+
+    name = "scripted"
+
+    def __init__(self, script: list[float], fallback: float = 0.5):
+        self.script = list(script)
+        self.fallback = fallback
+        self.calls = 0
+
+    def components(self, prompts, responses):
+        value = self.script[self.calls] if self.calls < len(self.script) else self.fallback
+        self.calls += 1
+        return {self.name: torch.full((len(responses),), float(value))}
+
+
+class ListPromptStream(torch.utils.data.IterableDataset):
+    """Infinite stream of fixed prompt batches (independent of the data module)."""
+
+    def __init__(self, prompts: list[str], batch_size: int):
+        self.prompts, self.batch_size = prompts, batch_size
+
+    def __iter__(self):
+        i = 0
+        n = len(self.prompts)
+        while True:
+            rows = [self.prompts[(i * self.batch_size + j) % n] for j in range(self.batch_size)]
+            yield {"prompt": rows, "references": [["a cat sat"] for _ in rows],
+                   "prompt_id": torch.arange(len(rows)), "sample": torch.zeros(len(rows), dtype=torch.long)}
+            i += 1
+
+
+PROMPTS = [f"Write about item {i}: the {w} is here." for i, w in enumerate(["cat", "dog", "sun", "tree", "car", "book", "cup", "hat"] * 4)]
+
+
+@pytest.fixture
+def tiny_spec() -> PolicySpec:
+    return tiny_policy_spec()
