@@ -1,0 +1,158 @@
+"""write_report end to end on a tiny before/after run, checked by hand and against its own JSONL rows."""
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from flan_rlhf.eval.report import format_table, read_scalar_curves, write_report
+
+VOCABULARY = ["idiot", "moron"]
+REFS = {0: ["the cat sat on the mat"], 1: ["a dog ran home", "the dog went home"], 2: ["nice weather today"]}
+# (prompt_id, sample, response, toxicity, positivity)
+BEFORE = [
+    (0, 0, "the cat sat on the mat", 0.9, 0.2), (0, 1, "you idiot cat", 0.7, 0.1),
+    (1, 0, "a dog ran home", 0.2, 0.5), (1, 1, "the dog idio home", 0.55, 0.3),
+    (2, 0, "nice weather today", 0.1, 0.9), (2, 1, "nice day", 0.3, 0.8),
+]
+AFTER = [
+    (0, 0, "the cat sat on the mat", 0.1, 0.6), (0, 1, "the cat sat", 0.2, 0.7),
+    (1, 0, "a dog ran home", 0.1, 0.8), (1, 1, "the dog went home", 0.05, 0.9),
+    (2, 0, "nice weather today", 0.1, 0.9), (2, 1, "nice weather", 0.6, 0.4),
+]
+META = {"decoding": {"mode": "sampled", "seed": 7, "temperature": 1.0}, "ppo_steps": 3, "wall_s": 1.5}
+
+
+def _rows(spec, with_kl=False):
+    return [
+        {"prompt_id": p, "sample": s, "prompt": f"dialogue {p}", "response": r, "references": REFS[p],
+         "toxicity": t, "positivity": pos, **({"kl": 0.1 * (s + 1)} if with_kl else {})}
+        for p, s, r, t, pos in spec
+    ]
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    metrics = write_report(_rows(BEFORE), _rows(AFTER, with_kl=True), out, META, insult_vocabulary=VOCABULARY,
+                           n_resamples=200, seed=0)
+    return out, metrics
+
+
+def test_files_and_hand_computed_values(tiny_report):
+    out, metrics = tiny_report
+    for name in ("metrics.json", "report.md", "samples_before.jsonl", "samples_after.jsonl"):
+        assert (out / name).is_file(), name
+    assert (out / "toxicity_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    before, after = metrics["before"], metrics["after"]
+    # before: scores .9 .7 | .2 .55 | .1 .3 -> toxic .9 .7 .55; maxima .9 .55 .3
+    assert before["toxicity_mean"] == pytest.approx(2.75 / 6)
+    assert before["toxic_fraction"] == pytest.approx(3 / 6)
+    assert before["expected_max_toxicity"] == pytest.approx(1.75 / 3)
+    assert before["toxicity_probability"] == pytest.approx(2 / 3)
+    assert before["insult_fraction"] == pytest.approx(2 / 6)  # "idiot" and the half-written "idio"
+    # after: maxima .2 .1 .6 -> EMT 0.3, TP 1/3
+    assert after["expected_max_toxicity"] == pytest.approx(0.3)
+    assert after["toxicity_probability"] == pytest.approx(1 / 3)
+    assert after["insult_fraction"] == 0.0
+    # ROUGE-1 after: 1, 2/3 (P 1, R 1/2), 1, 1 (best of two references), 1, 0.8 (P 1, R 2/3)
+    assert after["rouge1"] == pytest.approx((4 + 2 / 3 + 0.8) / 6, abs=1e-6)
+    for key in ("toxicity_mean", "toxic_fraction", "expected_max_toxicity", "toxicity_probability", "rouge1",
+                "rouge2", "rougeL", "bleu", "sacrebleu", "distinct1", "distinct2", "response_len_mean",
+                "insult_fraction", "positivity_mean"):
+        assert key in before and key in after, key
+        assert 0.0 <= before[key] <= (1.0 if key != "response_len_mean" else 100.0)
+        delta = metrics["delta"][key]
+        assert delta["value"] == pytest.approx(after[key] - before[key], abs=1e-9), key
+        assert delta["ci_low"] <= delta["value"] + 1e-12 and delta["value"] <= delta["ci_high"] + 1e-12, key
+    assert "kl_mean" in after and "kl_mean" not in before and "kl_mean" not in metrics["delta"]
+    assert metrics["n_test"] == 3 and metrics["ppo_steps"] == 3 and metrics["wall_s"] == 1.5
+    assert metrics["samples_per_prompt"] == 2
+
+
+def test_json_agrees_with_the_per_sample_rows_beside_it(tiny_report):
+    out, metrics = tiny_report
+    for side in ("before", "after"):
+        rows = _read_jsonl(out / f"samples_{side}.jsonl")
+        values = metrics[side]
+        assert len(rows) == 6
+        for key, column in (("toxicity_mean", "toxicity"), ("toxic_fraction", "toxic"), ("rouge1", "rouge1"),
+                            ("rouge2", "rouge2"), ("rougeL", "rougeL"), ("insult_fraction", "insult"),
+                            ("positivity_mean", "positivity")):
+            recomputed = np.mean([row[column] for row in rows])
+            assert values[key] == pytest.approx(recomputed, abs=1e-12), (side, key)
+        assert all(row["toxic"] == int(row["toxicity"] >= 0.5) for row in rows)
+        per_prompt = defaultdict(list)
+        for row in rows:
+            per_prompt[row["prompt_id"]].append(row["toxicity"])
+        maxima = [max(scores) for scores in per_prompt.values()]
+        assert values["expected_max_toxicity"] == pytest.approx(np.mean(maxima))
+        assert values["toxicity_probability"] == pytest.approx(np.mean([m >= 0.5 for m in maxima]))
+
+
+def test_markdown_and_console_table(tiny_report):
+    out, metrics = tiny_report
+    text = (out / "report.md").read_text()
+    assert "Decoding: sampled with seed 7 (temperature=1.0); k = 2 samples per prompt." in text
+    assert "| metric | before | after | delta (after - before) [95% CI] |" in text
+    assert "| toxic_fraction ↓ | 0.5000 | 0.1667 |" in text
+    assert "![toxicity histogram](toxicity_hist.png)" in text
+    table = format_table(metrics)
+    assert "expected_max_toxicity" in table and "0.5833" in table  # 1.75 / 3
+
+
+def _write_tb(log_dir, tags):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(log_dir))
+    for step in range(5):
+        for tag in tags:
+            writer.add_scalar(tag, 1.0 - 0.1 * step if "toxic" in tag else 0.5 * step, step)
+    writer.close()
+
+
+def test_training_curves_from_tensorboard_logs(tmp_path):
+    tags = ["env/reward_mean", "objective/kl", "env/toxicity_mean"]
+    _write_tb(tmp_path / "tb" / "version_0", tags)
+    curves = read_scalar_curves(tmp_path / "tb")
+    steps, values = curves["version_0"]["env/toxicity_mean"]
+    assert steps.tolist() == [0, 1, 2, 3, 4] and values == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6])
+    metrics = write_report(_rows(BEFORE), _rows(AFTER), tmp_path / "out", META, tb_logdir=tmp_path / "tb",
+                           n_resamples=50)
+    assert (tmp_path / "out" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["files"]["training_curves"] == "training_curves.png"
+    assert not [note for note in metrics["notes"] if "training curves" in note]
+    assert "![training curves](training_curves.png)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_missing_tensorboard_tags_are_skipped_with_a_note(tmp_path):
+    _write_tb(tmp_path / "tb", ["env/reward_mean"])
+    metrics = write_report(_rows(BEFORE), _rows(AFTER), tmp_path / "out", {}, tb_logdir=tmp_path / "tb",
+                           n_resamples=50)
+    notes = " ".join(metrics["notes"])
+    assert "'objective/kl' (KL) not found" in notes and "no tag containing 'toxic'" in notes
+    assert (tmp_path / "out" / "training_curves.png").is_file()  # the reward panel is still drawn
+    (tmp_path / "empty").mkdir()
+    metrics = write_report(_rows(BEFORE), _rows(AFTER), tmp_path / "out2", {}, tb_logdir=tmp_path / "empty",
+                           n_resamples=50)
+    assert "training_curves" not in metrics["files"]
+    assert "no TensorBoard event files" in " ".join(metrics["notes"])
+    assert "Decoding: not recorded" in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_bad_input_fails_with_one_clear_line(tmp_path):
+    with pytest.raises(ValueError, match="different prompts"):
+        write_report(_rows(BEFORE), _rows(AFTER)[:4], tmp_path, {})
+    rows = _rows(BEFORE)
+    del rows[0]["toxicity"]
+    with pytest.raises(ValueError, match=r"before_rows\[0\] lacks \['toxicity'\]"):
+        write_report(rows, _rows(AFTER), tmp_path, {})
+    with pytest.raises(FileNotFoundError, match="tb_logdir"):
+        write_report(_rows(BEFORE), _rows(AFTER), tmp_path, {}, tb_logdir=tmp_path / "nope")
+    with pytest.raises(ValueError, match="clash"):
+        write_report(_rows(BEFORE), _rows(AFTER), tmp_path, {"before": 1})
