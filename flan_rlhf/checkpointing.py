@@ -1,25 +1,40 @@
-"""Crash-safe checkpoints: atomic writes, and resume from the newest complete checkpoint.
+"""Crash-safe checkpoints: atomic writes, safe loads, and resume from the newest complete checkpoint.
 
-A checkpoint is written to ``<name>.tmp-<pid>``, flushed to disk (fsync) and renamed over
-``<name>`` (``os.replace`` is atomic on POSIX), so a kill during a save leaves the previous
-file intact. Before resuming, candidates are checked with ``zipfile`` CRCs (``torch.save``
-writes a zip archive) - no unpickling - and a truncated or corrupt file is reported and skipped.
+* Writes: a checkpoint goes to ``<name>.tmp-<pid>``, is flushed to disk (``fsync``) and renamed
+  over ``<name>`` (``os.replace`` is atomic on POSIX), and the folder is fsynced so the rename
+  itself survives a power cut. A kill during a save leaves the previous file intact and at
+  most a ``*.tmp-*`` leftover, which resume ignores.
+* Checks: ``torch.save`` writes a zip archive whose members carry CRC-32s, so a truncated or
+  corrupt file is found by reading it with :mod:`zipfile` - no unpickling.
+* Loads: ``torch.load(weights_only=True)`` (no pickled code runs) with numpy arrays allowed,
+  so checkpoints from any untrusted folder cannot execute code; a checkpoint that needs more
+  gets one line naming ``--weights_only false`` for files the user trusts.
 """
 from __future__ import annotations
 
 import glob
 import logging
 import os
+import pickle
 import zipfile
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
 
+# Words LightningCLI/Trainer treat as ckpt_path keywords rather than file paths.
+LIGHTNING_CKPT_KEYWORDS = ("best", "hpc", "registry")
+_LIGHTNING_DEFAULT = object()  # "use TorchCheckpointIO's own map_location default (CPU)"
+
+
+class CheckpointError(ValueError):
+    """A ``--ckpt_path`` that cannot be used; the message names the problem and the fix."""
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local writes are atomic and durable (temp file, fsync, rename)."""
+    """``TorchCheckpointIO`` with atomic, durable local writes and safe (``weights_only``) loads."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = str(path)
@@ -27,7 +42,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         import torch
 
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as handle:
@@ -38,17 +54,75 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        fsync_folder(folder)  # make the rename itself durable
+
+    def load_checkpoint(self, path, map_location: Any = _LIGHTNING_DEFAULT, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load with ``weights_only=True`` unless the caller passed ``False`` (``--weights_only false``).
+
+        Raises:
+            CheckpointError: the file holds pickled objects a safe load refuses (one line naming them).
+        """
+        kwargs = {} if map_location is _LIGHTNING_DEFAULT else {"map_location": map_location}
+        if weights_only is False:
+            return super().load_checkpoint(path, weights_only=False, **kwargs)
+        import torch
+
         try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+            with torch.serialization.safe_globals(numpy_array_globals()):
+                return super().load_checkpoint(path, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(unsafe_checkpoint_message(str(path), err)) from err
+
+
+def fsync_folder(folder: str) -> None:
+    """``fsync`` a directory so renames inside it are on disk (no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def numpy_array_globals() -> list[Any]:
+    """The globals numpy arrays pickle through, allowed in ``weights_only`` loads.
+
+    Numeric arrays rebuild from bytes; an object array's items are pickle items of their own,
+    which the restricted unpickler still checks, so allowing these runs no foreign code
+    (PyTorch's serialization notes suggest this list for numpy).
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    allowed += [type(np.dtype(kind)) for kind in (np.uint32, np.int64, np.float32, np.float64, np.bool_)]
+    return allowed
+
+
+def unsafe_checkpoint_message(path: str, err: Exception) -> str:
+    """One line for a checkpoint that ``weights_only=True`` refuses."""
+    try:
+        import torch
+
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in numpy_array_globals()}
+        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+    except Exception:  # noqa: BLE001 - the message must not fail; fall back to torch's first line
+        names = []
+    what = ", ".join(names[:4]) if names else str(err).strip().splitlines()[0][:200]
+    return (
+        f"checkpoint '{path}' holds pickled Python objects that a safe load (weights_only=True) refuses ({what}); "
+        "if you wrote it yourself or otherwise trust it, add --weights_only false"
+    )
 
 
 def checkpoint_problem(path: str) -> str | None:
     """Why ``path`` is not a complete checkpoint, or ``None`` if it is (zip CRCs all match)."""
     if not os.path.isfile(path):
-        return "file does not exist"
+        return "file does not exist" if not os.path.exists(path) else "not a file"
     if os.path.getsize(path) == 0:
         return "file is empty"
     try:
@@ -60,33 +134,94 @@ def checkpoint_problem(path: str) -> str | None:
                 return "archive holds no torch checkpoint"
     except zipfile.BadZipFile:
         return "file is truncated or not a torch checkpoint"
-    except OSError as err:
+    except (OSError, EOFError, ValueError) as err:
         return f"cannot read it ({err})"
     return None
 
 
-def newest_complete_checkpoint(requested: str, checkpoint_dir: str | None) -> tuple[str | None, list[str]]:
-    """Resolve ``--ckpt_path`` to the newest complete checkpoint.
+def partial_writes(checkpoint_dir: str) -> list[str]:
+    """Leftovers of interrupted atomic writes (``*.tmp-<pid>``) in ``checkpoint_dir``."""
+    return sorted(glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.tmp-*")))
 
-    Args:
-        requested: ``"last"`` or a path.
-        checkpoint_dir: the ``ModelCheckpoint`` folder where ``last`` and fall-backs are searched.
+
+def checkpoints_newest_first(checkpoint_dir: str) -> list[str]:
+    """``*.ckpt`` files in ``checkpoint_dir``, newest modification time first."""
+    found = glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.ckpt"))
+    return sorted((p for p in found if os.path.isfile(p)), key=os.path.getmtime, reverse=True)
+
+
+def newest_complete_checkpoint(checkpoint_dir: str | None) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint in ``checkpoint_dir``.
 
     Returns:
-        ``(path or None, messages)``: the checkpoint to resume from, and one line per candidate
-        that was rejected (to print).
+        ``(path or None, messages)``: the checkpoint, and one line per newer candidate that was
+        rejected (truncated, corrupt) - to print.
     """
     messages: list[str] = []
-    candidates: list[str] = []
-    if requested != "last":
-        candidates.append(requested)
-        checkpoint_dir = checkpoint_dir or os.path.dirname(os.path.abspath(requested))
-    if checkpoint_dir and os.path.isdir(checkpoint_dir):
-        found = sorted(glob.glob(os.path.join(checkpoint_dir, "*.ckpt")), key=os.path.getmtime, reverse=True)
-        candidates += [p for p in found if p not in candidates]
-    for path in candidates:
+    if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
+        return None, messages
+    for path in checkpoints_newest_first(checkpoint_dir):
         problem = checkpoint_problem(path)
         if problem is None:
             return path, messages
         messages.append(f"checkpoint {path} is incomplete or corrupt ({problem}); trying the previous one")
     return None, messages
+
+
+@dataclass
+class Resolution:
+    """What ``--ckpt_path`` resolves to.
+
+    Attributes:
+        path: the checkpoint to load, or ``None`` to start from scratch.
+        messages: lines to print (rejected candidates, ignored leftovers, a fresh start).
+    """
+
+    path: str | None
+    messages: list[str] = field(default_factory=list)
+
+
+def resolve_ckpt_path(requested: str | None, checkpoint_dir: str | None, fresh_start_allowed: bool) -> Resolution:
+    """Resolve ``--ckpt_path`` before Lightning sees it.
+
+    * ``last``: the newest *complete* checkpoint in ``checkpoint_dir`` (the ``ModelCheckpoint``
+      folder). Truncated or corrupt files are reported and skipped; ``*.tmp-*`` leftovers of
+      interrupted writes are ignored. With none, ``fit`` starts from scratch
+      (``fresh_start_allowed``) and the other stages fail.
+    * a local path: it must exist and be complete; it is never silently replaced by another
+      file (training on from, or evaluating, a step other than the one named would surprise),
+      but the error names the newest complete checkpoint in the same folder.
+    * ``None``, ``best``/``hpc``/``registry`` and URLs are left to Lightning.
+
+    Raises:
+        CheckpointError: a missing or corrupt path, or ``last`` with nothing to load when a
+            fresh start is not allowed.
+    """
+    if not requested or requested in LIGHTNING_CKPT_KEYWORDS or "://" in str(requested):
+        return Resolution(requested)
+    if requested == "last":
+        path, messages = newest_complete_checkpoint(checkpoint_dir)
+        if checkpoint_dir and os.path.isdir(checkpoint_dir):
+            messages += [f"ignoring {leftover} (an interrupted write; safe to delete)" for leftover in partial_writes(checkpoint_dir)]
+        if path is not None:
+            return Resolution(path, messages)
+        where = checkpoint_dir or "the ModelCheckpoint folder (no dirpath set)"
+        if fresh_start_allowed:
+            return Resolution(None, messages + [f"no complete checkpoint in {where}; starting from scratch"])
+        raise CheckpointError(
+            f"--ckpt_path last found no complete checkpoint in {where}; train first or pass a .ckpt file"
+        )
+    requested = str(requested)
+    if not os.path.exists(requested):
+        raise CheckpointError(
+            f"checkpoint '{requested}' does not exist - pass an existing .ckpt file, or --ckpt_path last to use "
+            "the newest complete checkpoint of the run"
+        )
+    problem = checkpoint_problem(requested)
+    if problem is None:
+        return Resolution(requested)
+    alternative, _ = newest_complete_checkpoint(os.path.dirname(os.path.abspath(requested)))
+    hint = f"pass another checkpoint, e.g. {alternative}" if alternative else "pass another checkpoint"
+    raise CheckpointError(
+        f"checkpoint '{requested}' is incomplete or corrupt ({problem}) - {hint}, or --ckpt_path last"
+    )

@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from flan_rlhf.checkpointing import AtomicCheckpointIO, newest_complete_checkpoint
+from flan_rlhf.checkpointing import AtomicCheckpointIO, CheckpointError, checkpoints_newest_first, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,13 @@ _ATOMIC_IO_STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_para
 
 
 class FlanRLHFCLI(LightningCLI):
-    """LightningCLI with atomic checkpoint writes and crash-safe ``--ckpt_path`` resolution."""
+    """LightningCLI with atomic checkpoint writes, safe loads and crash-safe ``--ckpt_path`` resolution.
+
+    Before each stage: ``--ckpt_path`` is resolved (``last`` = the newest *complete* checkpoint
+    in the ``ModelCheckpoint`` folder; a missing or corrupt path is one clear error), and the
+    reward is set up, so a reward that cannot load (a detoxify checkpoint missing offline)
+    fails before any training.
+    """
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -46,26 +52,69 @@ class FlanRLHFCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path("fit")
+        self._set_up_reward()
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path("validate")
+        self._set_up_reward()
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path("test")
+        self._set_up_reward()
+
+    def before_predict(self) -> None:
+        self._resolve_ckpt_path("predict")
+        self._set_up_reward()
+
+    def _checkpoint_dir(self) -> str | None:
+        callback = self.trainer.checkpoint_callback
+        return None if callback is None else getattr(callback, "dirpath", None)
 
     def _resolve_ckpt_path(self, subcommand: str) -> None:
         config = self.config_init[subcommand]
+        checkpoint_dir = self._checkpoint_dir()
         requested = config.get("ckpt_path")
-        if not requested:
+        resolution = resolve_ckpt_path(requested, checkpoint_dir, fresh_start_allowed=subcommand == "fit")
+        for message in resolution.messages:
+            _say(message)
+        config["ckpt_path"] = resolution.path
+        if subcommand == "fit" and not requested and checkpoint_dir and checkpoints_newest_first(checkpoint_dir):
+            _say(f"warning: {checkpoint_dir} already holds checkpoints and this run starts from scratch, so it will "
+                 "overwrite same-named ones - to continue the earlier run, stop and pass --ckpt_path last")
+
+    def _set_up_reward(self) -> None:
+        from flan_rlhf.rewards.base import Reward
+
+        reward = getattr(self.model, "reward", None)
+        if not isinstance(reward, Reward):
             return
-        callback = self.trainer.checkpoint_callback
-        checkpoint_dir = getattr(callback, "dirpath", None)
-        if requested != "last" and not os.path.exists(requested):
-            raise SystemExit(f"error: checkpoint '{requested}' does not exist - pass an existing .ckpt file or --ckpt_path last")
-        path, messages = newest_complete_checkpoint(requested, checkpoint_dir)
-        for message in messages:
-            print(message, file=sys.stderr, flush=True)
-        if path is None:
-            if requested == "last":
-                print(f"no complete checkpoint in {checkpoint_dir}; starting from scratch", file=sys.stderr, flush=True)
-                config["ckpt_path"] = None
-                return
-            raise SystemExit(f"error: no complete checkpoint found for '{requested}' - pass another checkpoint or start without --ckpt_path")
-        config["ckpt_path"] = path
+        try:
+            reward.setup("cpu")  # idempotent; the module moves it to its device later
+        except (OSError, ValueError, ImportError) as err:
+            raise RewardSetupError(f"reward '{reward.name}' cannot be set up: {_first_line(err)}") from err
+
+
+class RewardSetupError(RuntimeError):
+    """A reward that cannot load (missing checkpoint offline, unknown label...)."""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already names the problem and the fix: shown as one line, exit code 2."""
+    from flan_rlhf.data import DataConfigError
+    from flan_rlhf.guards import NonFiniteError
+    from flan_rlhf.policy import ModelLoadError
+    from flan_rlhf.rewards.base import RewardOutputError
+
+    return (CheckpointError, DataConfigError, ModelLoadError, RewardOutputError, RewardSetupError, NonFiniteError)
 
 
 def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
@@ -80,14 +129,41 @@ def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
     )
 
 
+def build_from_config(config: str, extra_args: list[str] | None = None):
+    """Instantiate ``(model, datamodule)`` from a training YAML without running anything."""
+    cli = FlanRLHFCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        run=False,
+        args=["--config", config, "--trainer.logger=false", *(extra_args or [])],
+    )
+    return cli.model, cli.datamodule
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``flan-rlhf``."""
+    """Console entry point ``flan-rlhf``.
+
+    Returns:
+        0 on success; 2 with one ``error: <message>`` line on stderr for a known problem
+        (:func:`known_errors`: bad data, model, checkpoint or reward, a run stopped by a guard).
+        Argument errors exit through ``SystemExit(2)`` from the parser, naming the key.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if argv and argv[0] in TOOLS:
-        module_name, function = TOOLS[argv[0]].split(":")
-        return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
-    run_lightning_cli(argv)
+    try:
+        if argv and argv[0] in TOOLS:
+            module_name, function = TOOLS[argv[0]].split(":")
+            return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
+        run_lightning_cli(argv)
+    except Exception as err:  # noqa: BLE001 - only known_errors() are turned into one line
+        if not isinstance(err, known_errors()):
+            raise
+        log.debug("known error", exc_info=True)
+        _say(f"error: {_first_line(err)}")
+        return 2
     return 0
 
 

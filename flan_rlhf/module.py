@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flan_rlhf import ppo
-from flan_rlhf.ppo import RunningMoments
+from flan_rlhf.rewards.shaping import RewardShaper
 from flan_rlhf.evaluation_step import EvaluationMixin
 from flan_rlhf.guards import NonFiniteGuard
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
@@ -88,7 +88,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         self.truncate_prompt_tokens = truncate_prompt_tokens
         self.sampling_seed = sampling_seed
         self.kl_controller = _make_kl_controller(self.settings)
-        self.score_moments = RunningMoments()
+        self.shaper = RewardShaper(self.settings.score_normalize, self.settings.score_scale, self.settings.score_clip)
         self.guard = NonFiniteGuard(self.settings.max_nonfinite_in_a_row)
         self.actor: ActorCritic | None = None
         self.tokenizer = None
@@ -153,19 +153,18 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         rollout.components = components
 
     def shaped_scores(self, rollout: Rollout) -> torch.Tensor:
-        """Scores after the EOS penalty, running normalisation, scaling and clipping; shape ``(batch,)``."""
-        s = self.settings
+        """Scores after the no-EOS penalty and :class:`RewardShaper` (normalise, scale, clip); ``(batch,)``.
+
+        The running moments are updated with the scores of all processes, so every rank
+        normalises identically.
+        """
         scores = rollout.scores.clone()
-        if s.no_eos_penalty is not None:
+        if self.settings.no_eos_penalty is not None:
             has_eos = (rollout.responses == self.tokenizer.eos_token_id).any(dim=1)
-            scores = torch.where(has_eos, scores, scores - s.no_eos_penalty)
-        if s.score_normalize:
-            self.score_moments.update(self.all_gather(scores).reshape(-1).float().cpu())
-            scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
-        scores = scores * s.score_scale
-        if s.score_clip is not None:
-            scores = scores.clamp(-s.score_clip, s.score_clip)
-        return scores
+            scores = torch.where(has_eos, scores, scores - self.settings.no_eos_penalty)
+        if self.shaper.normalize:
+            self.shaper.update(self.all_gather(scores).reshape(-1))
+        return self.shaper(scores, update=False)
 
     @property
     def _decoder_start(self) -> int:
@@ -377,7 +376,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             checkpoint["flan_rlhf_reference"] = {k: v for k, v in self.actor.frozen_reference.state_dict().items()}
         checkpoint["flan_rlhf"] = {
             "kl_controller": self.kl_controller.state_dict(),
-            "score_moments": self.score_moments.state_dict(),
+            "shaper": self.shaper.state_dict(),
             "guard": self.guard.state_dict(),
             "rng": {
                 "torch": torch.random.get_rng_state(),
@@ -404,7 +403,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         extra = checkpoint.get("flan_rlhf")
         if extra:
             self.kl_controller.load_state_dict(extra["kl_controller"])
-            self.score_moments.load_state_dict(extra["score_moments"])
+            self.shaper.load_state_dict(extra["shaper"])
             self.guard.load_state_dict(extra["guard"])
             rng = extra["rng"]
             torch.random.set_rng_state(rng["torch"])

@@ -188,7 +188,7 @@ def load_policy_model(spec: PolicySpec):
     """Build or load ``(model, tokenizer)`` from a :class:`PolicySpec`.
 
     Returns:
-        model: a HF encoder-decoder (``PreTrainedModel``) in eval mode.
+        model: a HF encoder-decoder (``PreTrainedModel``).
         tokenizer: its tokenizer (right padding, as T5 expects).
     """
     if spec.name_or_path is None and spec.t5_config is None:
@@ -207,7 +207,6 @@ def load_policy_model(spec: PolicySpec):
         cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
         cfg.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
         model = build_t5_from_config(**cfg)
-    model.eval()
     return model, tokenizer
 
 

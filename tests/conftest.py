@@ -23,15 +23,22 @@ def tiny_policy_spec() -> PolicySpec:
 
 
 class TokenFractionReward(Reward):
-    """Reward = share of characters of the response equal to ``char``: a reward the policy can move."""
+    """Reward = number of the response's characters that are in ``chars``, divided by ``length``.
+
+    A reward the policy can move. With the ByT5 byte vocabulary a random policy emits each byte
+    with probability ~1/384, so one character is too rare to learn from; the 26 lowercase letters
+    give a dense signal (~0.07 per token at start). A fixed denominator (the response-length cap)
+    keeps short or undecodable responses from adding noise.
+    """
 
     name = "char_fraction"
 
-    def __init__(self, char: str = "a"):
-        self.char = char
+    def __init__(self, chars: str = "abcdefghijklmnopqrstuvwxyz", length: int = 8):
+        self.chars = set(chars)
+        self.length = length
 
     def components(self, prompts, responses):
-        return {self.name: torch.tensor([r.count(self.char) / max(len(r), 1) for r in responses])}
+        return {self.name: torch.tensor([sum(c in self.chars for c in r) / self.length for r in responses])}
 
 
 class ScriptedReward(Reward):

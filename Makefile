@@ -1,0 +1,44 @@
+# Two commands for a fresh machine:
+#   make demo   - create .venv, install, run the offline RLHF demo (corpus -> tokenizer -> SFT -> PPO -> before/after report)
+#   make test   - create .venv if missing, install with test extras, run the test suite
+# On a GPU machine pass the torch you want, e.g. `make demo TORCH_SPEC="torch==2.13.0"` (PyPI's Linux wheel is CUDA).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed FIRST and pinned: on a CPU-only machine with no torch, a range (torch>=2.3)
+# resolves to a multi-GB CUDA build. With 2.13.0 already installed, `pip install -e .` keeps it.
+TORCH_SPEC ?= torch==2.13.0
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: install demo demo-rebuild test tiny bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(OFFLINE) $(BIN)/flan-rlhf demo $(DEMO_ARGS)
+
+demo-rebuild: install
+	$(OFFLINE) $(BIN)/flan-rlhf demo --rebuild $(DEMO_ARGS)
+
+tiny: install
+	$(OFFLINE) $(BIN)/flan-rlhf fit --config configs/tiny.yaml
+
+test: install
+	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(OFFLINE) $(BIN)/python benchmarks/ppo_throughput.py --lora
+	$(OFFLINE) $(BIN)/python benchmarks/ppo_throughput.py
+
+clean:
+	rm -rf artifacts checkpoints reports lightning_logs/*/ .pytest_cache

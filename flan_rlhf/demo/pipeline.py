@@ -1,0 +1,158 @@
+"""``flan-rlhf demo``: the whole RLHF pipeline offline, on data and a model the project makes.
+
+Stages (each also reachable on its own through ``flan-rlhf`` and a YAML config):
+
+1. corpus + tokenizer  (:func:`flan_rlhf.demo.prepare.prepare_demo_assets`), cached;
+2. SFT                 (``flan-rlhf fit --config configs/demo_sft.yaml``), cached;
+3. PPO with LoRA       (``flan-rlhf fit --config configs/demo_ppo.yaml``);
+4. before/after report (``flan-rlhf compare``-equivalent on the held-out test split).
+
+``--seed S`` changes everything that is random: the corpus, the model initialisation, the data
+order and the sampling. Seed 0 writes to ``artifacts/demo`` and ``reports/demo``; other seeds to
+``artifacts/demo-seedS`` and ``reports/demo-seedS``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REQUIRED_KEYS = ("toxicity_mean", "toxic_fraction", "insult_fraction", "rouge1", "rouge2", "rougeL", "bleu")
+
+
+def _configs_dir() -> Path:
+    """The repository's ``configs/`` (the demo runs from a checkout, as ``make demo`` does)."""
+    here = Path(__file__).resolve().parents[2] / "configs"
+    if here.is_dir():
+        return here
+    return Path.cwd() / "configs"
+
+
+def _paths(seed: int, root: str | None, out: str | None) -> tuple[Path, Path]:
+    suffix = "" if seed == 0 else f"-seed{seed}"
+    return Path(root or f"artifacts/demo{suffix}"), Path(out or f"reports/demo{suffix}")
+
+
+def _stage_overrides(root: Path, seed: int) -> list[str]:
+    """CLI overrides that point a demo config at this seed's artefacts."""
+    corpus = root / "corpus"
+    return [
+        f"--seed_everything={seed}",
+        f"--data.init_args.data_files={{train: {corpus / 'train.jsonl'}, validation: {corpus / 'validation.jsonl'}, test: {corpus / 'test.jsonl'}}}",
+        f"--data.init_args.seed={seed}",
+    ]
+
+
+def run_sft(root: Path, seed: int, configs: Path, steps: int | None) -> Path:
+    """Fit the SFT stage unless ``root/sft_model`` exists; returns the model folder."""
+    from flan_rlhf.cli import run_lightning_cli
+
+    target = root / "sft_model"
+    if (target / "config.json").exists():
+        print(f"[demo] SFT model cached at {target} (use --rebuild to retrain)", flush=True)
+        return target
+    args = ["fit", "--config", str(configs / "demo_sft.yaml"), *_stage_overrides(root, seed),
+            f"--model.init_args.policy.tokenizer={root / 'tokenizer'}",
+            f"--model.init_args.policy.t5_config.seed={seed}",
+            f"--model.init_args.save_dir={target}",
+            "--trainer.logger.init_args.name=" + f"demo_sft_seed{seed}"]
+    if steps:
+        args += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
+    run_lightning_cli(args)
+    return target
+
+
+def run_ppo(root: Path, seed: int, configs: Path, steps: int | None) -> tuple[Path, str]:
+    """Fit the PPO stage from scratch; returns (last checkpoint, TensorBoard log dir)."""
+    from flan_rlhf.cli import run_lightning_cli
+
+    ckpt_dir = root / "ppo_checkpoints"
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    args = ["fit", "--config", str(configs / "demo_ppo.yaml"), *_stage_overrides(root, seed),
+            f"--model.init_args.policy.name_or_path={root / 'sft_model'}",
+            f"--model.init_args.sampling_seed={seed}",
+            f"--model.init_args.export_dir={root / 'ppo_adapter'}",
+            f"--trainer.callbacks.init_args.dirpath={ckpt_dir}",
+            "--trainer.logger.init_args.name=" + f"demo_ppo_seed{seed}"]
+    if steps:
+        args += [f"--trainer.max_steps={steps}"]
+    cli = run_lightning_cli(args)
+    return ckpt_dir / "last.ckpt", cli.trainer.logger.log_dir
+
+
+def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_logdir: str, meta: dict) -> dict:
+    """Sample the SFT policy (adapters off) and the PPO policy on the test split; write the report."""
+    from flan_rlhf.cli import build_from_config
+    from flan_rlhf.demo.corpus import INSULT_VOCABULARY
+    from flan_rlhf.eval.compare import compare_before_after, load_trained_weights
+    from flan_rlhf.rewards import ProfanityReward, VaderReward
+
+    module, datamodule = build_from_config(str(configs / "demo_ppo.yaml"), [
+        *_stage_overrides(root, seed),
+        f"--model.init_args.policy.name_or_path={root / 'sft_model'}",
+        f"--model.init_args.sampling_seed={seed}",
+    ])
+    load_trained_weights(module, str(ckpt))
+    datamodule.setup("test")
+    batches = list(datamodule.test_dataloader())
+    toxicity = ProfanityReward().setup()
+    positivity = VaderReward().setup()
+    return compare_before_after(module, batches, str(out), toxicity, positivity, meta=meta, tb_logdir=tb_logdir,
+                                insult_vocabulary=INSULT_VOCABULARY)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flan_rlhf.demo.prepare import prepare_demo_assets
+    from flan_rlhf.eval.report import format_table
+
+    parser = argparse.ArgumentParser(prog="flan-rlhf demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the whole pipeline (corpus, init, order, sampling)")
+    parser.add_argument("--root", default=None, help="artefact folder (default artifacts/demo[-seedS])")
+    parser.add_argument("--out", default=None, help="report folder (default reports/demo[-seedS])")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild corpus, tokenizer and SFT model instead of reusing them")
+    parser.add_argument("--sft-steps", type=int, default=None, help="override SFT optimiser steps (default: configs/demo_sft.yaml)")
+    parser.add_argument("--ppo-steps", type=int, default=None, help="override PPO iterations (default: configs/demo_ppo.yaml)")
+    parser.add_argument("--n-train", type=int, default=4000, help="generated training dialogues")
+    parser.add_argument("--n-test", type=int, default=400, help="held-out test dialogues (the report's n_test)")
+    parser.add_argument("--configs", default=None, help="folder holding demo_sft.yaml and demo_ppo.yaml")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    root, out = _paths(args.seed, args.root, args.out)
+    configs = Path(args.configs) if args.configs else _configs_dir()
+    if args.rebuild:
+        shutil.rmtree(root / "sft_model", ignore_errors=True)
+    print(f"[demo] 1/4 corpus and tokenizer -> {root}", flush=True)
+    prepare_demo_assets(root, seed=args.seed, rebuild=args.rebuild, n_train=args.n_train, n_test=args.n_test)
+    print("[demo] 2/4 supervised fine-tuning (SFT)", flush=True)
+    t_sft = time.perf_counter()
+    run_sft(root, args.seed, configs, args.sft_steps)
+    t_ppo = time.perf_counter()
+    print("[demo] 3/4 PPO with LoRA against the toxicity reward", flush=True)
+    ckpt, tb_logdir = run_ppo(root, args.seed, configs, args.ppo_steps)
+    t_eval = time.perf_counter()
+    print("[demo] 4/4 before/after evaluation on the test split", flush=True)
+    import torch
+
+    ppo_steps = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    meta = {"ppo_steps": ppo_steps, "seed": args.seed, "sft_s": round(t_ppo - t_sft, 1), "ppo_s": round(t_eval - t_ppo, 1)}
+    metrics = run_compare(root, args.seed, configs, ckpt, out, tb_logdir, meta)
+    metrics["wall_s"] = round(time.perf_counter() - started, 1)
+    metrics["eval_s"] = round(time.perf_counter() - t_eval, 1)
+    with open(out / "metrics.json", "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, indent=2, default=str)
+    print(format_table(metrics))
+    print(f"[demo] n_test={metrics.get('n_test')} ppo_steps={ppo_steps} wall_s={metrics['wall_s']} report: {out / 'report.md'}")
+    missing = [key for key in REQUIRED_KEYS if key not in metrics["before"] or key not in metrics["after"]]
+    if missing:
+        print(f"[demo] error: metrics.json lacks {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

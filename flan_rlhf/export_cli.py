@@ -1,0 +1,350 @@
+"""``flan-rlhf export``: turn a trained policy into something to serve.
+
+Inputs (one of):
+  ``--ckpt PATH.ckpt``  a PPOModule Lightning checkpoint. The actor-critic is rebuilt from the
+                        checkpoint's ``hyper_parameters`` (``policy``, ``lora``) and its state dict
+                        loaded; the reward is not needed. Read with ``torch.load(weights_only=True)``
+                        and an allow-list of the package's settings dataclasses (no arbitrary
+                        code runs); ``--trust-checkpoint`` lifts that for files you made yourself.
+  ``--adapter DIR``     a LoRA adapter folder (``PPOModule(export_dir=...)`` or
+                        ``export --adapter-only``) plus its base (``--base`` or the adapter's
+                        ``base_model_name_or_path``).
+
+Outputs (one per call, written to a temporary sibling folder and renamed into place; an
+existing ``--out`` is only replaced with ``--overwrite``):
+  default           a plain Hugging Face model folder with LoRA merged into the base weights
+                    (safetensors), fp32 or ``--dtype bf16``, plus the tokenizer. Plain
+                    ``AutoModelForSeq2SeqLM.from_pretrained(out)`` loads it.
+  ``--int8``        int8 dynamic quantisation of the merged fp32 model's Linear layers
+                    (:mod:`flan_rlhf.quantize`); ``flan-rlhf generate --model out`` loads it,
+                    plain transformers cannot.
+  ``--adapter-only``  the LoRA adapter (peft format) + value head + tokenizer
+                    (:func:`flan_rlhf.export.save_adapter`).
+
+Every output also holds ``flan_rlhf_export.json`` naming its source and format.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from typing import Any, Iterator
+
+import torch
+
+from flan_rlhf.policy import ActorCritic, LoraSettings, ModelLoadError, PolicySpec, load_policy_model
+
+EXPORT_INFO = "flan_rlhf_export.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message names the fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises one clear line instead of printing usage and exiting."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{message} - see `flan-rlhf {self.prog.split()[-1]} --help`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flan-rlhf export", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="PPOModule Lightning checkpoint (.ckpt)")
+    source.add_argument("--adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--base", help="base model (hub id or folder): overrides the checkpoint's policy.name_or_path "
+                                       "or the adapter's base_model_name_or_path")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype of the merged export (default fp32)")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--int8", action="store_true", help="write an int8 dynamic quantisation (CPU serving; read by flan-rlhf generate)")
+    kind.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter + value head + tokenizer only")
+    parser.add_argument("--per-channel", action="store_true", help="with --int8: one scale per output row instead of per matrix")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load the checkpoint with full pickle (runs code stored in the file): only for files you made")
+    return parser
+
+
+# ----------------------------------------------------------------------------- atomic folders
+def check_output_dir(out_dir: str, overwrite: bool) -> None:
+    """Refuse to clobber: ``out_dir`` must not exist unless ``overwrite``, and must not be a file."""
+    if os.path.isfile(out_dir):
+        raise FileExistsError(f"--out '{out_dir}' is a file - pass a folder path")
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"output folder '{out_dir}' already exists - pass --overwrite to replace it or choose another --out")
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str, overwrite: bool) -> Iterator[str]:
+    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
+    from flan_rlhf.export import _atomic_dir, _commit_dir
+
+    check_output_dir(out_dir, overwrite)
+    tmp = _atomic_dir(out_dir)
+    try:
+        yield tmp
+        _commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_info(folder: str, info: dict[str, Any]) -> None:
+    with open(os.path.join(folder, EXPORT_INFO), "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- loading
+def _safe_globals() -> list[Any]:
+    """Types a PPOModule checkpoint pickles besides tensors: the settings dataclasses in its
+    hyper-parameters and numpy's RNG state array (``checkpoint["flan_rlhf"]["rng"]``)."""
+    import numpy as np
+
+    from flan_rlhf.settings import GenerationSettings, PPOSettings
+
+    allowed: list[Any] = [PolicySpec, LoraSettings, GenerationSettings, PPOSettings, np.ndarray, np.dtype]
+    allowed += [type(np.dtype(kind)) for kind in (np.uint32, np.float64, np.int64)]
+    core = getattr(np, "_core", None) or np.core
+    allowed.append(core.multiarray._reconstruct)
+    return allowed
+
+
+def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
+    """``torch.load`` a Lightning checkpoint on CPU, by default without running pickled code."""
+    from flan_rlhf.checkpointing import checkpoint_problem
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist - pass the .ckpt file written by `flan-rlhf fit`")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint '{path}' cannot be read: {problem} - pass a complete .ckpt file")
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
+        extra = [name for name in unsafe if name not in allowed] or [str(err).splitlines()[0]]
+        raise ValueError(
+            f"checkpoint '{path}' pickles objects outside the safe list ({', '.join(extra[:4])}) - "
+            f"if you made this file yourself, pass --trust-checkpoint"
+        ) from err
+
+
+def _as_dataclass(value: Any, cls: type, what: str):
+    if value is None or isinstance(value, cls):
+        return value
+    if is_dataclass(value):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return cls(**{k: v for k, v in value.items() if not k.startswith("_")})
+    raise ValueError(f"checkpoint hyper-parameter '{what}' is a {type(value).__name__}, expected {cls.__name__} - is this a PPOModule checkpoint?")
+
+
+def policy_settings(checkpoint: dict[str, Any]) -> tuple[PolicySpec, LoraSettings | None]:
+    """The ``policy`` and ``lora`` hyper-parameters a PPOModule saved (reward is not among them)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "policy" not in hparams:
+        raise ValueError("checkpoint has no 'policy' hyper-parameter - pass a checkpoint of flan_rlhf.module.PPOModule")
+    spec = _as_dataclass(hparams["policy"], PolicySpec, "policy")
+    lora = _as_dataclass(hparams.get("lora"), LoraSettings, "lora")
+    return spec, lora
+
+
+def actor_from_checkpoint(checkpoint: dict[str, Any], base: str | None = None) -> tuple[ActorCritic, Any, PolicySpec]:
+    """Rebuild the ActorCritic of a PPOModule checkpoint and load its weights.
+
+    Args:
+        checkpoint: the loaded checkpoint dict (``state_dict`` keys start with ``actor.``).
+        base: replaces ``policy.name_or_path`` (e.g. the base folder on this machine).
+
+    Returns:
+        ``(actor, tokenizer, spec)`` with the actor in eval mode.
+    """
+    spec, lora = policy_settings(checkpoint)
+    if base is not None:
+        spec = PolicySpec(**{**asdict(spec), "name_or_path": base})
+        if spec.tokenizer is None and spec.t5_config is not None:
+            spec.tokenizer = base
+    state = {key[len("actor."):]: value for key, value in checkpoint.get("state_dict", {}).items()
+             if key.startswith("actor.") and not key.startswith("actor.frozen_reference.")}
+    if not state:
+        raise ValueError("checkpoint state_dict holds no 'actor.*' weights - pass a checkpoint of flan_rlhf.module.PPOModule")
+    model, tokenizer = load_policy_model(spec)
+    actor = ActorCritic(model, lora)
+    own = actor.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(actor.trainable_state_dict()) - set(state))
+    if unexpected or missing:
+        raise ValueError(
+            f"checkpoint weights do not fit the policy its hyper-parameters describe ({len(unexpected)} unexpected, e.g. "
+            f"{unexpected[:2]}; {len(missing)} missing, e.g. {missing[:2]}) - pass the --base it was trained from"
+        )
+    mismatched = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise ValueError(f"checkpoint tensor shapes differ from the policy's (e.g. {mismatched[:2]}) - pass the --base it was trained from")
+    actor.load_state_dict(state, strict=False)
+    actor.frozen_reference = None  # not needed for export; frees the full-fine-tuning copy
+    return actor.eval(), tokenizer, spec
+
+
+def merged_from_adapter(adapter_dir: str, base: str | None = None):
+    """Load ``base`` + the LoRA adapter in ``adapter_dir`` and merge it.
+
+    Returns:
+        ``(merged_model, tokenizer, base_name)``.
+    """
+    from peft import PeftModel
+
+    from flan_rlhf.policy import load_seq2seq_model, load_tokenizer
+
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        hint = " (it holds config.json: a full model, pass it as --base or to `flan-rlhf generate --model`)" \
+            if os.path.isfile(os.path.join(adapter_dir, "config.json")) else ""
+        raise FileNotFoundError(f"'{adapter_dir}' is not a LoRA adapter folder: no adapter_config.json{hint}")
+    with open(config_path, encoding="utf-8") as handle:
+        adapter_config = json.load(handle)
+    base = base or adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"adapter '{adapter_dir}' does not name its base model - pass --base NAME_OR_FOLDER")
+    has_tokenizer = os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
+    tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base)
+    model = load_seq2seq_model(base)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return merged.eval(), tokenizer, base
+
+
+def prepare_for_inference(model, dtype: torch.dtype):
+    """Cast to ``dtype``, turn gradient checkpointing off and the KV cache on (in place)."""
+    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5 names
+        if model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = True
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------- writing
+def write_merged(model, tokenizer, out_dir: str, overwrite: bool, info: dict[str, Any]) -> str:
+    """A plain HF folder (safetensors + config + generation config + tokenizer)."""
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_info(tmp, info)
+    return out_dir
+
+
+def write_int8(model, tokenizer, out_dir: str, overwrite: bool, info: dict[str, Any], per_channel: bool = False) -> str:
+    """An int8 folder read by :func:`flan_rlhf.quantize.load_int8`."""
+    from flan_rlhf.quantize import quantize_int8, save_int8
+
+    quantized = quantize_int8(model, per_channel=per_channel)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        save_int8(quantized, tmp, tokenizer, info)
+        _write_info(tmp, info)
+    return out_dir
+
+
+def write_adapter(actor: ActorCritic, tokenizer, out_dir: str, overwrite: bool, info: dict[str, Any]) -> str:
+    """peft adapter folder + value head + tokenizer (a whole model folder for full fine-tuning)."""
+    from flan_rlhf.export import save_adapter
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        inner = os.path.join(tmp, "adapter")
+        save_adapter(actor, tokenizer, inner)
+        for name in os.listdir(inner):
+            os.replace(os.path.join(inner, name), os.path.join(tmp, name))
+        os.rmdir(inner)
+        _write_info(tmp, info)
+    return out_dir
+
+
+def _folder_mb(folder: str) -> float:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
+
+
+def export(args: argparse.Namespace) -> str:
+    """Run one export as described by parsed ``args``; returns the one-line summary."""
+    from flan_rlhf import __version__
+
+    if args.int8 and args.dtype != "fp32":
+        raise UsageError("--int8 quantises the fp32 weights: drop --dtype bf16")
+    if args.adapter_only and args.adapter:
+        raise UsageError("--adapter-only with --adapter: the input already is an adapter folder - copy it instead")
+    if args.adapter_only and args.dtype != "fp32":
+        raise UsageError("--dtype applies to merged exports; the adapter is written in its training dtype")
+    if args.per_channel and not args.int8:
+        raise UsageError("--per-channel only applies with --int8")
+    check_output_dir(args.out, args.overwrite)
+    kind = "adapter" if args.adapter_only else ("int8" if args.int8 else "merged")
+    info: dict[str, Any] = {"format": kind, "dtype": "int8" if args.int8 else args.dtype,
+                            "flan_rlhf_version": __version__, "torch_version": torch.__version__}
+    if args.ckpt:
+        checkpoint = read_checkpoint(args.ckpt, args.trust_checkpoint)
+        actor, tokenizer, spec = actor_from_checkpoint(checkpoint, args.base)
+        info["source"] = {"checkpoint": os.path.abspath(args.ckpt), "global_step": checkpoint.get("global_step"),
+                          "epoch": checkpoint.get("epoch"), "policy": asdict(spec)}
+        lora = policy_settings(checkpoint)[1]
+        info["lora"] = asdict(lora) if lora is not None else None
+        del checkpoint
+        if args.adapter_only:
+            if actor.uses_lora and spec.name_or_path is None:
+                raise UsageError(
+                    "this policy's base was built from t5_config and exists only inside the checkpoint, so an adapter "
+                    "alone could never be loaded - export the merged model instead (drop --adapter-only)"
+                )
+            write_adapter(actor, tokenizer, args.out, args.overwrite, info)
+            return f"wrote {'LoRA adapter' if actor.uses_lora else 'full model'} + value head to {args.out} ({_folder_mb(args.out):.1f} MB)"
+        from flan_rlhf.export import merged_model
+
+        model = merged_model(actor)
+        del actor
+    else:
+        model, tokenizer, base = merged_from_adapter(args.adapter, args.base)
+        info["source"] = {"adapter": os.path.abspath(args.adapter), "base": base}
+    model = prepare_for_inference(model, DTYPES[args.dtype])
+    if args.int8:
+        write_int8(model, tokenizer, args.out, args.overwrite, info, per_channel=args.per_channel)
+    else:
+        write_merged(model, tokenizer, args.out, args.overwrite, info)
+    label = "int8 (dynamic quantisation)" if args.int8 else f"merged {args.dtype}"
+    return f"wrote {label} model to {args.out} ({_folder_mb(args.out):.1f} MB)"
+
+
+def quiet_progress_bars() -> None:
+    """Batch tools: no per-file progress bars on stderr, so an error is the only line there."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``flan-rlhf export ...``; returns 0 on success, 2 on bad input (one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_progress_bars()
+    try:
+        args = build_parser().parse_args(argv)
+        print(export(args), flush=True)
+    except (UsageError, ModelLoadError, ValueError, OSError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

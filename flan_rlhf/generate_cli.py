@@ -1,0 +1,242 @@
+"""``flan-rlhf generate``: responses for a file of prompts, from any export of a policy.
+
+``--model`` is a plain Hugging Face folder or hub id (a merged export, a base model), or an
+int8 folder written by ``flan-rlhf export --int8``; ``--adapter DIR`` puts a LoRA adapter on
+top of ``--model`` (unmerged: slower than a merged export, see docs/inference.md).
+
+Prompts: ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line, the
+prompt under ``--field``, default ``prompt``); ``--template`` wraps each (e.g.
+``summarize_dialogue`` with ``--field dialogue`` for DialogSum-style rows). Output: JSONL rows
+``{"prompt", "response"}`` (plus the input row's ``id`` if it has one), in input order,
+written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from flan_rlhf.export_cli import UsageError, _Parser, quiet_progress_bars
+from flan_rlhf.policy import ModelLoadError
+
+DTYPE_CHOICES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class DecodeSettings:
+    """How responses are decoded.
+
+    Attributes:
+        max_new_tokens: longest response, in tokens.
+        min_new_tokens: EOS is suppressed before this many tokens (a benchmark sets it equal to
+            ``max_new_tokens`` so every model does the same amount of work).
+        greedy: argmax decoding; otherwise sampling with ``temperature``/``top_k``/``top_p``.
+        batch_size: prompts per ``generate`` call.
+        max_prompt_tokens: prompts are truncated to this many tokens.
+    """
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 16
+    max_prompt_tokens: int = 512
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flan-rlhf generate", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF model folder or hub id, or an int8 export folder")
+    parser.add_argument("--adapter", help="LoRA adapter folder to apply on --model (unmerged)")
+    parser.add_argument("--tokenizer", help="tokenizer folder/hub id or 'byt5' (default: the adapter's, else the model's)")
+    parser.add_argument("--input", required=True, help="prompts: .txt (one per line) or .jsonl")
+    parser.add_argument("--output", required=True, help="output .jsonl of {prompt, response}")
+    parser.add_argument("--field", default="prompt", help="JSONL key holding the prompt text (default: prompt)")
+    parser.add_argument("--template", default="raw", help="prompt template: raw, summarize_dialogue, continue_text, or a string with {text}")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus sampling")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), default="auto", help="float models: cast to this dtype (auto: as saved)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (runs with your rights)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- prompts
+def read_prompts(path: str, field: str = "prompt", template: str = "raw") -> list[dict[str, Any]]:
+    """Rows ``{"prompt": templated text, "id"?: ...}`` from a ``.txt`` or ``.jsonl`` file, in file order."""
+    from flan_rlhf.data.templates import apply_template, resolve_template
+
+    template = resolve_template(template)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--input '{path}' does not exist - pass a .txt (one prompt per line) or .jsonl file")
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as handle:
+        if path.endswith(".jsonl"):
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}) - write one JSON object per line") from err
+                if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                    raise ValueError(f"{path}:{line_no} has no string '{field}' - pass --field with the key holding the prompt")
+                row = {"prompt": apply_template(template, record[field])}
+                if "id" in record:
+                    row["id"] = record["id"]
+                rows.append(row)
+        elif path.endswith(".txt"):
+            rows = [{"prompt": apply_template(template, line.rstrip("\n"))} for line in handle if line.strip()]
+        else:
+            raise ValueError(f"--input '{path}' must end in .txt (one prompt per line) or .jsonl")
+    if not rows:
+        raise ValueError(f"--input '{path}' holds no prompts")
+    return rows
+
+
+# ----------------------------------------------------------------------------- models
+def load_generation_model(model: str, adapter: str | None = None, tokenizer: str | None = None,
+                          dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """Load any export for generation.
+
+    Returns:
+        ``(model, tokenizer, kind)`` with ``kind`` one of ``"int8"``, ``"adapter"``, ``"hf"``.
+    """
+    from flan_rlhf.policy import load_seq2seq_model, load_tokenizer
+    from flan_rlhf.quantize import is_int8_folder, load_int8
+
+    if os.path.isdir(model) and os.path.isfile(os.path.join(model, "adapter_config.json")):
+        raise UsageError(f"--model '{model}' is a LoRA adapter folder - pass its base as --model and this folder as --adapter")
+    if adapter is not None and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise FileNotFoundError(f"--adapter '{adapter}' has no adapter_config.json - pass a folder written by `flan-rlhf export --adapter-only`")
+    if tokenizer is None:
+        has_own = adapter is not None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
+        tokenizer = adapter if has_own else model
+    tok = load_tokenizer(tokenizer, trust_remote_code)
+    tok.padding_side = "right"  # T5's native padding (TRL PR #262)
+    if os.path.isdir(model) and is_int8_folder(model):
+        if adapter is not None:
+            raise UsageError("an int8 export already has its adapter merged - drop --adapter")
+        if dtype not in (None, torch.float32):
+            raise UsageError("int8 exports compute in int8/fp32 - drop --dtype")
+        return load_int8(model), tok, "int8"
+    net = load_seq2seq_model(model, trust_remote_code)
+    kind = "hf"
+    if adapter is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+        kind = "adapter"
+    if dtype is not None:
+        net = net.to(dtype)
+    net.config.use_cache = True
+    return net.eval(), tok, kind
+
+
+# ----------------------------------------------------------------------------- generation
+@torch.inference_mode()
+def generate_ids(model, tokenizer, prompts: Sequence[str], settings: DecodeSettings) -> list[list[int]]:
+    """Response token ids for each prompt, in input order.
+
+    Prompts are batched in order of token length (less padding) and put back in input order.
+    Each response runs up to and including its first EOS (the decoder start token and the
+    padding after EOS are dropped).
+
+    Returns:
+        ``len(prompts)`` lists of token ids.
+    """
+    if settings.batch_size < 1 or settings.max_new_tokens < 1:
+        raise ValueError("--batch-size and --max-new-tokens must be >= 1")
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+                                  pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
+    if settings.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    else:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+    device = next(model.parameters()).device
+    results: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), settings.batch_size):
+        batch = order[start:start + settings.batch_size]
+        enc = tokenizer([prompts[i] for i in batch], padding=True, truncation=True,
+                        max_length=settings.max_prompt_tokens, return_tensors="pt")
+        sequences = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), **kwargs)
+        for row, index in zip(sequences[:, 1:].tolist(), batch):  # drop the decoder start token
+            results[index] = row[: row.index(eos_id) + 1] if eos_id in row else row
+    return results
+
+
+def decode(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Response strings (special tokens removed)."""
+    return tokenizer.batch_decode([list(x) for x in ids], skip_special_tokens=True)
+
+
+def write_jsonl(rows: Sequence[dict[str, Any]], path: str, overwrite: bool = False) -> None:
+    """Write rows as JSONL via a temporary file and a rename (no half-written output)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--output '{path}' is a folder - pass a .jsonl file path")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"--output '{path}' already exists - pass --overwrite to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run ``generate`` for parsed ``args``; returns the one-line summary."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if os.path.exists(args.output) and not args.overwrite:
+        raise FileExistsError(f"--output '{args.output}' already exists - pass --overwrite to replace it")
+    rows = read_prompts(args.input, args.field, args.template)
+    model, tokenizer, kind = load_generation_model(args.model, args.adapter, args.tokenizer,
+                                                   DTYPE_CHOICES[args.dtype], args.trust_remote_code)
+    settings = DecodeSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
+                              max_prompt_tokens=args.max_prompt_tokens)
+    torch.manual_seed(args.seed)
+    ids = generate_ids(model, tokenizer, [row["prompt"] for row in rows], settings)
+    out_rows = [{**({"id": row["id"]} if "id" in row else {}), "prompt": row["prompt"], "response": text}
+                for row, text in zip(rows, decode(tokenizer, ids))]
+    write_jsonl(out_rows, args.output, args.overwrite)
+    return f"wrote {len(out_rows)} responses ({kind} model, {'greedy' if args.greedy else 'sampled'}) to {args.output}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``flan-rlhf generate ...``; returns 0 on success, 2 on bad input (one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_progress_bars()
+    try:
+        args = build_parser().parse_args(argv)
+        print(run(args), flush=True)
+    except (UsageError, ModelLoadError, ValueError, OSError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Test-only callback: each process records how many prompts it rolled out (for the DDP test)."""
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+
+
+class RankRolloutRecorder(L.Callback):
+    """Writes ``<out_dir>/rank<r>.json`` with this process's rollout prompts and final global_step."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.prompts: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.prompts.extend(batch["prompt"])
+
+    def on_train_end(self, trainer, pl_module):
+        os.makedirs(self.out_dir, exist_ok=True)
+        lora = {k: float(v.float().abs().sum()) for k, v in pl_module.actor.trainable_state_dict().items()}
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
+            json.dump({"prompts": self.prompts, "global_step": trainer.global_step, "weights": lora}, handle)

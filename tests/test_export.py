@@ -1,0 +1,265 @@
+"""Exports of a trained policy (merged fp32/bf16, int8, adapter) and the generate command.
+
+The policy is a tiny FLAN-T5-architecture model with LoRA whose B matrices are set to random
+values (peft initialises them to zero, which would make every export trivially equal the base).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from flan_rlhf import export_cli, generate_cli
+from flan_rlhf.export import save_adapter
+from flan_rlhf.generate_cli import DecodeSettings, decode, generate_ids
+from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, build_t5_from_config, load_policy_model
+from flan_rlhf.quantize import INT8_MARKER, is_int8_folder, load_int8
+from tests.conftest import TINY_T5, TokenFractionReward
+
+LORA = LoraSettings(r=4, alpha=8, target_modules=["q", "v"])  # scaling alpha / r = 2
+PROMPTS = ["the cat sat on the mat", "hello", "a longer prompt about the weather today", "xyz"]
+GREEDY = DecodeSettings(max_new_tokens=12, greedy=True, batch_size=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> str:
+    """A saved tiny base model + ByT5 tokenizer (stands in for google/flan-t5-base)."""
+    from transformers import ByT5Tokenizer
+
+    folder = str(tmp_path_factory.mktemp("base"))
+    tokenizer = ByT5Tokenizer()
+    build_t5_from_config(vocab_size=len(tokenizer), seed=0, **TINY_T5).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _perturb_lora(actor: ActorCritic, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in actor.policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, tmp_path_factory):
+    """A PPOModule on the base with perturbed LoRA, its checkpoint, and its greedy outputs.
+
+    The checkpoint is what Lightning's checkpoint connector writes: ``state_dict()``, the
+    hyper-parameters as a dict, then the module's own ``on_save_checkpoint`` hook (which drops
+    the frozen base weights), saved with ``torch.save``.
+    """
+    import lightning as L
+
+    from flan_rlhf.module import PPOModule
+
+    module = PPOModule(PolicySpec(name_or_path=base_dir), TokenFractionReward(), lora=LORA)
+    module.configure_model()
+    _perturb_lora(module.actor)
+    checkpoint = {"epoch": 0, "global_step": 7, "pytorch-lightning_version": L.__version__,
+                  "state_dict": module.state_dict(), "hparams_name": "kwargs", "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    path = str(tmp_path_factory.mktemp("ckpt") / "last.ckpt")
+    torch.save(checkpoint, path)
+    actor, tokenizer = module.actor.eval(), module.tokenizer
+    policy_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY)
+    with actor.reference_context():
+        base_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY)
+    return {"ckpt": path, "actor": actor, "tokenizer": tokenizer, "policy_ids": policy_ids, "base_ids": base_ids,
+            "n_saved_keys": len(checkpoint["state_dict"])}
+
+
+@pytest.fixture(scope="module")
+def merged_dir(trained, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("exports") / "merged")
+    assert export_cli.main(["--ckpt", trained["ckpt"], "--out", out]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(trained, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("adapter") / "adapter")
+    save_adapter(trained["actor"], trained["tokenizer"], out)
+    return out
+
+
+def _run(main, argv, capsys) -> tuple[int, list[str]]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- merged fp32
+def test_fp32_export_loads_with_plain_transformers_and_generates_the_policys_text(trained, merged_dir, base_dir):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    # The checkpoint kept only LoRA + value head (2 layers x 2 stacks x (q,v) x (A,B) + 2 = 34 of the
+    # encoder-decoder's keys); the base came from base_dir.
+    assert trained["n_saved_keys"] == 2 * 2 * 2 * 2 + 2 * 2 * 2 + 2  # self-attn (enc+dec), cross-attn (dec)
+    assert trained["policy_ids"] != trained["base_ids"], "the perturbed adapter must change greedy outputs"
+    model = AutoModelForSeq2SeqLM.from_pretrained(merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert os.path.isfile(os.path.join(merged_dir, "model.safetensors"))
+    assert model.dtype == torch.float32
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert generate_ids(model, tokenizer, PROMPTS, GREEDY) == trained["policy_ids"]
+
+    # Merging is W + (alpha / r) * B @ A (LoRA paper eq. 3): check one layer by hand.
+    base = AutoModelForSeq2SeqLM.from_pretrained(base_dir)
+    lora_q = trained["actor"].base_model.encoder.block[0].layer[0].SelfAttention.q
+    expected = base.encoder.block[0].layer[0].SelfAttention.q.weight + 2.0 * lora_q.lora_B["default"].weight @ lora_q.lora_A["default"].weight
+    torch.testing.assert_close(model.encoder.block[0].layer[0].SelfAttention.q.weight, expected, rtol=0, atol=1e-6)
+    info = json.load(open(os.path.join(merged_dir, export_cli.EXPORT_INFO)))
+    assert info["format"] == "merged" and info["source"]["global_step"] == 7 and info["lora"]["r"] == 4
+
+
+def test_bf16_export_from_adapter_folder_is_the_rounded_merge_and_generates(merged_dir, adapter_dir, tmp_path, capsys):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    out = str(tmp_path / "bf16")
+    code, err = _run(export_cli.main, ["--adapter", adapter_dir, "--out", out, "--dtype", "bf16"], capsys)
+    assert code == 0, err
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    fp32 = AutoModelForSeq2SeqLM.from_pretrained(merged_dir)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for (name, p16), (_, p32) in zip(model.named_parameters(), fp32.named_parameters()):
+        assert torch.equal(p16, p32.to(torch.bfloat16)), name
+    ids = generate_ids(model, AutoTokenizer.from_pretrained(out), PROMPTS, GREEDY)
+    assert len(ids) == len(PROMPTS) and all(0 < len(row) <= GREEDY.max_new_tokens for row in ids)
+
+
+# ----------------------------------------------------------------------------- int8
+def test_int8_export_loads_with_load_int8_only_and_generates(trained, merged_dir, tmp_path, capsys):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    out = str(tmp_path / "int8")
+    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", out, "--int8"], capsys)
+    assert code == 0, err
+    assert is_int8_folder(out) and not os.path.exists(os.path.join(out, "model.safetensors"))
+    with pytest.raises(OSError):
+        AutoModelForSeq2SeqLM.from_pretrained(out)  # plain transformers cannot read it
+    model = load_int8(out)
+    fp32 = AutoModelForSeq2SeqLM.from_pretrained(merged_dir)
+    q = model.encoder.block[0].layer[0].SelfAttention.q
+    assert isinstance(q, DynamicQuantizedLinear) and isinstance(model.lm_head, DynamicQuantizedLinear)
+    # Per-tensor affine int8: every dequantised weight is within half a step of the float weight.
+    qweight = q.weight()
+    w = fp32.encoder.block[0].layer[0].SelfAttention.q.weight
+    assert qweight.int_repr().dtype == torch.int8
+    assert (qweight.dequantize() - w).abs().max() <= qweight.q_scale() / 2 + 1e-7
+    assert 0 < (qweight.dequantize() - w).abs().max()  # really quantised, not a float copy
+    torch.testing.assert_close(model.shared.weight, fp32.shared.weight, rtol=0, atol=0)  # embeddings stay fp32
+    ids = generate_ids(model, AutoTokenizer.from_pretrained(out), PROMPTS, GREEDY)
+    assert len(ids) == len(PROMPTS) and all(0 < len(row) <= GREEDY.max_new_tokens for row in ids)
+    marker = json.load(open(os.path.join(out, INT8_MARKER)))
+    assert "encoder.embed_tokens.weight" in marker["aliases"]  # tied weights stored once
+
+
+# ----------------------------------------------------------------------------- safety
+def test_export_refuses_to_overwrite_and_replaces_with_overwrite(trained, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and "--overwrite" in err[0]
+    assert (out / "keep.txt").read_text() == "mine"
+    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(out), "--overwrite"], capsys)
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # no temporary folder left behind
+
+
+class _Gadget:
+    """Stands for any class a checkpoint could pickle: torch.load(weights_only=True) must not build it."""
+
+
+def test_bad_inputs_give_one_clear_line(trained, adapter_dir, merged_dir, tmp_path, capsys):
+    truncated = tmp_path / "broken.ckpt"
+    truncated.write_bytes(open(trained["ckpt"], "rb").read()[:2000])
+    with_gadget = tmp_path / "gadget.ckpt"
+    checkpoint = torch.load(trained["ckpt"], weights_only=False)
+    checkpoint["extra"] = _Gadget()
+    torch.save(checkpoint, with_gadget)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt\nhello\n")
+    bad_jsonl = tmp_path / "p.jsonl"
+    bad_jsonl.write_text('{"question": "hello"}\n')
+    cases = [
+        (export_cli.main, ["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o1")], "does not exist"),
+        (export_cli.main, ["--ckpt", str(truncated), "--out", str(tmp_path / "o2")], "complete .ckpt"),
+        (export_cli.main, ["--ckpt", str(with_gadget), "--out", str(tmp_path / "o3")], "--trust-checkpoint"),
+        (export_cli.main, ["--adapter", merged_dir, "--out", str(tmp_path / "o4")], "no adapter_config.json"),
+        (export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(tmp_path / "o5"), "--int8", "--dtype", "bf16"], "--dtype"),
+        (export_cli.main, ["--out", str(tmp_path / "o6")], "--ckpt"),
+        (generate_cli.main, ["--model", merged_dir, "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "g.jsonl")], "does not exist"),
+        (generate_cli.main, ["--model", adapter_dir, "--input", str(prompts), "--output", str(tmp_path / "g.jsonl")], "--adapter"),
+        (generate_cli.main, ["--model", merged_dir, "--input", str(csv), "--output", str(tmp_path / "g.jsonl")], ".txt"),
+        (generate_cli.main, ["--model", merged_dir, "--input", str(bad_jsonl), "--output", str(tmp_path / "g.jsonl")], "--field"),
+    ]
+    for main, argv, needle in cases:
+        code, err = _run(main, argv, capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], (argv, err)
+    assert not any(name.startswith("o") for name in os.listdir(tmp_path))  # nothing half-written
+
+
+def test_checkpoint_of_config_built_policy_exports_its_own_base_weights(tmp_path, capsys):
+    """A policy built from t5_config has no base folder: its checkpoint carries the base weights."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from flan_rlhf.module import PPOModule
+
+    spec = PolicySpec(tokenizer="byt5", t5_config=dict(TINY_T5, seed=3))
+    module = PPOModule(spec, TokenFractionReward(), lora=LORA)
+    module.configure_model()
+    with torch.no_grad():  # stands for a base the user trained (e.g. SFT) inside the run: not the seed-3 init
+        module.actor.base_model.shared.weight.mul_(1.5)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "c.ckpt")
+    code, err = _run(export_cli.main, ["--ckpt", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, err
+    exported = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "m"))
+    torch.testing.assert_close(exported.shared.weight, module.actor.base_model.shared.weight, rtol=0, atol=0)
+    code, err = _run(export_cli.main, ["--ckpt", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "a"), "--adapter-only"], capsys)
+    assert code == 2 and "drop --adapter-only" in err[0] and not (tmp_path / "a").exists()
+
+
+# ----------------------------------------------------------------------------- generate
+def test_generate_cli_round_trip_for_merged_adapter_and_int8(trained, merged_dir, adapter_dir, base_dir, tmp_path, capsys):
+    prompts_path = tmp_path / "prompts.jsonl"
+    prompts_path.write_text("".join(json.dumps({"id": f"r{i}", "text": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    expected = decode(trained["tokenizer"], trained["policy_ids"])
+    common = ["--input", str(prompts_path), "--field", "text", "--greedy", "--max-new-tokens", "12", "--batch-size", "3"]
+
+    outputs = {}
+    for name, model_args in {"merged": ["--model", merged_dir], "adapter": ["--model", base_dir, "--adapter", adapter_dir]}.items():
+        out = tmp_path / f"{name}.jsonl"
+        code, err = _run(generate_cli.main, model_args + common + ["--output", str(out)], capsys)
+        assert code == 0, err
+        outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    for rows in outputs.values():
+        assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(PROMPTS))]
+        assert [r["prompt"] for r in rows] == PROMPTS
+        assert [r["response"] for r in rows] == expected
+
+    int8_dir = str(tmp_path / "int8")
+    assert export_cli.main(["--adapter", adapter_dir, "--out", int8_dir, "--int8"]) == 0
+    out = tmp_path / "int8.jsonl"
+    code, err = _run(generate_cli.main, ["--model", int8_dir] + common + ["--output", str(out)], capsys)
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == len(PROMPTS)
+    code, err = _run(generate_cli.main, ["--model", int8_dir] + common + ["--output", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err[0]  # an existing output is not clobbered

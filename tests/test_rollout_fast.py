@@ -1,0 +1,198 @@
+"""The hand-written rollout sampler against Hugging Face ``generate`` and teacher-forced forwards."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import ByT5Tokenizer
+
+from flan_rlhf import rollout as rollout_lib
+from flan_rlhf.policy import ActorCritic, LoraSettings, build_t5_from_config
+from flan_rlhf.rollout import (
+    collect_experience,
+    evaluate_responses,
+    reference_logprobs,
+    response_mask,
+    sample_with_statistics,
+    tokenize_prompts,
+)
+from flan_rlhf.settings import GenerationSettings
+
+PROMPTS = ["alpha bravo charlie", "the quick river", "a", "summarize the ancient city of gold and iron towers",
+           "red", "modern bridge over the ocean"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ByT5Tokenizer()
+
+
+def _actor(tokenizer, lora: bool, seed: int = 0) -> ActorCritic:
+    torch.manual_seed(seed)
+    model = build_t5_from_config(vocab_size=len(tokenizer), d_model=64, d_ff=128, num_layers=2, num_heads=4, seed=seed)
+    actor = ActorCritic(model, LoraSettings() if lora else None)
+    with torch.no_grad():
+        # A fresh adapter is a no-op (B = 0): give it weights so policy != reference.
+        for name, param in actor.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    return actor
+
+
+def _prompts(tokenizer):
+    return tokenize_prompts(tokenizer, PROMPTS, 64, "cpu")[:2]
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_greedy_tokens_equal_hf_generate(tokenizer, lora):
+    actor = _actor(tokenizer, lora)
+    ids, mask = _prompts(tokenizer)
+    settings = GenerationSettings(max_new_tokens=12, do_sample=False)
+    ours = sample_with_statistics(actor, ids, mask, settings, tokenizer).responses
+    hf = actor.policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[:, 1:]
+    assert torch.equal(ours, hf)
+
+
+def test_seeded_sampling_draws_the_tokens_hf_generate_draws(tokenizer):
+    actor = _actor(tokenizer, lora=True)
+    ids, mask = _prompts(tokenizer)
+    settings = GenerationSettings(max_new_tokens=16, do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+    torch.manual_seed(123)
+    ours = sample_with_statistics(actor, ids, mask, settings, tokenizer).responses
+    torch.manual_seed(123)
+    hf = actor.policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=0,
+                               top_p=1.0, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)[:, 1:]
+    assert torch.equal(ours, hf)
+
+
+@pytest.mark.parametrize("lora,temperature", [(True, 1.0), (False, 0.7)])
+def test_sampling_statistics_match_a_teacher_forced_forward(tokenizer, lora, temperature):
+    actor = _actor(tokenizer, lora)
+    ids, mask = _prompts(tokenizer)
+    settings = GenerationSettings(max_new_tokens=20, temperature=temperature)
+    torch.manual_seed(0)
+    sampled = sample_with_statistics(actor, ids, mask, settings, tokenizer)
+    logprobs, values, ref, entropy = evaluate_responses(actor, ids, mask, sampled.responses, 0, temperature)
+    keep = response_mask(sampled.responses, tokenizer.eos_token_id).bool()
+    assert (sampled.logprobs - logprobs)[keep].abs().max() < 1e-4
+    assert (sampled.values - values)[keep].abs().max() < 1e-4
+    assert (sampled.entropy - entropy)[keep].abs().max() < 1e-4
+    # the first PPO ratio exp(new - old) is 1 up to float rounding
+    assert (torch.exp(logprobs - sampled.logprobs)[keep] - 1).abs().max() < 1e-4
+    # and the adapter/copy really changes the distribution (so the reference is a different model)
+    if lora:
+        assert (ref - logprobs)[keep].abs().max() > 1e-3
+
+
+def test_generic_cached_forward_path_matches_the_t5_fast_path(tokenizer, monkeypatch):
+    actor = _actor(tokenizer, lora=True)
+    ids, mask = _prompts(tokenizer)
+    settings = GenerationSettings(max_new_tokens=10)
+    torch.manual_seed(5)
+    fast = sample_with_statistics(actor, ids, mask, settings, tokenizer)
+    monkeypatch.setattr(rollout_lib, "_t5_fast_path_ok", lambda model: False)
+    torch.manual_seed(5)
+    generic = sample_with_statistics(actor, ids, mask, settings, tokenizer)
+    assert torch.equal(fast.responses, generic.responses)
+    assert torch.allclose(fast.logprobs, generic.logprobs, atol=1e-5)
+    assert torch.allclose(fast.values, generic.values, atol=1e-5)
+
+
+def _eos_loving_actor(tokenizer) -> ActorCritic:
+    """An actor whose lm_head adds +50 to the EOS logit, so EOS is always the argmax."""
+    actor = _actor(tokenizer, lora=False)
+    old = actor.policy.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 50.0
+    actor.policy.lm_head = head
+    return actor
+
+
+def test_eos_ends_rows_and_generation_stops_when_all_are_done(tokenizer):
+    actor = _eos_loving_actor(tokenizer)
+    ids, mask = _prompts(tokenizer)
+    eos = tokenizer.eos_token_id
+    out = sample_with_statistics(actor, ids, mask, GenerationSettings(max_new_tokens=8, do_sample=False), tokenizer)
+    assert out.responses.shape == (len(PROMPTS), 1)
+    assert torch.all(out.responses == eos)
+
+
+def test_min_new_tokens_suppresses_eos_but_logprobs_stay_unwarped(tokenizer):
+    actor = _eos_loving_actor(tokenizer)
+    ids, mask = _prompts(tokenizer)
+    eos = tokenizer.eos_token_id
+    settings = GenerationSettings(max_new_tokens=8, min_new_tokens=3, do_sample=True)
+    torch.manual_seed(0)
+    out = sample_with_statistics(actor, ids, mask, settings, tokenizer)
+    assert out.responses.shape == (len(PROMPTS), 4)
+    assert not torch.any(out.responses[:, :3] == eos)
+    assert torch.all(out.responses[:, 3] == eos)
+    # The forced tokens are scored by the unwarped softmax, where EOS holds nearly all the
+    # mass: each forced token has log-prob about -50 (its logit is ~50 below EOS's).
+    assert torch.all(out.logprobs[:, :3] < -40)
+    assert torch.all(out.logprobs[:, 3] > -1e-3)
+
+
+def test_rows_are_padded_after_their_eos(tokenizer):
+    actor = _actor(tokenizer, lora=False)
+    ids, mask = _prompts(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # EOS likely but not certain: some rows end early, others run on, so padding is visible
+    old = actor.policy.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[eos] = 4.0
+    actor.policy.lm_head = head
+    torch.manual_seed(3)
+    out = sample_with_statistics(actor, ids, mask, GenerationSettings(max_new_tokens=30), tokenizer)
+    is_eos = out.responses == eos
+    ended = is_eos.any(dim=1)
+    assert ended.any() and out.responses.shape[1] > 1
+    for row in range(len(PROMPTS)):
+        if ended[row]:
+            first = int(is_eos[row].nonzero()[0])
+            assert torch.all(out.responses[row, first + 1:] == pad)
+
+
+def test_sampling_follows_softmax_without_warping(tokenizer):
+    """top_k=0, top_p=1: the empirical token distribution is softmax(logits / T)."""
+    actor = _actor(tokenizer, lora=False)
+    ids, mask = tokenize_prompts(tokenizer, ["alpha"] * 4000, 16, "cpu")[:2]
+    settings = GenerationSettings(max_new_tokens=1, temperature=0.5)
+    torch.manual_seed(0)
+    out = sample_with_statistics(actor, ids, mask, settings, tokenizer)
+    probs = out.logprobs.exp()[:, 0]  # p(sampled token) under softmax(logits / T)
+    counts = torch.bincount(out.responses[:, 0], minlength=len(tokenizer)).float() / 4000
+    top = counts.argmax()
+    expected = probs[out.responses[:, 0] == top][0]
+    assert abs(counts[top] - expected) < 4 * (expected * (1 - expected) / 4000) ** 0.5 + 1e-3
+
+
+def test_bucketed_reference_logprobs_equal_one_padded_batch(tokenizer):
+    actor = _actor(tokenizer, lora=True)
+    ids, mask = _prompts(tokenizer)
+    torch.manual_seed(1)
+    responses = torch.randint(3, 259, (len(PROMPTS), 9))
+    bucketed = reference_logprobs(actor, ids, mask, responses, 0, 1.0, chunk_size=2)
+    from flan_rlhf.ppo import logprobs_from_logits
+    from flan_rlhf.rollout import shift_right
+
+    whole = logprobs_from_logits(actor.reference_logits(ids, mask, shift_right(responses, 0)), responses)
+    assert torch.allclose(bucketed, whole, atol=1e-5)
+
+
+def test_collect_experience_returns_aligned_tensors(tokenizer):
+    actor = _actor(tokenizer, lora=True)
+    ids, mask = _prompts(tokenizer)
+    torch.manual_seed(2)
+    responses, logprobs, values, ref, entropy = collect_experience(
+        actor, ids, mask, GenerationSettings(max_new_tokens=6), tokenizer, 0)
+    for t in (logprobs, values, ref, entropy):
+        assert t.shape == responses.shape and torch.isfinite(t).all() and not t.is_inference()
+    assert torch.all(entropy > 0) and torch.all(logprobs <= 0)
