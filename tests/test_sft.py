@@ -123,7 +123,8 @@ def test_tiny_sft_lowers_the_loss_and_saves_a_loadable_model(assets, tmp_path):
 
     assert len(recorder.losses) == 40
     first, last = sum(recorder.losses[:5]) / 5, sum(recorder.losses[-5:]) / 5
-    assert first > math.log(200)  # starts near log(vocab): the scaled lm_head init
+    # starts near log(vocab) (the scaled lm_head init; unscaled, T5 starts at ~40)
+    assert math.log(200) < first < 1.5 * math.log(len(module.tokenizer))
     assert last < 0.6 * first
     # cosine decay over max_steps: the last logged lr is 3e-3 * (1 + cos(pi * 36/37)) / 2
     assert float(trainer.callback_metrics["sft/lr"]) == pytest.approx(3e-3 * (1 + math.cos(math.pi * 36 / 37)) / 2, rel=1e-4)

@@ -52,9 +52,14 @@ def run_sft(root: Path, seed: int, configs: Path, steps: int | None) -> Path:
     from flan_rlhf.cli import run_lightning_cli
 
     target = root / "sft_model"
-    if (target / "config.json").exists():
+    # The cache is valid only for the corpus/tokenizer (their manifest holds the corpus hash),
+    # seed and step count it was trained with.
+    key = {"tokenizer": json.loads((root / "tokenizer" / "manifest.json").read_text()), "seed": seed, "steps": steps}
+    key_file = root / "sft_model.key.json"
+    if (target / "config.json").exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
         print(f"[demo] SFT model cached at {target} (use --rebuild to retrain)", flush=True)
         return target
+    shutil.rmtree(target, ignore_errors=True)
     args = ["fit", "--config", str(configs / "demo_sft.yaml"), *_stage_overrides(root, seed),
             f"--model.init_args.policy.tokenizer={root / 'tokenizer'}",
             f"--model.init_args.policy.t5_config.seed={seed}",
@@ -63,6 +68,7 @@ def run_sft(root: Path, seed: int, configs: Path, steps: int | None) -> Path:
     if steps:
         args += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
     run_lightning_cli(args)
+    key_file.write_text(json.dumps(key))
     return target
 
 
