@@ -11,6 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+# Tiny models gain nothing from a second thread, and two spinning OpenMP threads per test process
+# slow everything down when other processes (DDP ranks, subprocess tests) share the 2 cores.
+torch.set_num_threads(1)
+
 from flan_rlhf.policy import PolicySpec
 from flan_rlhf.rewards.base import Reward
 
