@@ -6,14 +6,13 @@
   most a ``*.tmp-*`` leftover, which resume ignores.
 * Checks: ``torch.save`` writes a zip archive whose members carry CRC-32s, so a truncated or
   corrupt file is found by reading it with :mod:`zipfile` - no unpickling.
-* Loads: ``torch.load(weights_only=True)`` (no pickled code runs) with numpy arrays allowed,
-  so checkpoints from any untrusted folder cannot execute code; a checkpoint that needs more
-  gets one line naming ``--weights_only false`` for files the user trusts.
+* Loads: ``torch.load(weights_only=True)`` with numpy arrays allowed, so loading runs no
+  pickled code; a checkpoint that needs more gets one line naming ``--weights_only false``
+  for files the user trusts.
 """
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import pickle
 import zipfile
@@ -21,8 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-log = logging.getLogger(__name__)
 
 # Words LightningCLI/Trainer treat as ckpt_path keywords rather than file paths.
 LIGHTNING_CKPT_KEYWORDS = ("best", "hpc", "registry")
@@ -117,6 +114,31 @@ def unsafe_checkpoint_message(path: str, err: Exception) -> str:
         f"checkpoint '{path}' holds pickled Python objects that a safe load (weights_only=True) refuses ({what}); "
         "if you wrote it yourself or otherwise trust it, add --weights_only false"
     )
+
+
+def read_checkpoint_file(path: str, trusted: bool = False, mmap: bool = False) -> dict[str, Any]:
+    """Check a local checkpoint, then ``torch.load`` it on CPU - ``weights_only`` unless ``trusted``.
+
+    Args:
+        path: a ``.ckpt`` file the user named.
+        trusted: ``True`` unpickles anything (only for files you wrote or trust).
+        mmap: map tensor data instead of reading it (cheap peeks at metadata).
+
+    Raises:
+        CheckpointError: missing, cut short or corrupt, or holding objects a safe load refuses.
+    """
+    import torch
+
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint '{path}' cannot be used: {problem} - pass a complete .ckpt file")
+    if trusted:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    try:
+        with torch.serialization.safe_globals(numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(unsafe_checkpoint_message(path, err)) from err
 
 
 def checkpoint_problem(path: str) -> str | None:
@@ -225,3 +247,58 @@ def resolve_ckpt_path(requested: str | None, checkpoint_dir: str | None, fresh_s
     raise CheckpointError(
         f"checkpoint '{requested}' is incomplete or corrupt ({problem}) - {hint}, or --ckpt_path last"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states in a form that ``torch.load(weights_only=True)`` accepts (tensors, ints, floats, str)
+# ---------------------------------------------------------------------------------------------
+def capture_rng_states() -> dict[str, Any]:
+    """The torch, CUDA, numpy and python global RNG states as tensors and plain numbers.
+
+    ``np.random.get_state()`` is a tuple holding a numpy array, which a ``weights_only`` load
+    refuses, so its 624 MT19937 words are stored as an int64 tensor (same for python's
+    ``random``), and :func:`restore_rng_states` rebuilds the exact tuples.
+
+    Returns:
+        ``{"torch": ByteTensor, "cuda": [ByteTensor], "numpy": {...}, "python": {...}}``.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.random.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global RNGs from :func:`capture_rng_states` output.
+
+    Also accepts the older layout (numpy's and python's own state tuples), so checkpoints
+    written before the change still resume.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.random.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    state = states["numpy"]
+    if isinstance(state, dict):
+        state = (state["bit_generator"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                 state["has_gauss"], state["cached_gaussian"])
+    np.random.set_state(state)
+    state = states["python"]
+    if isinstance(state, dict):
+        state = (state["version"], tuple(int(word) for word in state["internal"].tolist()), state["gauss_next"])
+    random.setstate(state)

@@ -12,12 +12,19 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from flan_rlhf.checkpointing import AtomicCheckpointIO, CheckpointError, checkpoints_newest_first, resolve_ckpt_path
+from flan_rlhf.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    checkpoints_newest_first,
+    read_checkpoint_file,
+    resolve_ckpt_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,32 @@ class FlanRLHFCLI(LightningCLI):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning 2.6's step that reads ``hyper_parameters`` from ``--ckpt_path`` into the config,
+        made safe: the path is checked first (missing or cut short: one line), the peek is a
+        ``weights_only`` load that allows numpy arrays (Lightning's plain one refuses them), it
+        honours ``--weights_only false``, and ``mmap`` leaves tensor data on disk.
+        Mirrors ``LightningCLI._parse_ckpt_path`` (lightning/pytorch/cli.py) otherwise.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        stage_config = self.config[subcommand]
+        requested = stage_config.get("ckpt_path")
+        if not requested or requested == "last":
+            return
+        path = resolve_ckpt_path(requested, None, fresh_start_allowed=False).path
+        if path is None or not os.path.isfile(path):
+            return  # keywords and URLs: Lightning resolves them later
+        checkpoint = read_checkpoint_file(path, trusted=stage_config.get("weights_only") is False, mmap=True)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     def before_fit(self) -> None:
         self._resolve_ckpt_path("fit")
         self._set_up_reward()
@@ -74,10 +107,11 @@ class FlanRLHFCLI(LightningCLI):
         config = self.config_init[subcommand]
         checkpoint_dir = self._checkpoint_dir()
         requested = config.get("ckpt_path")
-        resolution = resolve_ckpt_path(requested, checkpoint_dir, fresh_start_allowed=subcommand == "fit")
-        for message in resolution.messages:
-            _say(message)
-        config["ckpt_path"] = resolution.path
+        if requested == "last":  # explicit paths were checked in _parse_ckpt_path
+            resolution = resolve_ckpt_path(requested, checkpoint_dir, fresh_start_allowed=subcommand == "fit")
+            for message in resolution.messages:
+                _say(message)
+            config["ckpt_path"] = resolution.path
         if subcommand == "fit" and not requested and checkpoint_dir and checkpoints_newest_first(checkpoint_dir):
             _say(f"warning: {checkpoint_dir} already holds checkpoints and this run starts from scratch, so it will "
                  "overwrite same-named ones - to continue the earlier run, stop and pass --ckpt_path last")
@@ -118,15 +152,49 @@ def known_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
-    """Run the LightningCLI with ``args`` (``None``: ``sys.argv``)."""
-    return FlanRLHFCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    """Run the LightningCLI with ``args`` (``None``: ``sys.argv``).
+
+    Raises:
+        SystemExit(2): a config key that does not exist or has the wrong type, after one
+            ``error: ...`` line naming the key (jsonargparse's own report is a nested block).
+    """
+    from jsonargparse import ArgumentError
+
+    # Lightning 2.6 warns on every checkpoint of a manual-optimisation module that the saved state
+    # is the one AFTER optimisation. A PPO checkpoint is taken after a whole iteration, so that is
+    # exactly the state to resume from; the 15-line warning per save would only bury real messages.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    raise_parse_errors = {"exit_on_error": False}
+    try:
+        return FlanRLHFCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={**raise_parse_errors, **{name: dict(raise_parse_errors) for name in LightningCLI.subcommands()}},
+            args=args,
+        )
+    except ArgumentError as err:
+        _say(f"error: {condense_parser_error(str(err))} - fix the config or flag (`flan-rlhf <subcommand> --help` "
+             "lists every valid key and type)")
+        raise SystemExit(2) from None
+
+
+def condense_parser_error(message: str) -> str:
+    """jsonargparse's nested, multi-line report -> one line that keeps the key path and the reason.
+
+    Example: ``Parser key "model": Problem with given class_path 'flan_rlhf.module.PPOModule':
+    Group 'ppo' does not accept option 'learnin_rate'``.
+    """
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+             "Expected a <class 'NoneType'>")
+    kept = []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ").strip()
+        if text and not text.startswith(noise):
+            kept.append(text)
+    return " ".join(kept) if kept else message.strip()
 
 
 def build_from_config(config: str, extra_args: list[str] | None = None):
@@ -151,13 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         (:func:`known_errors`: bad data, model, checkpoint or reward, a run stopped by a guard).
         Argument errors exit through ``SystemExit(2)`` from the parser, naming the key.
     """
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if argv and argv[0] in TOOLS:
             module_name, function = TOOLS[argv[0]].split(":")
             return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
-        run_lightning_cli(argv)
+        run_lightning_cli(None if from_command_line else argv)
     except Exception as err:  # noqa: BLE001 - only known_errors() are turned into one line
         if not isinstance(err, known_errors()):
             raise

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
 from flan_rlhf import ppo
+from flan_rlhf.checkpointing import capture_rng_states, restore_rng_states
 from flan_rlhf.rewards.shaping import RewardShaper
 from flan_rlhf.evaluation_step import EvaluationMixin
 from flan_rlhf.guards import NonFiniteGuard
@@ -378,12 +377,8 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             "kl_controller": self.kl_controller.state_dict(),
             "shaper": self.shaper.state_dict(),
             "guard": self.guard.state_dict(),
-            "rng": {
-                "torch": torch.random.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            # tensors and plain numbers only: the checkpoint loads with torch.load(weights_only=True)
+            "rng": capture_rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -405,12 +400,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             self.kl_controller.load_state_dict(extra["kl_controller"])
             self.shaper.load_state_dict(extra["shaper"])
             self.guard.load_state_dict(extra["guard"])
-            rng = extra["rng"]
-            torch.random.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+            restore_rng_states(extra["rng"])
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._resumed_from = str(self.trainer.ckpt_path)
 

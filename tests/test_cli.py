@@ -75,8 +75,10 @@ def test_every_reward_config_parses_as_a_reward(path):
 
     parser = ArgumentParser()
     parser.add_argument("--reward", type=Reward)
-    cfg = parser.parse_args(["--reward", path])
+    cfg = parser.parse_args(["--reward", json.dumps(yaml.safe_load(open(path)))])
     assert cfg.reward.class_path.startswith("flan_rlhf.rewards")
+    reward = parser.instantiate_classes(cfg).reward  # models load lazily in setup(): cheap here
+    assert isinstance(reward, Reward)
 
 
 def test_unknown_yaml_key_gives_a_clear_error(tmp_path, capsys):

@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, tb_logdir = run_ppo(root, args.seed, configs, args.ppo_steps)
     t_eval = time.perf_counter()
     print("[demo] 4/4 before/after evaluation on the test split", flush=True)
-    import torch
+    from flan_rlhf.checkpointing import read_checkpoint_file
 
-    ppo_steps = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    ppo_steps = int(read_checkpoint_file(str(ckpt), mmap=True)["global_step"])
     meta = {"ppo_steps": ppo_steps, "seed": args.seed, "sft_s": round(t_ppo - t_sft, 1), "ppo_s": round(t_eval - t_ppo, 1)}
     metrics = run_compare(root, args.seed, configs, ckpt, out, tb_logdir, meta)
     metrics["wall_s"] = round(time.perf_counter() - started, 1)

@@ -182,13 +182,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_trained_weights(module, ckpt_path: str) -> None:
     """Load a PPOModule Lightning checkpoint into an already-built module (weights + PPO state)."""
-    from flan_rlhf.checkpointing import checkpoint_problem
+    from flan_rlhf.checkpointing import read_checkpoint_file
 
-    problem = checkpoint_problem(ckpt_path)
-    if problem is not None:
-        raise ValueError(f"checkpoint '{ckpt_path}' cannot be used: {problem} - pass a complete .ckpt file")
+    # weights_only load (no pickled code runs); a cut-short or foreign file is one clear error
+    checkpoint = read_checkpoint_file(ckpt_path)
     module.configure_model()
-    # Lightning checkpoints are pickles: load only files you trust (README, "Security").
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)

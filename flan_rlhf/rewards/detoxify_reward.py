@@ -63,6 +63,11 @@ class DetoxifyReward(Reward):
             point of RealToxicityPrompts) would make every reply look toxic, and the long,
             unchanged prompt dominates the classifier's input, so the reward stops depending on
             the response.
+        trust_checkpoint: Detoxify unpickles ``checkpoint`` with ``weights_only=False``, which
+            runs any code a crafted file holds. So a local ``checkpoint`` is first scanned
+            (``torch.serialization.get_unsafe_globals_in_checkpoint``, nothing executed) and
+            refused if it needs more than tensors and plain containers (the layout Detoxify
+            reads: a dict of config and state_dict). ``true`` skips the scan for a file you trust.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class DetoxifyReward(Reward):
         batch_size: int = 32,
         max_length: int | None = 512,
         score_prompt: bool = False,
+        trust_checkpoint: bool = False,
     ) -> None:
         if checkpoint is None and model_type not in DETOXIFY_MODEL_TYPES:
             raise ValueError(
@@ -90,6 +96,7 @@ class DetoxifyReward(Reward):
         self.batch_size = batch_size
         self.max_length = max_length
         self.score_prompt = score_prompt
+        self.trust_checkpoint = trust_checkpoint
         self._detoxify = None
 
     def setup(self, device: torch.device | str = "cpu") -> "DetoxifyReward":
@@ -121,6 +128,8 @@ class DetoxifyReward(Reward):
         for option, path in local_paths.items():
             if path is not None and not Path(path).exists():
                 raise FileNotFoundError(f"Detoxify {option} {path!r} does not exist: fix the path")
+        if self.checkpoint is not None and not self.trust_checkpoint:
+            refuse_unsafe_pickle(self.checkpoint)
         try:
             return Detoxify(
                 model_type=self.model_type,
@@ -184,3 +193,20 @@ class DetoxifyReward(Reward):
             weight * components[self._component_name(label)] for label, weight in self.label_weights.items()
         ]
         return torch.stack(weighted, dim=0).sum(dim=0)
+
+
+def refuse_unsafe_pickle(path: str) -> None:
+    """Raise ``ValueError`` if ``torch.load(path, weights_only=True)`` would refuse ``path``.
+
+    Scans the pickle's globals without executing anything (a checkpoint of tensors, dicts,
+    lists and strings passes), so a later ``weights_only=False`` load runs no foreign code.
+    """
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - not a torch zip checkpoint at all
+        raise ValueError(f"Detoxify checkpoint {path!r} is not a readable torch checkpoint ({err}); re-download it") from err
+    if unsafe:
+        raise ValueError(
+            f"Detoxify checkpoint {path!r} pickles Python objects ({', '.join(unsafe[:4])}) that would run when "
+            "loaded; set trust_checkpoint: true only if the file comes from a source you trust"
+        )
