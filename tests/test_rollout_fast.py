@@ -7,12 +7,15 @@ from transformers import ByT5Tokenizer
 
 from flan_rlhf import rollout as rollout_lib
 from flan_rlhf.policy import ActorCritic, LoraSettings, build_t5_from_config
+from flan_rlhf.ppo import logprobs_from_logits
 from flan_rlhf.rollout import (
     collect_experience,
+    encode_prompts,
     evaluate_responses,
     reference_logprobs,
     response_mask,
     sample_with_statistics,
+    shift_right,
     tokenize_prompts,
 )
 from flan_rlhf.settings import GenerationSettings
@@ -31,10 +34,13 @@ def _actor(tokenizer, lora: bool, seed: int = 0) -> ActorCritic:
     model = build_t5_from_config(vocab_size=len(tokenizer), d_model=64, d_ff=128, num_layers=2, num_heads=4, seed=seed)
     actor = ActorCritic(model, LoraSettings() if lora else None)
     with torch.no_grad():
-        # A fresh adapter is a no-op (B = 0): give it weights so policy != reference.
-        for name, param in actor.named_parameters():
+        # A fresh adapter is a no-op (B = 0) and a fresh copy equals its original: move the
+        # policy so that it differs from the reference.
+        for name, param in actor.policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.3)
+            elif not lora and name.endswith(("q.weight", "v.weight")):
+                param.add_(torch.randn_like(param) * 0.2)
     return actor
 
 
@@ -91,7 +97,7 @@ def test_generic_cached_forward_path_matches_the_t5_fast_path(tokenizer, monkeyp
     settings = GenerationSettings(max_new_tokens=10)
     torch.manual_seed(5)
     fast = sample_with_statistics(actor, ids, mask, settings, tokenizer)
-    monkeypatch.setattr(rollout_lib, "_t5_fast_path_ok", lambda model: False)
+    monkeypatch.setattr(rollout_lib._FusedT5Stepper, "create", classmethod(lambda cls, *a: None))
     torch.manual_seed(5)
     generic = sample_with_statistics(actor, ids, mask, settings, tokenizer)
     assert torch.equal(fast.responses, generic.responses)
@@ -174,17 +180,34 @@ def test_sampling_follows_softmax_without_warping(tokenizer):
     assert abs(counts[top] - expected) < 4 * (expected * (1 - expected) / 4000) ** 0.5 + 1e-3
 
 
-def test_bucketed_reference_logprobs_equal_one_padded_batch(tokenizer):
-    actor = _actor(tokenizer, lora=True)
+@pytest.mark.parametrize("lora", [True, False])
+def test_reference_logprobs_equal_the_actors_reference_forward(tokenizer, lora):
+    actor = _actor(tokenizer, lora)
     ids, mask = _prompts(tokenizer)
     torch.manual_seed(1)
     responses = torch.randint(3, 259, (len(PROMPTS), 9))
-    bucketed = reference_logprobs(actor, ids, mask, responses, 0, 1.0, chunk_size=2)
-    from flan_rlhf.ppo import logprobs_from_logits
-    from flan_rlhf.rollout import shift_right
+    ours = reference_logprobs(actor, ids, mask, responses, 0, 0.5)
+    whole = logprobs_from_logits(actor.reference_logits(ids, mask, shift_right(responses, 0)) / 0.5, responses)
+    assert torch.allclose(ours, whole, atol=1e-5)
+    policy = logprobs_from_logits(actor(ids, mask, shift_right(responses, 0))[0] / 0.5, responses)
+    assert (ours - policy).abs().max() > 1e-3  # the reference really is another model
 
-    whole = logprobs_from_logits(actor.reference_logits(ids, mask, shift_right(responses, 0)), responses)
-    assert torch.allclose(bucketed, whole, atol=1e-5)
+
+def test_padding_free_encoder_matches_hf_values_and_gradients(tokenizer):
+    actor = _actor(tokenizer, lora=True)
+    ids, mask = _prompts(tokenizer)
+    model = actor.base_model
+    hf = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    ours = encode_prompts(model, ids, mask)
+    real = mask.bool()
+    assert torch.allclose(ours[real], hf[real], atol=1e-5)
+    assert torch.all(ours[~real] == 0)  # padded rows are zeros, never attended to
+    weights = torch.randn_like(hf)
+    lora_params = [p for n, p in actor.named_parameters() if "lora_" in n and "encoder" in n]
+    grads_hf = torch.autograd.grad((hf[real] * weights[real]).sum(), lora_params)
+    grads_ours = torch.autograd.grad((ours[real] * weights[real]).sum(), lora_params)
+    for a, b in zip(grads_hf, grads_ours):
+        assert (a - b).norm() <= 1e-4 * a.norm()
 
 
 def test_collect_experience_returns_aligned_tensors(tokenizer):
