@@ -1,0 +1,41 @@
+"""Before/after evaluation of a tiny trained policy, offline, end to end (JSON, Markdown, PNG)."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from flan_rlhf.eval.compare import compare_before_after
+from flan_rlhf.rewards import ProfanityReward, VaderReward
+from tests.test_module import fit, make_module
+
+
+def test_before_after_report_on_a_tiny_trained_policy(tmp_path):
+    module = make_module()
+    fit(module, steps=2, batch_size=8)
+    prompts = [f"Summarize: person {i} talks about the weather." for i in range(6)]
+    batches = [{"prompt": prompts[:3] * 2, "references": [["the weather"]] * 6,
+                "prompt_id": torch.tensor([0, 1, 2, 0, 1, 2]), "sample": torch.tensor([0, 0, 0, 1, 1, 1])},
+               {"prompt": prompts[3:], "references": [["the weather is nice"]] * 3,
+                "prompt_id": torch.tensor([3, 4, 5]), "sample": torch.tensor([0, 0, 0])}]
+    metrics = compare_before_after(module, batches, str(tmp_path), ProfanityReward().setup(), VaderReward().setup(),
+                                   meta={"ppo_steps": 2}, insult_vocabulary=["idiot"], n_resamples=200)
+    for name in ("metrics.json", "report.md", "toxicity_hist.png", "samples_before.jsonl", "samples_after.jsonl"):
+        assert (tmp_path / name).exists(), name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["ppo_steps"] == 2 and saved["decoding"]["mode"] == "sampled"
+    before = [json.loads(line) for line in open(tmp_path / "samples_before.jsonl")]
+    after = [json.loads(line) for line in open(tmp_path / "samples_after.jsonl")]
+    assert len(before) == len(after) == 9
+    # same prompts and sample indices on both sides
+    assert [(r["prompt_id"], r["sample"]) for r in before] == [(r["prompt_id"], r["sample"]) for r in after]
+    # the reference side has KL 0 by definition; the trained side has been moved by 2 PPO iterations
+    assert all(r["kl"] == 0.0 for r in before)
+    assert any(abs(r["kl"]) > 0 for r in after)
+    # JSON means agree with the per-sample rows written beside them
+    for side, rows in (("before", before), ("after", after)):
+        mean_toxicity = sum(r["toxicity"] for r in rows) / len(rows)
+        assert abs(saved[side]["toxicity_mean"] - mean_toxicity) < 1e-6
+        mean_rouge_l = sum(r["rougeL"] for r in rows) / len(rows)
+        assert abs(saved[side]["rougeL"] - mean_rouge_l) < 1e-6
+    assert metrics["n_test"] == 6
