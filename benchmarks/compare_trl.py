@@ -8,8 +8,10 @@ then it prints every JSON line, the medians and the ratios (ours / TRL) as a Mar
 
 Machine noise on shared 2-core machines can make one run 2-3x slower than the next, so only
 medians of interleaved runs mean anything. ``--clock cpu`` times both with process CPU
-seconds instead of wall seconds (``benchmarks/cpu_clock.py``; use with ``--threads 1``),
-which is much steadier when other jobs load the machine.
+seconds instead of wall seconds: each script runs under this file's ``--run-with-cpu-clock``
+mode, which replaces ``time.perf_counter`` (what both scripts time with) by
+``time.process_time``. Use it with ``--threads 1`` (with more threads it also counts OpenMP
+threads spinning); it is much steadier when other jobs load the machine.
 
 Usage:
   python benchmarks/compare_trl.py [--runs 3] [--steps 5] [--threads 2] [--modes lora full]
@@ -70,9 +72,9 @@ def commands(mode: str, args: argparse.Namespace) -> dict[str, list[str]]:
     ours = os.path.join(HERE, "ppo_throughput.py")
     anchor = os.path.join(ANCHOR_DIR, "ppo_throughput.py")
     if args.clock == "cpu":
-        clock = os.path.join(HERE, "cpu_clock.py")
-        return {"trl": [os.path.join(ANCHOR_VENV, "bin", "python"), clock, anchor, *flags],
-                "flan-rlhf": [OURS_PYTHON, clock, ours, *flags]}
+        wrapper = [os.path.abspath(__file__), "--run-with-cpu-clock"]
+        return {"trl": [os.path.join(ANCHOR_VENV, "bin", "python"), *wrapper, anchor, *flags],
+                "flan-rlhf": [OURS_PYTHON, *wrapper, ours, *flags]}
     return {"trl": [os.path.join(ANCHOR_DIR, "run.sh"), *flags], "flan-rlhf": [OURS_PYTHON, ours, *flags]}
 
 
@@ -105,7 +107,24 @@ def summarise(results: dict[str, dict[str, list[dict]]]) -> str:
     return "\n".join(lines + [""] + ratios)
 
 
+def run_with_cpu_clock(argv: list[str]) -> None:
+    """Run the script ``argv[0]`` (args ``argv[1:]``) as ``__main__`` with ``time.perf_counter``
+    replaced by ``time.process_time``, so the intervals it measures are process CPU seconds."""
+    import runpy
+
+    if not argv or not os.path.isfile(argv[0]):
+        raise SystemExit("error: --run-with-cpu-clock needs the path of a benchmark script, then its arguments")
+    time.perf_counter = time.process_time
+    sys.argv = list(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+    runpy.run_path(argv[0], run_name="__main__")
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--run-with-cpu-clock":
+        run_with_cpu_clock(argv[1:])
+        return
     args = parse_args(argv)
     setup = subprocess.run([os.path.join(ANCHOR_DIR, "run.sh"), "--setup-only"], stdout=sys.stderr,
                            env=dict(os.environ, **ENV))
