@@ -333,17 +333,25 @@ def quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``flan-rlhf export ...``; returns 0 on success, 2 on bad input (one line on stderr)."""
+def run_tool(argv: list[str] | None, parser_factory, action) -> int:
+    """Shared body of the tool commands: parse ``argv``, run ``action(args)``, print its summary.
+
+    Returns 0 on success, 2 on bad input after one ``error: ...`` line on stderr.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_progress_bars()
     try:
-        args = build_parser().parse_args(argv)
-        print(export(args), flush=True)
+        args = parser_factory().parse_args(argv)
+        print(action(args), flush=True)
     except (UsageError, ModelLoadError, ValueError, OSError) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``flan-rlhf export ...``; returns 0 on success, 2 on bad input (one line on stderr)."""
+    return run_tool(argv, build_parser, export)
 
 
 if __name__ == "__main__":

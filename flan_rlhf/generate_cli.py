@@ -21,8 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from flan_rlhf.export_cli import UsageError, _Parser, quiet_progress_bars
-from flan_rlhf.policy import ModelLoadError
+from flan_rlhf.export_cli import UsageError, _Parser, run_tool
 
 DTYPE_CHOICES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -227,15 +226,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``flan-rlhf generate ...``; returns 0 on success, 2 on bad input (one line on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_progress_bars()
-    try:
-        args = build_parser().parse_args(argv)
-        print(run(args), flush=True)
-    except (UsageError, ModelLoadError, ValueError, OSError) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_tool(argv, build_parser, run)
 
 
 if __name__ == "__main__":
