@@ -43,6 +43,7 @@ import transformers
 from torch.utils.data import DataLoader
 
 from flan_rlhf import module as module_lib
+from flan_rlhf import ppo as ppo_lib
 from flan_rlhf import rollout as rollout_lib
 from flan_rlhf.module import PPOModule
 from flan_rlhf.policy import LoraSettings, PolicySpec
@@ -185,6 +186,19 @@ def main(argv=None) -> None:
             if hasattr(lib, name):
                 setattr(lib, name, timed(getattr(lib, name), "gen"))
     model.score_rollout = timed(model.score_rollout, "reward")
+
+    # The first minibatch of each iteration sees the rollout's own weights: its importance
+    # ratio exp(new - old) must be 1 up to float rounding, whether the old log-probs came from
+    # a teacher-forced forward or from the sampling pass. Record max |ratio - 1| there.
+    masked_ratio_mean = ppo_lib.masked_ratio_mean
+
+    def recording_ratio_mean(logprobs, old_logprobs, mask):
+        if "first_ratio_dev" not in current:
+            keep = mask.bool()
+            current["first_ratio_dev"] = float((torch.exp(logprobs - old_logprobs)[keep] - 1).abs().max())
+        return masked_ratio_mean(logprobs, old_logprobs, mask)
+
+    ppo_lib.masked_ratio_mean = recording_ratio_mean
     iteration_stats: list[dict[str, float]] = []
     ppo_iteration = model.ppo_iteration
 
@@ -208,7 +222,7 @@ def main(argv=None) -> None:
             f"reward {current.get('reward', 0):.4f}s train {current['total'] - current.get('gen', 0) - current.get('reward', 0):.2f}s "
             f"mean_resp_len {s['tokens/response_len_mean']:.1f} score {s['env/reward_mean']:.3f} "
             f"kl {s.get('objective/kl', float('nan')):.4f} kl_coef {s['objective/kl_coef']:.4f} "
-            f"updates {s.get('ppo/updates', 0):.0f} ratio_mean {s.get('ppo/policy/ratio_mean', float('nan')):.6f}")
+            f"updates {s.get('ppo/updates', 0):.0f} first-minibatch max|ratio-1| {current.get('first_ratio_dev', float('nan')):.2e}")
 
     model.training_step = timed_training_step
 
@@ -242,6 +256,7 @@ def main(argv=None) -> None:
         "last_objective_kl": round(float(stats[-1].get("objective/kl", float("nan"))), 6),
         "last_kl_coef": round(float(stats[-1]["objective/kl_coef"]), 6),
         "ppo_updates_per_step": [int(s.get("ppo/updates", 0)) for s in stats],
+        "first_minibatch_max_abs_ratio_minus_1": max(t.get("first_ratio_dev", float("nan")) for t in timings),
         "ratio_threshold_skips": int(sum(s.get("guards/ratio_skipped", 0) for s in iteration_stats)),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "lightning": L.__version__, "peft": __import__("peft").__version__ if args.lora else None},

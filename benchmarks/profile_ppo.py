@@ -8,8 +8,9 @@ functions (nothing in the package is changed):
 
   generation          sampling (``sample_responses`` / ``sample_with_statistics``), which also
                       yields old log-probs and values when the module uses ``collect_experience``
-  policy forward      no-grad teacher-forced policy pass for old log-probs / values (0 when they
-                      come from generation)
+  policy forward      no-grad teacher-forced policy pass for old log-probs / values
+                      (``evaluate_responses`` minus its reference part; 0 when they come from
+                      generation)
   reference forward   no-grad reference pass (``rollout.reference_logprobs`` or
                       ``ActorCritic.reference_logits``)
   scoring             ``PPOModule.score_rollout`` (decode + reward)
@@ -41,23 +42,25 @@ PHASES = ("generation", "policy forward", "reference forward", "scoring", "minib
 
 class PhaseTimer:
     """Accumulates wall and CPU seconds (and optionally FLOPs) per phase; nested phases are
-    subtracted from their parent so every second is counted once."""
+    subtracted from their parent so every second (and FLOP) is counted once."""
 
     def __init__(self, count_flops: bool = False):
         self.wall: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
         self.flops: dict[str, int] = {}
         self.stack: list[list] = []
-        self.count_flops = count_flops
+        self.counter = None
+        if count_flops:  # one counter for the whole run, read at phase boundaries
+            from torch.utils.flop_counter import FlopCounterMode
+            self.counter = FlopCounterMode(display=False)
+
+    def _flops_so_far(self) -> int:
+        return self.counter.get_total_flops() if self.counter is not None else 0
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        counter = None
-        if self.count_flops:
-            from torch.utils.flop_counter import FlopCounterMode
-            counter = FlopCounterMode(display=False)
-            counter.__enter__()
-        frame = [name, time.perf_counter(), time.process_time(), 0.0, 0.0]
+        # [name, wall0, cpu0, flops0, child wall, child cpu, child flops]
+        frame = [name, time.perf_counter(), time.process_time(), self._flops_so_far(), 0.0, 0.0, 0]
         self.stack.append(frame)
         try:
             yield
@@ -65,17 +68,15 @@ class PhaseTimer:
             self.stack.pop()
             wall = time.perf_counter() - frame[1]
             cpu = time.process_time() - frame[2]
-            self.wall[name] = self.wall.get(name, 0.0) + wall - frame[3]
-            self.cpu[name] = self.cpu.get(name, 0.0) + cpu - frame[4]
+            flops = self._flops_so_far() - frame[3]
+            self.wall[name] = self.wall.get(name, 0.0) + wall - frame[4]
+            self.cpu[name] = self.cpu.get(name, 0.0) + cpu - frame[5]
+            if self.counter is not None:
+                self.flops[name] = self.flops.get(name, 0) + flops - frame[6]
             if self.stack:
-                self.stack[-1][3] += wall
-                self.stack[-1][4] += cpu
-            if counter is not None:
-                counter.__exit__(None, None, None)
-                total = counter.get_total_flops()
-                self.flops[name] = self.flops.get(name, 0) + total
-                if self.stack:  # the parent's counter saw these flops too
-                    self.flops[self.stack[-1][0]] = self.flops.get(self.stack[-1][0], 0) - total
+                self.stack[-1][4] += wall
+                self.stack[-1][5] += cpu
+                self.stack[-1][6] += flops
 
     def wrap(self, fn, name: str):
         def wrapper(*args, **kwargs):
@@ -89,14 +90,25 @@ class PhaseTimer:
         self.flops.clear()
 
 
-def instrument(model, module_lib, rollout_lib, timer: PhaseTimer) -> None:
-    """Put timers around the package's functions used by ``training_step``."""
+def instrument(model, module_lib, rollout_lib, timer: PhaseTimer) -> list[tuple[object, str, object]]:
+    """Put timers around the package's functions used by ``training_step``.
+
+    Returns the ``(object, attribute, original)`` triples to restore with :func:`restore`
+    (module-level functions are shared by every run in this process).
+    """
     state = {"in_update": False}
+    originals = []
+
+    def replace(owner, name, new):
+        originals.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, new)
+
     # nested phases of one name count once (the inner time is subtracted from the outer)
     for lib in (module_lib, rollout_lib):
-        for name in ("sample_responses", "sample_with_statistics"):
+        for name, phase in (("sample_responses", "generation"), ("sample_with_statistics", "generation"),
+                            ("evaluate_responses", "policy forward")):
             if hasattr(lib, name):
-                setattr(lib, name, timer.wrap(getattr(lib, name), "generation"))
+                replace(lib, name, timer.wrap(getattr(lib, name), phase))
     actor = model.actor
     forward = actor.forward
 
@@ -107,7 +119,7 @@ def instrument(model, module_lib, rollout_lib, timer: PhaseTimer) -> None:
     actor.forward = timed_forward
     actor.reference_logits = timer.wrap(actor.reference_logits, "reference forward")
     if hasattr(rollout_lib, "reference_logprobs"):
-        rollout_lib.reference_logprobs = timer.wrap(rollout_lib.reference_logprobs, "reference forward")
+        replace(rollout_lib, "reference_logprobs", timer.wrap(rollout_lib.reference_logprobs, "reference forward"))
     model.score_rollout = timer.wrap(model.score_rollout, "scoring")
     model.manual_backward = timer.wrap(model.manual_backward, "backward")
     model._optimizer_step = timer.wrap(model._optimizer_step, "optimiser step")
@@ -128,7 +140,7 @@ def instrument(model, module_lib, rollout_lib, timer: PhaseTimer) -> None:
             with timer.phase("minibatch forward" if state["in_update"] else "other"):
                 return encode(*args, **kwargs)
 
-        module_lib.encode_prompts = timed_encode
+        replace(module_lib, "encode_prompts", timed_encode)
     training_step = model.training_step
 
     def timed_training_step(*args, **kwargs):
@@ -136,6 +148,12 @@ def instrument(model, module_lib, rollout_lib, timer: PhaseTimer) -> None:
             return training_step(*args, **kwargs)
 
     model.training_step = timed_training_step
+    return originals
+
+
+def restore(originals: list[tuple[object, str, object]]) -> None:
+    for owner, name, original in reversed(originals):
+        setattr(owner, name, original)
 
 
 def run(args, count_flops: bool) -> tuple[PhaseTimer, int]:
@@ -149,7 +167,7 @@ def run(args, count_flops: bool) -> tuple[PhaseTimer, int]:
     torch.set_num_threads(args.threads)
     model = bench.build_module(args)
     timer = PhaseTimer(count_flops)
-    instrument(model, module_lib, rollout_lib, timer)
+    originals = instrument(model, module_lib, rollout_lib, timer)
     steps_done = {"n": 0}
 
     class ResetAfterWarmup(L.Callback):
@@ -163,7 +181,14 @@ def run(args, count_flops: bool) -> tuple[PhaseTimer, int]:
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=args.warmup + args.steps, max_epochs=-1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[ResetAfterWarmup()])
-    trainer.fit(model, train_dataloaders=loader)
+    try:
+        if timer.counter is not None:
+            with timer.counter:
+                trainer.fit(model, train_dataloaders=loader)
+        else:
+            trainer.fit(model, train_dataloaders=loader)
+    finally:
+        restore(originals)
     return timer, args.steps
 
 

@@ -1,14 +1,14 @@
 """validate / test / predict steps of the PPO module: sample, score, and measure quality.
 
-Quality metrics are torchmetrics ``Metric`` objects held by the module, so under DDP they are
-synchronised across processes when logged.
+Quality metrics are a :class:`flan_rlhf.eval.metrics.QualityMetrics` (a torchmetrics ``Metric``)
+held by the module, so under DDP they are synchronised across processes when computed.
 """
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torchmetrics.text import BLEUScore, ROUGEScore
+from flan_rlhf.eval.metrics import QualityMetrics
+from flan_rlhf.ppo import sequence_kl
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation batches use seeds disjoint from training iterations
 
@@ -20,15 +20,11 @@ class EvaluationMixin:
     same checkpoint see the same samples.
     """
 
-    def _eval_metrics(self, stage: str) -> dict[str, Any]:
+    def _eval_metrics(self, stage: str) -> QualityMetrics:
         attr = f"_{stage}_text_metrics"
         if not hasattr(self, attr):
-            # ROUGE-Lsum needs nltk's punkt data (a download): rouge1/2/L need nothing.
-            metrics = torch.nn.ModuleDict({
-                "rouge": ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"), accumulate="best"),
-                "bleu": BLEUScore(),
-            }).to(self.device)
-            object.__setattr__(self, attr, metrics)  # not a registered submodule: not in checkpoints
+            # ROUGE-1/2/L(sum), BLEU, SacreBLEU; Lsum's sentence splitter ships with the package
+            object.__setattr__(self, attr, QualityMetrics().to(self.device))  # not a submodule: not in checkpoints
         return getattr(self, attr)
 
     def _sample_and_score(self, batch: dict[str, Any], batch_idx: int):
@@ -36,7 +32,7 @@ class EvaluationMixin:
         self._seed_iteration(EVAL_SEED_OFFSET + batch_idx)
         rollout = self.rollout(batch["prompt"], self.eval_generation)
         self.score_rollout(rollout)
-        kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1)
+        kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask)
         return rollout, kl
 
     def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
@@ -49,20 +45,15 @@ class EvaluationMixin:
             self.log(f"{stage}/reward/{name}_mean", value.float().mean(), sync_dist=True, batch_size=size)
         references = batch.get("references")
         if references and all(len(r) > 0 for r in references):
-            metrics = self._eval_metrics(stage)
-            metrics["rouge"].update(rollout.texts, references)
-            metrics["bleu"].update(rollout.texts, references)
+            self._eval_metrics(stage).update(rollout.texts, references)
 
     def _log_text_metrics(self, stage: str) -> None:
         metrics = self._eval_metrics(stage)
-        if metrics["bleu"].update_count == 0:
+        if metrics.update_count == 0:
             return
-        rouge = metrics["rouge"].compute()
-        for key in ("rouge1", "rouge2", "rougeL"):
-            self.log(f"{stage}/{key}", rouge[f"{key}_fmeasure"], sync_dist=False)
-        self.log(f"{stage}/bleu", metrics["bleu"].compute(), sync_dist=False)
-        for metric in metrics.values():
-            metric.reset()
+        for key, value in metrics.compute().items():  # rouge1/2/L/Lsum, bleu, sacrebleu (synced by the Metric)
+            self.log(f"{stage}/{key}", value, sync_dist=False)
+        metrics.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate_batch(batch, batch_idx, "val")

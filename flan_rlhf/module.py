@@ -19,18 +19,13 @@ from flan_rlhf.checkpointing import capture_rng_states, restore_rng_states
 from flan_rlhf.rewards.shaping import RewardShaper
 from flan_rlhf.evaluation_step import EvaluationMixin
 from flan_rlhf.guards import NonFiniteGuard
+from flan_rlhf.optim import adamw
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
 from flan_rlhf.rewards.base import Reward
-from flan_rlhf.rollout import (
-    Rollout,
-    evaluate_responses,
-    response_mask,
-    sample_responses,
-    shift_right,
-    tokenize_prompts,
-)
+from flan_rlhf.rollout import Rollout, collect_experience, response_mask, shift_right, tokenize_prompts
 from flan_rlhf.settings import GenerationSettings, PPOSettings
 from flan_rlhf.step_counting import count_as_one_step
+from flan_rlhf.t5_fused import set_fused_kernels
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +98,11 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             return
         model, self.tokenizer = load_policy_model(self.policy_spec)
         self.actor = ActorCritic(model, self.lora, self.hparams.gradient_checkpointing)
+        if self._trainer is not None and shards_weights(self.trainer.strategy):
+            # a weight read outside the wrapped forward is a shard: use the models' own forward
+            for part in (self.actor.base_model, self.actor.frozen_reference):
+                if part is not None:
+                    set_fused_kernels(part, False)
 
     def _ensure_reward(self) -> None:
         if not self._reward_ready:
@@ -111,7 +111,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.actor.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay)
+        optimizer = adamw(params, self.settings.learning_rate, self.settings.weight_decay)
         warmup = max(0, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, (it + 1) / (warmup + 1)) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -127,17 +127,18 @@ class PPOModule(EvaluationMixin, L.LightningModule):
     def rollout(self, prompts: list[str], settings: GenerationSettings, with_reference: bool = True) -> Rollout:
         """Sample responses for ``prompts`` and evaluate them under policy, value head and reference.
 
+        The policy's log-probs, values and entropy come from the sampling pass itself and only
+        the reference needs a teacher-forced forward (:func:`flan_rlhf.rollout.collect_experience`).
         The reward is not computed here (see :meth:`score_rollout`).
         """
         input_ids, attention_mask, n_truncated = tokenize_prompts(
             self.tokenizer, prompts, self.truncate_prompt_tokens, self.device
         )
         self._n_truncated = n_truncated
-        responses = sample_responses(self.actor, input_ids, attention_mask, settings, self.tokenizer)
-        mask = response_mask(responses, self.tokenizer.eos_token_id)
-        logprobs, values, ref_logprobs, entropy = evaluate_responses(
-            self.actor, input_ids, attention_mask, responses, self._decoder_start, settings.temperature, with_reference
+        responses, logprobs, values, ref_logprobs, entropy = collect_experience(
+            self.actor, input_ids, attention_mask, settings, self.tokenizer, self._decoder_start, with_reference
         )
+        mask = response_mask(responses, self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(responses * mask.long() + self.tokenizer.pad_token_id * (1 - mask.long()),
                                             skip_special_tokens=True)
         return Rollout(input_ids, attention_mask, responses, mask, logprobs,
@@ -410,6 +411,12 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             from flan_rlhf.export import save_adapter
 
             save_adapter(self.actor, self.tokenizer, export_dir)
+
+
+def shards_weights(strategy) -> bool:
+    """Whether a Lightning strategy shards parameters (FSDP, DeepSpeed, ModelParallel)."""
+    names = [cls.__name__ for cls in type(strategy).__mro__]
+    return any(key in name for name in names for key in ("FSDP", "DeepSpeed", "ModelParallel"))
 
 
 def _make_kl_controller(settings: PPOSettings):

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from flan_rlhf.t5_fused import fused_forward
+
 log = logging.getLogger(__name__)
 
 
@@ -265,6 +267,7 @@ class ActorCritic(nn.Module):
             # Kept out of the module tree's parameters list via a plain attribute would break
             # device moves; register it but exclude it from checkpoints in PPOModule.
             self.frozen_reference = reference
+        self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             base = self.policy.get_base_model() if self.uses_lora else self.policy
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -300,7 +303,23 @@ class ActorCritic(nn.Module):
             logits: shape ``(batch, response_len, vocab)``, float32.
             values: shape ``(batch, response_len)``, float32.
         """
-        out = self.policy(
+        hidden, logits = self._teacher_forced(self.policy, input_ids, attention_mask, decoder_input_ids,
+                                              decoder_attention_mask, encoder_outputs)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return logits.float(), values.float()
+
+    def _teacher_forced(self, model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
+                        encoder_outputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(decoder output after the final norm, logits)`` of ``model`` (the policy or the frozen
+        copy): T5-family models take the fused path (the same arithmetic in fewer ops,
+        :mod:`flan_rlhf.t5_fused`, equality tested), anything else its own ``forward``."""
+        if decoder_attention_mask is None and not self.gradient_checkpointing:
+            base = model.get_base_model() if self.uses_lora and model is self.policy else model
+            encoder_hidden = encoder_outputs[0] if encoder_outputs is not None else None
+            fused = fused_forward(base, input_ids, attention_mask, decoder_input_ids, encoder_hidden)
+            if fused is not None:
+                return fused
+        out = model(
             input_ids=None if encoder_outputs is not None else input_ids,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
@@ -310,9 +329,7 @@ class ActorCritic(nn.Module):
             use_cache=False,
             return_dict=True,
         )
-        hidden = out.decoder_hidden_states[-1]
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        return out.logits.float(), values.float()
+        return out.decoder_hidden_states[-1], out.logits
 
     def reference_context(self):
         """Context under which ``self.policy`` computes the reference policy (LoRA: adapters off)."""
@@ -329,15 +346,8 @@ class ActorCritic(nn.Module):
         """Logits of the frozen reference policy, shape ``(batch, response_len, vocab)``, float32."""
         model = self.frozen_reference if self.frozen_reference is not None else self.policy
         with self.reference_context():
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                use_cache=False,
-                return_dict=True,
-            )
-        return out.logits.float()
+            _, logits = self._teacher_forced(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+        return logits.float()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: LoRA weights (or all policy weights) and the value head."""

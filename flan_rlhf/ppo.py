@@ -253,6 +253,19 @@ def _per_token_kl(log_ratio: torch.Tensor, kl_estimator: str) -> torch.Tensor:
     raise ValueError(f"unknown kl_estimator {kl_estimator!r}; use one of {KL_ESTIMATORS}")
 
 
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-response KL estimate ``sum_t (logp_t - ref_logp_t)`` over response tokens (k1).
+
+    Args:
+        logprobs, ref_logprobs: sampled tokens' log-probs under policy and reference, ``(batch, len)``.
+        mask: 1 on response tokens, ``(batch, len)``.
+    Returns:
+        ``(batch,)``: an unbiased estimate of ``KL(policy || reference)`` of each response
+        when the tokens were sampled from the policy.
+    """
+    return ((logprobs - ref_logprobs) * mask).sum(dim=1)
+
+
 def kl_penalized_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,

@@ -2,12 +2,12 @@
 
 All functions are model-agnostic over Hugging Face encoder-decoders and hold no Lightning state.
 
-Speed (see ``benchmarks/RESULTS.md``): :func:`sample_with_statistics` samples with a
+Speed (profile in the README): :func:`sample_with_statistics` samples with a
 hand-written loop over the decoder and a preallocated KV cache, and returns the log-probs,
 values and entropies of the sampled tokens from the same pass, so a rollout needs no second
 teacher-forced forward of the policy (the first PPO ratio is still 1 up to float rounding,
 checked in ``tests/test_rollout_fast.py``). T5-family models take a fast path
-(:class:`_FusedT5Stepper`) that folds LoRA into the weights once per rollout and runs each
+(:class:`flan_rlhf.t5_fused.FusedT5Stepper`) that folds LoRA into the weights once per rollout and runs each
 decoder step as a few fused tensor ops; other encoder-decoders step through the model's
 ``forward`` with its KV cache. :func:`encode_prompts` runs T5's encoder on the real prompt
 tokens only (no padding), for sampling, the reference forward and (with grad) training.
@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from flan_rlhf.policy import ActorCritic
 from flan_rlhf.ppo import entropy_from_logits, logprobs_from_logits
 from flan_rlhf.settings import GenerationSettings
+from flan_rlhf.t5_fused import FusedT5Stepper as _FusedT5Stepper
+from flan_rlhf.t5_fused import encode_prompts
+
 
 @dataclass
 class Rollout:
@@ -156,252 +158,20 @@ def _token_chooser(settings: GenerationSettings, eos_token_id: int | None) -> Ca
     return choose
 
 
-def _has_active_dropout(module: torch.nn.Module) -> bool:
-    return module.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
-
-
-def _is_t5(model) -> bool:
-    """A T5-family stack the code below reproduces: one relative position bias (block 0) shared
-    by all layers, then self-attention, (decoder: cross-attention,) feed-forward; no active dropout."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in ("t5", "mt5") or _has_active_dropout(model):
-        return False
-    for stack, n_sublayers in ((getattr(model, "encoder", None), 2), (getattr(model, "decoder", None), 3)):
-        blocks = getattr(stack, "block", None)
-        if not blocks:
-            return False
-        for i, block in enumerate(blocks):
-            if len(block.layer) != n_sublayers or not hasattr(block.layer[0], "SelfAttention"):
-                return False
-            if block.layer[0].SelfAttention.has_relative_attention_bias != (i == 0):
-                return False
-    return True
-
-
-def _effective_weight(linear: torch.nn.Module) -> torch.Tensor | None:
-    """The weight ``W`` with ``linear(x) == x @ W.T`` for a bias-free ``nn.Linear`` or a peft
-    LoRA ``Linear`` over one (active adapters folded in: ``W + scaling * B @ A``, as peft's
-    ``merge`` computes it); ``None`` for anything else (biases, DoRA, quantised layers)."""
-    if type(linear) is torch.nn.Linear:
-        return linear.weight if linear.bias is None else None
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return None
-    if not isinstance(linear, LoraLinear):
-        return None
-    base = linear.get_base_layer()
-    if type(base) is not torch.nn.Linear or base.bias is not None:
-        return None
-    if linear.merged:
-        return None if linear.disable_adapters else base.weight
-    weight = base.weight
-    if linear.disable_adapters:
-        return weight
-    for adapter in linear.active_adapters:
-        if adapter not in linear.lora_A.keys():
-            continue
-        if adapter in getattr(linear, "lora_variant", {}) or getattr(linear, "lora_bias", {}).get(adapter, False):
-            return None
-        weight = weight + linear.get_delta_weight(adapter).to(weight.dtype)
-    return weight
-
-
-def _scales_decoder_output(config) -> bool:
-    """Whether T5 multiplies the decoder output by ``d_model**-0.5`` before ``lm_head``.
-
-    transformers >= 5 stores it as ``scale_decoder_outputs``; before, it was tied embeddings.
-    """
-    scale = getattr(config, "scale_decoder_outputs", None)
-    return bool(config.tie_word_embeddings) if scale is None else bool(scale)
-
-
-def _rms_norm(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """T5LayerNorm (RMS norm, no mean, no bias) as one ``F.rms_norm`` call (torch >= 2.4)."""
-    weight, eps = norm.weight, norm.variance_epsilon
-    if not hasattr(F, "rms_norm"):  # pragma: no cover - older torch
-        return lambda x: weight * (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype)
-    return lambda x: F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def _activation(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The feed-forward activation; HF's Python ``gelu_new`` becomes the equal fused tanh GELU."""
-    from transformers.activations import NewGELUActivation
-
-    if isinstance(module, NewGELUActivation):
-        return lambda x: F.gelu(x, approximate="tanh")
-    return module
-
-
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """T5 attention: ``softmax(q k^T + bias) v`` (no ``1/sqrt(d)``).
-
-    Shapes: query ``(batch, heads, q_len, head_dim)``, keys/values ``(batch, heads, len, head_dim)``,
-    bias broadcastable to ``(batch, heads, q_len, len)``. Plain matmuls: for one query the fused
-    CPU attention kernel costs several times more (measured in ``benchmarks/RESULTS.md``).
-    """
-    scores = torch.matmul(query, keys.transpose(-1, -2)) + bias
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(values.dtype), values)
-
-
-def encode_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Encoder output without computing padding, ``(batch, prompt_len, d_model)``; autograd-safe.
-
-    For T5-family models the position-wise layers (norms, projections, feed-forward; LoRA
-    adapters included) run on the packed real tokens only, and only attention sees the
-    padded layout, as in BERT "unpadding". Rows at padded positions are zero (HF fills them with
-    values no real position attends to). Other models run their own encoder.
-    """
-    if not _is_t5(model):
-        return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-    encoder = model.get_encoder()
-    batch, length = input_ids.shape
-    real = attention_mask.reshape(-1).nonzero().squeeze(1)  # flat positions of real tokens
-    hidden = encoder.embed_tokens(input_ids.reshape(-1).index_select(0, real))  # (tokens, d_model)
-    first = encoder.block[0].layer[0].SelfAttention
-    heads, head_dim = first.n_heads, first.key_value_proj_dim
-    bias = first.compute_bias(length, length, device=input_ids.device).to(hidden.dtype)
-    bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(hidden.dtype).min)
-
-    def padded_heads(x: torch.Tensor) -> torch.Tensor:  # (tokens, h*d) -> (batch, heads, length, head_dim)
-        full = x.new_zeros(batch * length, x.shape[-1]).index_copy(0, real, x)
-        return full.view(batch, length, heads, head_dim).transpose(1, 2)
-
-    for block in encoder.block:
-        attention_layer, ff_layer = block.layer
-        attention = attention_layer.SelfAttention
-        normed = attention_layer.layer_norm(hidden)
-        out = _attend(padded_heads(attention.q(normed)), padded_heads(attention.k(normed)),
-                      padded_heads(attention.v(normed)), bias)
-        out = out.transpose(1, 2).reshape(batch * length, heads * head_dim).index_select(0, real)
-        hidden = hidden + attention.o(out)
-        hidden = ff_layer(hidden)
-    hidden = encoder.final_layer_norm(hidden)
-    return hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, real, hidden).view(batch, length, -1)
-
-
-class _FusedT5Stepper:
-    """One decoder step of a T5 model with a preallocated KV cache and fused weights.
-
-    At the start of a rollout each projection's effective weight is read once (LoRA folded
-    in, as peft's ``merge`` would), q/k/v of self-attention and the two gated feed-forward
-    inputs are concatenated, and cross-attention keys/values are computed; each step is then
-    about 20 tensor ops per layer. The arithmetic is T5's: RMS norms, no query scaling, one
-    relative position bias from block 0 shared by all layers, pre-norm residual blocks.
-    Build with :meth:`create`, which returns ``None`` for layers it cannot fold.
-
-    Args:
-        model: a ``T5ForConditionalGeneration`` (LoRA layers allowed).
-        encoder_hidden: encoder output, ``(batch, prompt_len, d_model)``.
-        attention_mask: prompt mask, ``(batch, prompt_len)``.
-        max_len: decoder positions to allocate.
-    """
-
-    @classmethod
-    def create(cls, model, encoder_hidden, attention_mask, max_len):
-        if not _is_t5(model):
-            return None
-        try:
-            return cls(model, encoder_hidden, attention_mask, max_len)
-        except _Unsupported:
-            return None
-
-    def __init__(self, model, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor, max_len: int):
-        decoder = model.decoder
-        first = decoder.block[0].layer[0].SelfAttention
-        self.heads, self.head_dim = first.n_heads, first.key_value_proj_dim
-        self.inner = self.heads * self.head_dim
-        batch, dtype, device = encoder_hidden.shape[0], encoder_hidden.dtype, encoder_hidden.device
-        self.layers = []
-        self.cross = []
-        for block in decoder.block:
-            self_layer, cross_layer, ff_layer = block.layer
-            sa, ca, dense = self_layer.SelfAttention, cross_layer.EncDecAttention, ff_layer.DenseReluDense
-            gated = hasattr(dense, "wi_0")
-            w_in = torch.cat([_weight(dense.wi_0), _weight(dense.wi_1)]) if gated else _weight(dense.wi)
-            self.layers.append({
-                "norm1": _rms_norm(self_layer.layer_norm),
-                "qkv": torch.cat([_weight(sa.q), _weight(sa.k), _weight(sa.v)]),
-                "o": _weight(sa.o),
-                "norm2": _rms_norm(cross_layer.layer_norm),
-                "cross_q": _weight(ca.q),
-                "cross_o": _weight(ca.o),
-                "norm3": _rms_norm(ff_layer.layer_norm),
-                "w_in": w_in, "gated": gated, "act": _activation(dense.act), "w_out": _weight(dense.wo),
-            })
-            # (batch, heads, prompt_len, head_dim), contiguous so no step copies them
-            self.cross.append((self._heads(F.linear(encoder_hidden, _weight(ca.k))).contiguous(),
-                               self._heads(F.linear(encoder_hidden, _weight(ca.v))).contiguous()))
-        self.embedding = decoder.embed_tokens.weight
-        self.final_norm = _rms_norm(decoder.final_layer_norm)
-        self.lm_head = _weight(model.lm_head)
-        self.output_scale = model.config.d_model ** -0.5 if _scales_decoder_output(model.config) else None
-        # (1, heads, max_len, max_len): row t is the bias of query position t over keys 0..max_len-1
-        self.position_bias = first.compute_bias(max_len, max_len, device=device).to(dtype)
-        shape = (len(self.layers), batch, self.heads, max_len, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        # additive mask over prompt positions, (batch, 1, 1, prompt_len)
-        self.cross_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(
-            attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, len, heads*head_dim)`` -> ``(batch, heads, len, head_dim)``."""
-        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
-
-    def step(self, tokens: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed ``tokens`` ``(batch,)`` at decoder ``position``.
-
-        Returns:
-            hidden: decoder output after the final layer norm, ``(batch, d_model)``.
-            logits: ``(batch, vocab)``.
-        """
-        batch = tokens.shape[0]
-        end = position + 1
-        bias = self.position_bias[:, :, position:end, :end]
-        hidden = F.embedding(tokens, self.embedding)  # (batch, d_model)
-        for i, layer in enumerate(self.layers):
-            qkv = F.linear(layer["norm1"](hidden), layer["qkv"]).view(batch, 3, self.heads, 1, self.head_dim)
-            self.keys[i, :, :, position] = qkv[:, 1, :, 0]
-            self.values[i, :, :, position] = qkv[:, 2, :, 0]
-            out = _attend(qkv[:, 0], self.keys[i, :, :, :end], self.values[i, :, :, :end], bias)
-            hidden = hidden + F.linear(out.reshape(batch, self.inner), layer["o"])
-            query = F.linear(layer["norm2"](hidden), layer["cross_q"]).view(batch, self.heads, 1, self.head_dim)
-            out = _attend(query, *self.cross[i], self.cross_mask)
-            hidden = hidden + F.linear(out.reshape(batch, self.inner), layer["cross_o"])
-            inner = F.linear(layer["norm3"](hidden), layer["w_in"])
-            if layer["gated"]:
-                gate, linear = inner.chunk(2, dim=-1)
-                inner = layer["act"](gate) * linear
-            else:
-                inner = layer["act"](inner)
-            hidden = hidden + F.linear(inner, layer["w_out"])
-        hidden = self.final_norm(hidden)
-        head_input = hidden * self.output_scale if self.output_scale is not None else hidden
-        return hidden, F.linear(head_input, self.lm_head)
-
-
-class _Unsupported(Exception):
-    """A layer :class:`_FusedT5Stepper` cannot fold into one weight."""
-
-
-def _weight(linear: torch.nn.Module) -> torch.Tensor:
-    weight = _effective_weight(linear)
-    if weight is None:
-        raise _Unsupported(type(linear).__name__)
-    return weight
-
-
 class _CachedForwardStepper:
-    """One decoder step through the model's own ``forward`` and its KV cache (any encoder-decoder)."""
+    """One decoder step through the model's own ``forward`` and its KV cache (any encoder-decoder).
+
+    ``step(tokens, position)`` has :meth:`_FusedT5Stepper.step`'s contract (``position`` is
+    implied by the cache here).
+    """
 
     def __init__(self, model, encoder_outputs, attention_mask: torch.Tensor):
         self.model = model
         self.encoder_outputs = encoder_outputs
         self.attention_mask = attention_mask
         self.cache = None
+        # transformers 5 renamed ``past_key_values`` to ``cache``
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.history: list[torch.Tensor] = []
 
     def step(self, tokens: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(
@@ -499,17 +269,6 @@ def sample_responses(
 # ------------------------------------------------------------------------- teacher-forced passes
 
 
-def _reference_logits(actor: ActorCritic, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      decoder_input_ids: torch.Tensor) -> torch.Tensor:
-    """``ActorCritic.reference_logits`` with the padding-free encoder, ``(batch, len, vocab)`` float32."""
-    model = actor.frozen_reference if actor.frozen_reference is not None else actor.base_model
-    with actor.reference_context():
-        encoder_hidden = encode_prompts(model, input_ids, attention_mask)
-        out = model(encoder_outputs=(encoder_hidden,), attention_mask=attention_mask,
-                    decoder_input_ids=decoder_input_ids, use_cache=False, return_dict=True)
-    return out.logits.float()
-
-
 @torch.no_grad()
 def reference_logprobs(
     actor: ActorCritic,
@@ -521,7 +280,7 @@ def reference_logprobs(
 ) -> torch.Tensor:
     """Log-probs of ``responses`` under the frozen reference, from ``logits / temperature``,
     shape ``(batch, response_len)``."""
-    logits = _reference_logits(actor, input_ids, attention_mask, shift_right(responses, decoder_start_token_id))
+    logits = actor.reference_logits(input_ids, attention_mask, shift_right(responses, decoder_start_token_id))
     return logprobs_from_logits(logits / temperature, responses)
 
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from flan_rlhf.optim import adamw
 from flan_rlhf.policy import LoraSettings, PolicySpec, load_policy_model
 
 IGNORE_INDEX = -100  # label value torch's cross_entropy (and HF) skip
@@ -197,7 +198,7 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        optimizer = adamw(params, self.hparams.learning_rate, self.hparams.weight_decay)
         total = self.hparams.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
         if total is None and self.hparams.schedule != "constant":
             raise ValueError(

@@ -179,3 +179,25 @@ def test_ppo_raises_a_movable_reward():
     assert torch.isfinite(kls).all()
     assert last.mean() - first.mean() > 3 * standard_error, (rewards.tolist(), standard_error)
     assert last.mean() > 1.5 * first.mean()
+
+
+def test_optimizer_uses_the_fused_adamw_kernel_and_falls_back_without_it():
+    from flan_rlhf.optim import adamw
+
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    assert adamw(params, 1e-3, 0.0).defaults["fused"] is True
+    # parameters the fused kernel does not take (here: the meta device) get the plain implementation
+    assert not adamw([torch.nn.Parameter(torch.empty(2, device="meta"))], 1e-3, 0.0).defaults.get("fused")
+
+
+def test_sharding_strategies_turn_the_fused_t5_paths_off():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    from flan_rlhf.module import shards_weights
+
+    assert shards_weights(FSDPStrategy())
+    assert not shards_weights(DDPStrategy()) and not shards_weights(SingleDeviceStrategy("cpu"))
+
+    class DeepSpeedStrategy(DDPStrategy):  # Lightning's subclasses DDPStrategy; deepspeed is not installed here
+        pass
+    assert shards_weights(DeepSpeedStrategy())

@@ -49,7 +49,8 @@ def test_lora_reference_equals_base_model_and_adapters_change_policy():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
     ref = actor.reference_logits(ids, mask, dec)
-    torch.testing.assert_close(ref, base_logits, rtol=0, atol=1e-6)
+    # the reference runs the fused T5 path (flan_rlhf.t5_fused): equal up to float summation order
+    torch.testing.assert_close(ref, base_logits, rtol=0, atol=1e-5)
     logits, values = actor(ids, mask, dec)
     assert values.shape == dec.shape
     assert (logits - ref).abs().max() > 1e-3  # the adapter is live outside reference_context

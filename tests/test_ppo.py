@@ -25,6 +25,7 @@ from flan_rlhf.ppo import (
     masked_var,
     masked_whiten,
     policy_loss,
+    sequence_kl,
     value_loss,
 )
 
@@ -399,3 +400,11 @@ def test_all_finite():
     assert not all_finite(torch.ones(2), t([1.0, NAN]))
     assert not all_finite(t([INF]))
     assert all_finite()
+
+
+def test_sequence_kl_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -0.2, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.3, -0.2, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # row 0: 0.5 - 1.0 + 0 = -0.5; row 1: 0.2 + 0 (the masked -8 does not count)
+    assert torch.allclose(sequence_kl(logprobs, ref, mask), torch.tensor([-0.5, 0.2]))

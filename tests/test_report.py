@@ -69,6 +69,9 @@ def test_files_and_hand_computed_values(tiny_report):
         assert 0.0 <= before[key] <= (1.0 if key != "response_len_mean" else 100.0)
         delta = metrics["delta"][key]
         assert delta["value"] == pytest.approx(after[key] - before[key], abs=1e-9), key
+        if key.startswith("distinct"):  # corpus-level ratio: point difference only, no bootstrap interval
+            assert delta["ci_low"] is None and delta["ci_high"] is None
+            continue
         assert delta["ci_low"] <= delta["value"] + 1e-12 and delta["value"] <= delta["ci_high"] + 1e-12, key
     assert "kl_mean" in after and "kl_mean" not in before and "kl_mean" not in metrics["delta"]
     assert metrics["n_test"] == 3 and metrics["ppo_steps"] == 3 and metrics["wall_s"] == 1.5

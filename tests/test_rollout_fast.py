@@ -59,6 +59,24 @@ def test_greedy_tokens_equal_hf_generate(tokenizer, lora):
     assert torch.equal(ours, hf)
 
 
+def test_original_t5_relu_feed_forward_also_matches_hf_generate(tokenizer):
+    """The fused stepper's non-gated branch (T5 v1.0: ``wi`` + ReLU), tied embeddings (scaled output)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                      feed_forward_proj="relu", dropout_rate=0.0, decoder_start_token_id=0)
+    actor = ActorCritic(T5ForConditionalGeneration(config), None)
+    ids, mask = _prompts(tokenizer)
+    ours = sample_with_statistics(actor, ids, mask, GenerationSettings(max_new_tokens=10, do_sample=False), tokenizer)
+    hf = actor.policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[:, 1:]
+    assert torch.equal(ours.responses, hf)
+    logprobs, values, _, _ = evaluate_responses(actor, ids, mask, ours.responses, 0, 1.0, with_reference=False)
+    keep = response_mask(ours.responses, tokenizer.eos_token_id).bool()
+    assert (ours.logprobs - logprobs)[keep].abs().max() < 1e-4
+
+
 def test_seeded_sampling_draws_the_tokens_hf_generate_draws(tokenizer):
     actor = _actor(tokenizer, lora=True)
     ids, mask = _prompts(tokenizer)

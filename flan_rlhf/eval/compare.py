@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from flan_rlhf.evaluation_step import EVAL_SEED_OFFSET
+from flan_rlhf.ppo import sequence_kl
 from flan_rlhf.rewards.base import Reward
 from flan_rlhf.rollout import Rollout
 from flan_rlhf.settings import GenerationSettings
@@ -64,7 +65,7 @@ def sample_rows(
         else:
             with context:
                 rollout = module.rollout(batch["prompt"], generation, with_reference=not reference_only)
-        kl = torch.zeros(len(rollout.texts)) if reference_only else ((rollout.logprobs - rollout.ref_logprobs) * rollout.mask).sum(1).cpu()
+        kl = torch.zeros(len(rollout.texts)) if reference_only else sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask).cpu()
         toxicity = _toxicity_of(toxicity_scorer, rollout.texts)
         positive = positivity(rollout.prompts, rollout.texts) if positivity is not None else None
         for i, text in enumerate(rollout.texts):

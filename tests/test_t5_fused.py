@@ -1,0 +1,135 @@
+"""The hand-fused T5 passes against Hugging Face's own forward: values and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+from flan_rlhf import t5_fused
+from flan_rlhf.policy import ActorCritic, LoraSettings, build_t5_from_config
+from flan_rlhf.rollout import shift_right, tokenize_prompts
+
+PROMPTS = ["alpha bravo charlie", "the quick river", "a", "summarize the ancient city of gold and iron towers"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ByT5Tokenizer()
+
+
+def _actor(tokenizer, lora: bool, gated: bool = True) -> ActorCritic:
+    torch.manual_seed(0)
+    if gated:
+        model = build_t5_from_config(vocab_size=len(tokenizer), d_model=64, d_ff=128, num_layers=2, num_heads=4, seed=0)
+    else:  # T5 v1.0: ReLU feed-forward, tied embeddings (decoder output scaled by d_model**-0.5)
+        model = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=64, d_ff=128, d_kv=16,
+                                                    num_layers=2, num_heads=4, feed_forward_proj="relu",
+                                                    dropout_rate=0.0, decoder_start_token_id=0))
+    actor = ActorCritic(model, LoraSettings(target_modules=["q", "k", "v", "o", "wi_0", "wo"]) if lora else None)
+    with torch.no_grad():  # a fresh adapter is a no-op (B = 0): give it a real effect
+        for name, param in actor.policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    return actor
+
+
+def _batch(tokenizer):
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64, "cpu")[:2]
+    torch.manual_seed(1)
+    responses = torch.randint(3, 259, (len(PROMPTS), 7))
+    return ids, mask, shift_right(responses, 0), responses
+
+
+def _hf_forward(actor, ids, mask, decoder_input_ids):
+    out = actor.policy(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids,
+                       output_hidden_states=True, use_cache=False, return_dict=True)
+    return out.decoder_hidden_states[-1], out.logits
+
+
+@pytest.mark.parametrize("lora,gated", [(True, True), (False, True), (True, False)])
+def test_fused_forward_equals_hf_forward_in_values_and_gradients(tokenizer, lora, gated):
+    actor = _actor(tokenizer, lora, gated)
+    ids, mask, decoder_input_ids, _ = _batch(tokenizer)
+    hidden, logits = t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)
+    hf_hidden, hf_logits = _hf_forward(actor, ids, mask, decoder_input_ids)
+    # float rounding only: the fused ops sum in another order
+    assert (hidden - hf_hidden).abs().max() < 1e-4
+    assert (logits - hf_logits).abs().max() < 1e-4
+    params = [p for p in actor.policy.parameters() if p.requires_grad]
+    weights = torch.randn_like(logits)
+    grads = torch.autograd.grad((logits * weights).sum(), params)
+    hf_grads = torch.autograd.grad((hf_logits * weights).sum(), params)
+    for name_param, a, b in zip([n for n, p in actor.policy.named_parameters() if p.requires_grad], grads, hf_grads):
+        assert (a - b).norm() <= 1e-4 * max(b.norm(), 1e-6), name_param
+
+
+def test_actor_critic_forward_takes_the_fused_path_and_matches_hf(tokenizer, monkeypatch):
+    actor = _actor(tokenizer, lora=True)
+    ids, mask, decoder_input_ids, responses = _batch(tokenizer)
+    calls = []
+    real = t5_fused.decode_teacher_forced
+    monkeypatch.setattr(t5_fused, "decode_teacher_forced", lambda *a: calls.append(1) or real(*a))
+    logits, values = actor(ids, mask, decoder_input_ids)
+    assert len(calls) == 1
+    hf_hidden, hf_logits = _hf_forward(actor, ids, mask, decoder_input_ids)
+    assert torch.allclose(logits, hf_logits, atol=1e-4)
+    assert torch.allclose(values, actor.value_head(hf_hidden).squeeze(-1), atol=1e-5)
+    ref = actor.reference_logits(ids, mask, decoder_input_ids)
+    assert len(calls) == 2
+    with actor.policy.disable_adapter():
+        hf_ref = actor.policy(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+    assert torch.allclose(ref, hf_ref, atol=1e-4)
+    assert (ref - logits).abs().max() > 1e-3  # adapters really were off for the reference
+
+
+def test_switch_and_unsupported_models_fall_back_to_hf(tokenizer):
+    actor = _actor(tokenizer, lora=True)
+    ids, mask, decoder_input_ids, _ = _batch(tokenizer)
+    model = actor.base_model
+    assert t5_fused.fused_forward(model, ids, mask, decoder_input_ids) is not None
+    t5_fused.set_fused_kernels(model, False)  # what the module does under FSDP / DeepSpeed
+    assert t5_fused.fused_forward(model, ids, mask, decoder_input_ids) is None
+    t5_fused.set_fused_kernels(model, True)
+    # active dropout in training mode: HF's forward (with its dropout) must run instead
+    dropout_model = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8,
+                                                        num_layers=1, num_heads=4, dropout_rate=0.1))
+    dropout_model.train()
+    assert t5_fused.fused_forward(dropout_model, ids, mask, decoder_input_ids) is None
+    # a sharded (empty) parameter, as FSDP / ZeRO-3 leave outside forward
+    first = model.decoder.block[0].layer[2].DenseReluDense.wi_1  # a plain Linear (no adapter)
+    saved = first.weight
+    first.weight = torch.nn.Parameter(torch.empty(0))
+    try:
+        assert not t5_fused.is_fused_t5(model)
+    finally:
+        first.weight = saved
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_no_grad_path_merges_lora_and_still_equals_hf(tokenizer, lora):
+    """Without gradients each projection folds LoRA into one weight (the sampling/reference path)."""
+    actor = _actor(tokenizer, lora)
+    ids, mask, decoder_input_ids, _ = _batch(tokenizer)
+    with torch.no_grad():
+        hidden, logits = t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)
+        hf_hidden, hf_logits = _hf_forward(actor, ids, mask, decoder_input_ids)
+        projection = t5_fused._Projection([actor.base_model.decoder.block[0].layer[0].SelfAttention.q])
+    # merging W + s*B@A rounds differently from adding x@A.T@B.T: float32 rounding only
+    assert (logits - hf_logits).abs().max() < 5e-4 and (hidden - hf_hidden).abs().max() < 5e-4
+    assert projection.low_rank is None  # merged: one matmul
+
+
+def test_cached_stacked_weights_follow_in_place_updates(tokenizer):
+    """Stacked q/k/v weights are kept between calls; an optimiser-style in-place update must
+    invalidate them (full fine-tuning: sampling after a step sees the new weights)."""
+    actor = _actor(tokenizer, lora=False)
+    ids, mask, decoder_input_ids, _ = _batch(tokenizer)
+    with torch.no_grad():
+        first = t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)[1]
+        for name, param in actor.policy.named_parameters():
+            if name.endswith(("SelfAttention.k.weight", "DenseReluDense.wi_1.weight")):
+                param.add_(torch.randn_like(param) * 0.3)  # as AdamW does: in place
+        second = t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)[1]
+        hf = _hf_forward(actor, ids, mask, decoder_input_ids)[1]
+    assert (first - second).abs().max() > 1e-2
+    assert (second - hf).abs().max() < 1e-4
