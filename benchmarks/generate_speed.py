@@ -8,6 +8,11 @@ Variants (all loaded the way ``flan-rlhf generate`` loads them, exports written 
   merged    ``export``            LoRA merged into the weights, fp32
   bf16      ``export --dtype bf16``
   int8      ``export --int8``     int8 dynamic quantisation of every Linear
+  merged-fused  the merged fp32 export decoded by ``flan-rlhf generate``'s default fused T5
+            decoder (``flan_rlhf.rollout.fused_generate``; the same tokens as ``generate``)
+
+Every other variant decodes with transformers' ``generate`` (``DecodeSettings(fused=False)``,
+``flan-rlhf generate --hf-generate``): what a user of plain transformers/peft runs.
 
 Policy: by default a small FLAN-T5-architecture model built from config (the shape of
 ``benchmarks/ppo_throughput.py``: d_model 256, d_ff 512, 4+4 layers, 4 heads; ByT5 byte
@@ -57,7 +62,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
-VARIANTS = ("base", "adapter", "merged", "bf16", "int8")
+VARIANTS = ("base", "adapter", "merged", "bf16", "int8", "merged-fused")
+FUSED_SUFFIX = "-fused"  # the export decoded by ``flan-rlhf generate``'s default fused T5 decoder
 EXPORT_FLAGS = {"merged": [], "bf16": ["--dtype", "bf16"], "int8": ["--int8"]}
 
 
@@ -177,6 +183,9 @@ def export_variants(args, base_dir: str, adapter_dir: str, workdir: str) -> dict
         if code != 0:
             raise SystemExit(f"error: export of {variant} failed")
         sources[variant] = (out, None)
+    for variant in args.variants:
+        if variant.endswith(FUSED_SUFFIX):
+            sources[variant] = sources[variant.removesuffix(FUSED_SUFFIX)]
     return {v: sources[v] for v in args.variants}
 
 
@@ -281,8 +290,11 @@ def main(argv=None) -> int:
             load_s[variant] = time.perf_counter() - t0
         tokenizer = models["adapter"][1]
 
-        speed = DecodeSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                               greedy=True, batch_size=args.batch_size)
+        # every variant decodes with transformers' generate (what plain transformers/peft users run),
+        # except "*-fused", which uses flan-rlhf generate's default fused T5 decoder (same tokens)
+        speed_settings = {v: DecodeSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                                            greedy=True, batch_size=args.batch_size, fused=v.endswith(FUSED_SUFFIX))
+                          for v in sources}
         runs: dict[str, list[float]] = {v: [] for v in sources}
         cpu_runs: dict[str, list[float]] = {v: [] for v in sources}
         order_rng = np.random.default_rng(args.seed)
@@ -292,7 +304,7 @@ def main(argv=None) -> int:
             for variant in order_rng.permutation(list(models)).tolist():
                 model = models[variant][0]
                 t0, c0 = time.perf_counter(), time.process_time()
-                ids = generate_ids(model, tokenizer, speed_prompts, speed)
+                ids = generate_ids(model, tokenizer, speed_prompts, speed_settings[variant])
                 elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
                 n_tokens = sum(len(x) for x in ids)
                 if round_index >= args.warmup:
@@ -302,8 +314,9 @@ def main(argv=None) -> int:
                 log(f"run {round_index + 1 - args.warmup}/{args.repeats}: "
                     + ", ".join(f"{v} {runs[v][-1]:.0f} tok/s ({cpu_runs[v][-1]:.0f} tok/cpu-s)" for v in runs))
 
-        greedy = DecodeSettings(max_new_tokens=args.quality_max_new_tokens, greedy=True, batch_size=args.batch_size)
-        ids_by_variant = {v: generate_ids(m, tokenizer, quality_prompts, greedy) for v, (m, _) in models.items()}
+        ids_by_variant = {v: generate_ids(m, tokenizer, quality_prompts, DecodeSettings(
+            max_new_tokens=args.quality_max_new_tokens, greedy=True, batch_size=args.batch_size,
+            fused=v.endswith(FUSED_SUFFIX))) for v, (m, _) in models.items()}
         texts = {v: decode(tokenizer, ids) for v, ids in ids_by_variant.items()}
         quality_rows = quality(texts, ids_by_variant, quality_refs)
         reference_choice = teacher_forced_argmax(models["adapter"][0], tokenizer, quality_prompts, ids_by_variant["adapter"], args.batch_size)
@@ -343,7 +356,7 @@ def main(argv=None) -> int:
             # Issue #6 targets: a recommended export >= 1.3x the adapter's tokens/s with ROUGE-L within 1%
             # and the toxic share inside the adapter's interval; the merged fp32 export within 5% of base.
             row["meets_export_target"] = bool(row["paired_speedup_vs_adapter"] >= 1.3 and rouge_ok and q["toxic_within_adapter_ci"])
-        if variant == "merged" and row["paired_speedup_vs_base"] is not None:
+        if variant in ("merged", "merged-fused") and row["paired_speedup_vs_base"] is not None:
             row["within_5pct_of_base"] = bool(abs(row["paired_speedup_vs_base"] - 1.0) <= 0.05)
         row["config"] = config
         rows.append(row)

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import torch
 
 from flan_rlhf.export_cli import UsageError, _Parser, run_tool
+from flan_rlhf.rollout import fused_generate
+from flan_rlhf.settings import GenerationSettings
 
 DTYPE_CHOICES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -37,6 +39,9 @@ class DecodeSettings:
         greedy: argmax decoding; otherwise sampling with ``temperature``/``top_k``/``top_p``.
         batch_size: prompts per ``generate`` call.
         max_prompt_tokens: prompts are truncated to this many tokens.
+        fused: T5-family float models decode through the package's fused decoder
+            (:func:`flan_rlhf.rollout.fused_generate`: the same tokens as ``generate``, LoRA folded
+            into the weights once per batch); ``False`` or any other model: ``model.generate``.
     """
 
     max_new_tokens: int = 64
@@ -47,6 +52,7 @@ class DecodeSettings:
     top_p: float = 1.0
     batch_size: int = 16
     max_prompt_tokens: int = 512
+    fused: bool = True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), default="auto", help="float models: cast to this dtype (auto: as saved)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--hf-generate", action="store_true",
+                        help="decode with transformers' generate instead of the fused T5 decoder (same tokens, slower)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (runs with your rights)")
     return parser
@@ -170,13 +178,20 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], settings: DecodeSetti
     else:
         kwargs.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
     device = next(model.parameters()).device
+    fused_settings = GenerationSettings(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+                                        do_sample=not settings.greedy, temperature=settings.temperature,
+                                        top_k=settings.top_k, top_p=settings.top_p)
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers inside
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), settings.batch_size):
         batch = order[start:start + settings.batch_size]
         enc = tokenizer([prompts[i] for i in batch], padding=True, truncation=True,
                         max_length=settings.max_prompt_tokens, return_tensors="pt")
-        sequences = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), **kwargs)
-        for row, index in zip(sequences[:, 1:].tolist(), batch):  # drop the decoder start token
+        input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        responses = fused_generate(plain, input_ids, attention_mask, fused_settings, tokenizer) if settings.fused else None
+        if responses is None:
+            responses = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, 1:]  # no start token
+        for row, index in zip(responses.tolist(), batch):
             results[index] = row[: row.index(eos_id) + 1] if eos_id in row else row
     return results
 
@@ -215,7 +230,7 @@ def run(args: argparse.Namespace) -> str:
                                                    DTYPE_CHOICES[args.dtype], args.trust_remote_code)
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
-                              max_prompt_tokens=args.max_prompt_tokens)
+                              max_prompt_tokens=args.max_prompt_tokens, fused=not args.hf_generate)
     torch.manual_seed(args.seed)
     ids = generate_ids(model, tokenizer, [row["prompt"] for row in rows], settings)
     out_rows = [{**({"id": row["id"]} if "id" in row else {}), "prompt": row["prompt"], "response": text}

@@ -25,7 +25,7 @@ from flan_rlhf.policy import ActorCritic
 from flan_rlhf.ppo import entropy_from_logits, logprobs_from_logits
 from flan_rlhf.settings import GenerationSettings
 from flan_rlhf.t5_fused import FusedT5Stepper as _FusedT5Stepper
-from flan_rlhf.t5_fused import encode_prompts
+from flan_rlhf.t5_fused import encode_prompts, is_fused_t5
 
 
 @dataclass
@@ -212,15 +212,44 @@ def sample_with_statistics(
         :class:`SampledResponses`; every tensor ``(batch, response_len)``, normal (not
         inference-mode) tensors.
     """
-    model = actor.base_model
+    sampled = _sample(actor.base_model, input_ids, attention_mask, settings, tokenizer, actor.value_head)
+    assert sampled is not None
+    return sampled
+
+
+def fused_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings,
+                   tokenizer) -> torch.Tensor | None:
+    """Tokens only, through the fused T5 decoder; ``None`` when ``model`` cannot take that path
+    (then use ``model.generate``). Draws what ``model.generate`` draws for the same RNG state.
+
+    Returns:
+        responses ``(batch, response_len)`` without the decoder start token, pad after EOS.
+    """
+    sampled = _sample(model, input_ids, attention_mask, settings, tokenizer, value_head=None, fused_only=True)
+    return None if sampled is None else sampled.responses
+
+
+@torch.no_grad()
+def _sample(model, input_ids, attention_mask, settings: GenerationSettings, tokenizer, value_head=None,
+            fused_only: bool = False) -> SampledResponses | None:
+    """The sampling loop behind :func:`sample_with_statistics` and :func:`fused_generate`.
+
+    With ``value_head`` the log-probs, values and entropies are measured on the way; without
+    it only tokens are drawn (the other fields hold empty tensors). ``fused_only``: return
+    ``None`` instead of stepping through the model's own ``forward``.
+    """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     start = _decoder_start_token_id(model, tokenizer)
     batch, max_new = input_ids.shape[0], int(settings.max_new_tokens)
     if max_new < 1:
         raise ValueError(f"generation.max_new_tokens must be >= 1, got {max_new}")
+    if fused_only and not is_fused_t5(model):
+        return None
     encoder_hidden = encode_prompts(model, input_ids, attention_mask)
     stepper = _FusedT5Stepper.create(model, encoder_hidden, attention_mask, max_new)
     if stepper is None:
+        if fused_only:
+            return None
         from transformers.modeling_outputs import BaseModelOutput
 
         stepper = _CachedForwardStepper(model, BaseModelOutput(last_hidden_state=encoder_hidden), attention_mask)
@@ -236,18 +265,23 @@ def sample_with_statistics(
         tokens = choose(logits, step)
         if eos is not None:
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-        scaled = logits / temperature
-        # the formula of ppo.logprobs_from_logits: label logit - logsumexp
         out_tokens.append(tokens)
-        out_logprobs.append(scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1))
-        out_entropy.append(entropy_from_logits(scaled))
-        out_values.append(actor.value_head(hidden.to(actor.value_head.weight.dtype)).squeeze(-1).float())
+        if value_head is not None:
+            scaled = logits / temperature
+            # the formula of ppo.logprobs_from_logits: label logit - logsumexp
+            out_logprobs.append(scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1))
+            out_entropy.append(entropy_from_logits(scaled))
+            out_values.append(value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float())
         if eos is not None:
             unfinished &= tokens != eos
             if not bool(unfinished.any()):
                 break
+    responses = torch.stack(out_tokens, dim=1)
+    if value_head is None:
+        empty = responses.new_zeros((batch, 0), dtype=torch.float32)
+        return SampledResponses(responses=responses, logprobs=empty, values=empty, entropy=empty)
     return SampledResponses(
-        responses=torch.stack(out_tokens, dim=1),
+        responses=responses,
         logprobs=torch.stack(out_logprobs, dim=1),
         values=torch.stack(out_values, dim=1),
         entropy=torch.stack(out_entropy, dim=1),

@@ -21,6 +21,7 @@ from tests.conftest import TINY_T5, TokenFractionReward
 LORA = LoraSettings(r=4, alpha=8, target_modules=["q", "v"])  # scaling alpha / r = 2
 PROMPTS = ["the cat sat on the mat", "hello", "a longer prompt about the weather today", "xyz"]
 GREEDY = DecodeSettings(max_new_tokens=12, greedy=True, batch_size=3)
+GREEDY_HF = DecodeSettings(max_new_tokens=12, greedy=True, batch_size=3, fused=False)  # transformers' generate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,9 +73,9 @@ def trained(base_dir, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt") / "last.ckpt")
     torch.save(checkpoint, path)
     actor, tokenizer = module.actor.eval(), module.tokenizer
-    policy_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY)
+    policy_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY_HF)  # peft + transformers, unmerged
     with actor.reference_context():
-        base_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY)
+        base_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY_HF)
     return {"ckpt": path, "actor": actor, "tokenizer": tokenizer, "policy_ids": policy_ids, "base_ids": base_ids,
             "n_saved_keys": len(checkpoint["state_dict"])}
 
@@ -112,7 +113,7 @@ def test_fp32_export_loads_with_plain_transformers_and_generates_the_policys_tex
     assert os.path.isfile(os.path.join(merged_dir, "model.safetensors"))
     assert model.dtype == torch.float32
     assert not any("lora" in name for name, _ in model.named_parameters())
-    assert generate_ids(model, tokenizer, PROMPTS, GREEDY) == trained["policy_ids"]
+    assert generate_ids(model, tokenizer, PROMPTS, GREEDY_HF) == trained["policy_ids"]  # plain transformers
 
     # Merging is W + (alpha / r) * B @ A (LoRA paper eq. 3): check one layer by hand.
     base = AutoModelForSeq2SeqLM.from_pretrained(base_dir)
@@ -121,6 +122,33 @@ def test_fp32_export_loads_with_plain_transformers_and_generates_the_policys_tex
     torch.testing.assert_close(model.encoder.block[0].layer[0].SelfAttention.q.weight, expected, rtol=0, atol=1e-6)
     info = json.load(open(os.path.join(merged_dir, export_cli.EXPORT_INFO)))
     assert info["format"] == "merged" and info["source"]["global_step"] == 7 and info["lora"]["r"] == 4
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_fused_decoder_gives_transformers_tokens_for_merged_and_unmerged_models(trained, merged_dir, greedy, monkeypatch):
+    """``flan-rlhf generate`` decodes T5 models through the fused decoder: the same tokens as
+    ``model.generate`` (greedy, and sampled under the same seed), for a merged export and for
+    an unmerged peft model (LoRA folded per batch)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    taken = []
+    real = generate_cli.fused_generate
+
+    def counting(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+    monkeypatch.setattr(generate_cli, "fused_generate", counting)
+    settings = DecodeSettings(max_new_tokens=12, greedy=greedy, batch_size=3)
+    hf_settings = DecodeSettings(max_new_tokens=12, greedy=greedy, batch_size=3, fused=False)
+    tokenizer = trained["tokenizer"]
+    for model in (AutoModelForSeq2SeqLM.from_pretrained(merged_dir), trained["actor"].policy):
+        torch.manual_seed(3)
+        fused = generate_ids(model, tokenizer, PROMPTS, settings)
+        torch.manual_seed(3)
+        assert fused == generate_ids(model, tokenizer, PROMPTS, hf_settings)
+    assert fused == trained["policy_ids"] or not greedy
+    assert taken and all(taken)  # the fused path really ran (and was not skipped for these models)
 
 
 def test_bf16_export_from_adapter_folder_is_the_rounded_merge_and_generates(merged_dir, adapter_dir, tmp_path, capsys):
