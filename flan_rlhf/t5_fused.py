@@ -67,6 +67,8 @@ def is_fused_t5(model) -> bool:
         return False
     if not _plain_parameters(model):
         return False
+    if any(p.dtype == torch.float16 for p in model.parameters()):
+        return False  # HF's T5 clamps fp16 activations against overflow; the fused ops do not
     for stack, n_sublayers in ((getattr(model, "encoder", None), 2), (getattr(model, "decoder", None), 3)):
         blocks = getattr(stack, "block", None)
         if not blocks:
@@ -135,7 +137,7 @@ class _Projection:
             raise _Unsupported(", ".join(type(linear).__name__ for linear in linears))
         self.low_rank = None
         if not torch.is_grad_enabled() or not any(low for _, low in parts):
-            merged = [w + sum((b @ a for a, b in low), torch.zeros_like(w)) if low else w for w, low in parts]
+            merged = [w + sum(b @ a for a, b in low) if low else w for w, low in parts]
             self.weight = merged[0] if len(merged) == 1 else _frozen_cat(linears[0], merged)
             return
         self.weight = parts[0][0] if len(parts) == 1 else _frozen_cat(linears[0], [w for w, _ in parts])

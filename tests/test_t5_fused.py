@@ -133,3 +133,12 @@ def test_cached_stacked_weights_follow_in_place_updates(tokenizer):
         hf = _hf_forward(actor, ids, mask, decoder_input_ids)[1]
     assert (first - second).abs().max() > 1e-2
     assert (second - hf).abs().max() < 1e-4
+
+
+def test_float16_models_keep_hf_forward_for_its_overflow_clamps(tokenizer):
+    actor = _actor(tokenizer, lora=False)
+    ids, mask, decoder_input_ids, _ = _batch(tokenizer)
+    assert t5_fused.is_fused_t5(actor.base_model)
+    actor.base_model.half()
+    assert not t5_fused.is_fused_t5(actor.base_model)
+    assert t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids) is None
