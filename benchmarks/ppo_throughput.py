@@ -11,11 +11,10 @@ the ``training_step`` that ``flan-rlhf fit`` runs.
 Prints exactly ONE JSON line on stdout (everything else goes to stderr).
 
 Timing (per measured iteration, averaged over ``--steps`` after ``--warmup`` iterations):
-  gen_s_per_step    wall time of sampling the responses (``flan_rlhf.rollout.sample_responses`` /
-                    ``sample_with_statistics``, which may also yield old log-probs and values)
+  gen_s_per_step    wall time of sampling the responses (``flan_rlhf.rollout.sample_with_statistics``,
+                    which also yields the old log-probs, values and entropies)
   reward_s_per_step wall time of ``PPOModule.score_rollout`` (decoded texts -> vowel fraction)
-  train_s_per_step  the rest of ``training_step``: evaluation forwards (old log-probs, values,
-                    reference), GAE, ppo_epochs x minibatch forward/backward/AdamW, statistics,
+  train_s_per_step  the rest of ``training_step``: the reference forward, KL-penalised rewards, GAE, ppo_epochs x minibatch forward/backward/AdamW, statistics,
                     LR scheduler. With logger=False ``self.log_dict`` writes nothing.
   samples_per_s     batch_size * steps / sum(whole training_step time) over measured iterations
 """
@@ -167,8 +166,8 @@ def main(argv=None) -> None:
     depth: dict[str, int] = {}
 
     def timed(fn, key):
-        """``fn`` with its wall time added to ``current[key]`` (outermost call only: the
-        module's ``sample_responses`` calls the rollout's ``sample_with_statistics``)."""
+        """``fn`` with its wall time added to ``current[key]`` (outermost call only, so a timed
+        function calling another timed one is not counted twice)."""
         def wrapper(*a, **kw):
             depth[key] = depth.get(key, 0) + 1
             t0 = time.perf_counter()
@@ -182,7 +181,7 @@ def main(argv=None) -> None:
 
     # generation = sampling, wherever the module calls it from
     for lib in (module_lib, rollout_lib):
-        for name in ("sample_responses", "sample_with_statistics"):
+        for name in ("sample_with_statistics",):
             if hasattr(lib, name):
                 setattr(lib, name, timed(getattr(lib, name), "gen"))
     model.score_rollout = timed(model.score_rollout, "reward")

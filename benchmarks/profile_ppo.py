@@ -6,7 +6,7 @@ reward and settings are built by that script's helpers) through a ``lightning.Tr
 times each phase of ``PPOModule.training_step`` with manual timers around the package's own
 functions (nothing in the package is changed):
 
-  generation          sampling (``sample_responses`` / ``sample_with_statistics``), which also
+  generation          sampling (``sample_with_statistics``), which also
                       yields old log-probs and values when the module uses ``collect_experience``
   policy forward      no-grad teacher-forced policy pass for old log-probs / values
                       (``evaluate_responses`` minus its reference part; 0 when they come from
@@ -105,7 +105,7 @@ def instrument(model, module_lib, rollout_lib, timer: PhaseTimer) -> list[tuple[
 
     # nested phases of one name count once (the inner time is subtracted from the outer)
     for lib in (module_lib, rollout_lib):
-        for name, phase in (("sample_responses", "generation"), ("sample_with_statistics", "generation"),
+        for name, phase in (("sample_with_statistics", "generation"),
                             ("evaluate_responses", "policy forward")):
             if hasattr(lib, name):
                 replace(lib, name, timer.wrap(getattr(lib, name), phase))

@@ -288,18 +288,6 @@ def _sample(model, input_ids, attention_mask, settings: GenerationSettings, toke
     )
 
 
-def sample_responses(
-    actor: ActorCritic, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings, tokenizer
-) -> torch.Tensor:
-    """Sample responses with the KV cache (see :func:`sample_with_statistics`).
-
-    Returns:
-        responses: shape ``(batch, response_len)`` without the decoder start token; tokens after
-        EOS are the pad token.
-    """
-    return sample_with_statistics(actor, input_ids, attention_mask, settings, tokenizer).responses
-
-
 # ------------------------------------------------------------------------- teacher-forced passes
 
 
