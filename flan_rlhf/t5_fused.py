@@ -171,15 +171,17 @@ def _frozen_cat(owner: torch.nn.Module, weights: list[torch.Tensor]) -> torch.Te
     """``torch.cat(weights)``, kept on ``owner`` while every input is an unchanged parameter.
 
     Frozen base weights (LoRA training) are concatenated once instead of once per minibatch.
-    The key holds each parameter's identity and version counter, which every in-place update
-    (optimiser step, ``load_state_dict``) bumps; anything that needs a gradient or is not a
-    parameter is concatenated afresh. Costs one extra copy of the stacked weights.
+    The key holds each parameter's identity, version counter (bumped by every in-place update:
+    optimiser step, ``load_state_dict``) and storage address (changed by ``.to(device/dtype)``);
+    anything that needs a gradient or is not a parameter is concatenated afresh. Costs one extra
+    copy of the stacked weights.
     """
     cacheable = all(isinstance(w, torch.nn.Parameter) and not (w.requires_grad and torch.is_grad_enabled())
                     for w in weights)
     if not cacheable:
         return torch.cat(weights)
-    key = tuple((id(w), w._version) for w in weights)
+    # data_ptr: ``module.to(device/dtype)`` swaps a parameter's storage without bumping its version
+    key = tuple((id(w), w._version, w.data_ptr()) for w in weights)
     cached = getattr(owner, _CAT_CACHE, None)
     if cached is not None and cached[0] == key:
         return cached[1]

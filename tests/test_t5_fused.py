@@ -142,3 +142,14 @@ def test_float16_models_keep_hf_forward_for_its_overflow_clamps(tokenizer):
     actor.base_model.half()
     assert not t5_fused.is_fused_t5(actor.base_model)
     assert t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids) is None
+
+
+def test_cached_stacked_weights_follow_a_dtype_move(tokenizer):
+    """``model.to(dtype)`` replaces parameter storage without a version bump: the cache must notice."""
+    actor = _actor(tokenizer, lora=True)
+    ids, mask, decoder_input_ids, _ = _batch(tokenizer)
+    with torch.no_grad(), actor.policy.disable_adapter():
+        t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)  # fills the cache (fp32)
+        actor.base_model.to(torch.bfloat16)
+        hidden, logits = t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
