@@ -52,6 +52,10 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             tokenizer here (rank 0). ``null`` disables.
         eval_generation: sampling settings for validate/test/predict; ``null`` reuses
             ``generation``.
+        fused_kernels: T5-family policies sample, score and train through
+            :mod:`flan_rlhf.t5_fused` (the same arithmetic as Hugging Face's forward in fewer ops;
+            equality tested). ``false`` runs the model's own ``forward`` everywhere. Always off
+            under FSDP / DeepSpeed / ModelParallel strategies.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         num_log_samples: int = 4,
         export_dir: str | None = None,
         eval_generation: GenerationSettings | None = None,
+        fused_kernels: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["reward"])
@@ -98,11 +103,11 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             return
         model, self.tokenizer = load_policy_model(self.policy_spec)
         self.actor = ActorCritic(model, self.lora, self.hparams.gradient_checkpointing)
-        if self._trainer is not None and shards_weights(self.trainer.strategy):
-            # a weight read outside the wrapped forward is a shard: use the models' own forward
-            for part in (self.actor.base_model, self.actor.frozen_reference):
-                if part is not None:
-                    set_fused_kernels(part, False)
+        # a weight read outside the wrapped forward is a shard under FSDP/DeepSpeed: their own forward then
+        fused = self.hparams.fused_kernels and not (self._trainer is not None and shards_weights(self.trainer.strategy))
+        for part in (self.actor.base_model, self.actor.frozen_reference):
+            if part is not None:
+                set_fused_kernels(part, fused)
 
     def _ensure_reward(self) -> None:
         if not self._reward_ready:

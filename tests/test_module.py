@@ -201,3 +201,14 @@ def test_sharding_strategies_turn_the_fused_t5_paths_off():
     class DeepSpeedStrategy(DDPStrategy):  # Lightning's subclasses DDPStrategy; deepspeed is not installed here
         pass
     assert shards_weights(DeepSpeedStrategy())
+
+
+def test_fused_kernels_option_reaches_the_models():
+    from flan_rlhf import t5_fused
+
+    on = PPOModule(tiny_policy_spec(), TokenFractionReward(), lora=LoraSettings(r=2, alpha=4))
+    on.configure_model()
+    off = PPOModule(tiny_policy_spec(), TokenFractionReward(), lora=None, fused_kernels=False)
+    off.configure_model()
+    assert t5_fused.is_fused_t5(on.actor.base_model)
+    assert not t5_fused.is_fused_t5(off.actor.base_model) and not t5_fused.is_fused_t5(off.actor.frozen_reference)
