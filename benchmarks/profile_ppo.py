@@ -14,7 +14,7 @@ functions (nothing in the package is changed):
   reference forward   no-grad reference pass (``rollout.reference_logprobs`` or
                       ``ActorCritic.reference_logits``)
   scoring             ``PPOModule.score_rollout`` (decode + reward)
-  minibatch forward   ``ActorCritic.forward`` (and ``encode_prompts``, if the module calls it)
+  minibatch forward   ``ActorCritic.forward`` (encoder included)
                       inside ``ppo_update``
   backward            ``manual_backward``
   optimiser step      ``_optimizer_step`` (gradient clipping + AdamW)
@@ -133,14 +133,6 @@ def instrument(model, module_lib, rollout_lib, timer: PhaseTimer) -> list[tuple[
             state["in_update"] = False
 
     model.ppo_update = flagged_update
-    if hasattr(module_lib, "encode_prompts"):  # the module encodes minibatch prompts itself
-        encode = module_lib.encode_prompts
-
-        def timed_encode(*args, **kwargs):
-            with timer.phase("minibatch forward" if state["in_update"] else "other"):
-                return encode(*args, **kwargs)
-
-        replace(module_lib, "encode_prompts", timed_encode)
     training_step = model.training_step
 
     def timed_training_step(*args, **kwargs):

@@ -6,11 +6,10 @@ Speed (profile in the README): :func:`sample_with_statistics` samples with a
 hand-written loop over the decoder and a preallocated KV cache, and returns the log-probs,
 values and entropies of the sampled tokens from the same pass, so a rollout needs no second
 teacher-forced forward of the policy (the first PPO ratio is still 1 up to float rounding,
-checked in ``tests/test_rollout_fast.py``). T5-family models take a fast path
-(:class:`flan_rlhf.t5_fused.FusedT5Stepper`) that folds LoRA into the weights once per rollout and runs each
-decoder step as a few fused tensor ops; other encoder-decoders step through the model's
-``forward`` with its KV cache. :func:`encode_prompts` runs T5's encoder on the real prompt
-tokens only (no padding), for sampling, the reference forward and (with grad) training.
+checked in ``tests/test_rollout_fast.py``). T5-family models take the fused path of
+:mod:`flan_rlhf.t5_fused` (a padding-free encoder, LoRA folded into the weights once per
+rollout, each decoder step a few fused tensor ops); other encoder-decoders step through the
+model's ``forward`` with its KV cache.
 """
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ import torch
 from flan_rlhf.policy import ActorCritic
 from flan_rlhf.ppo import entropy_from_logits, logprobs_from_logits
 from flan_rlhf.settings import GenerationSettings
-from flan_rlhf.t5_fused import FusedT5Stepper as _FusedT5Stepper
-from flan_rlhf.t5_fused import encode_prompts, is_fused_t5
+from flan_rlhf.t5_fused import is_fused_t5, prepare_sampling
 
 
 @dataclass
@@ -161,7 +159,7 @@ def _token_chooser(settings: GenerationSettings, eos_token_id: int | None) -> Ca
 class _CachedForwardStepper:
     """One decoder step through the model's own ``forward`` and its KV cache (any encoder-decoder).
 
-    ``step(tokens, position)`` has :meth:`_FusedT5Stepper.step`'s contract (``position`` is
+    ``step(tokens, position)`` has :meth:`flan_rlhf.t5_fused.FusedT5Stepper.step`'s contract (``position`` is
     implied by the cache here).
     """
 
@@ -245,8 +243,7 @@ def _sample(model, input_ids, attention_mask, settings: GenerationSettings, toke
         raise ValueError(f"generation.max_new_tokens must be >= 1, got {max_new}")
     if fused_only and not is_fused_t5(model):
         return None
-    encoder_hidden = encode_prompts(model, input_ids, attention_mask)
-    stepper = _FusedT5Stepper.create(model, encoder_hidden, attention_mask, max_new)
+    encoder_hidden, stepper = prepare_sampling(model, input_ids, attention_mask, max_new)
     if stepper is None:
         if fused_only:
             return None
@@ -326,8 +323,7 @@ def evaluate_responses(
         logprobs, values, ref_logprobs (or ``None``), entropy: each ``(batch, response_len)``.
     """
     decoder_input_ids = shift_right(responses, decoder_start_token_id)
-    encoder_hidden = encode_prompts(actor.base_model, input_ids, attention_mask)
-    logits, values = actor(input_ids, attention_mask, decoder_input_ids, encoder_outputs=(encoder_hidden,))
+    logits, values = actor(input_ids, attention_mask, decoder_input_ids)
     logits = logits / temperature
     ref = None
     if with_reference:

@@ -46,16 +46,19 @@ def _has_active_dropout(module: torch.nn.Module) -> bool:
 
 
 def _plain_parameters(model: torch.nn.Module) -> bool:
-    """Whether every weight is an ordinary local tensor that can be read outside ``forward``.
+    """Whether every weight is an ordinary local float32/bfloat16 tensor that can be read outside
+    ``forward``.
 
-    False under FSDP (wrapper modules, flattened or empty shards, DTensors) and DeepSpeed ZeRO-3
-    (partitioned parameters carry ``ds_id`` and are empty outside the engine's hooks).
+    False under FSDP (wrapper modules, flattened or empty shards, DTensors), DeepSpeed ZeRO-3
+    (partitioned parameters carry ``ds_id`` and are empty outside the engine's hooks), and for
+    float16, where HF's T5 clamps activations against overflow and the fused ops do not.
     """
     for module in model.modules():
         if "FullyShardedDataParallel" in type(module).__name__ or "FSDP" in type(module).__name__:
             return False
     for param in model.parameters():
-        if param.numel() == 0 or hasattr(param, "ds_id") or hasattr(param, "_local_tensor"):
+        if (param.numel() == 0 or hasattr(param, "ds_id") or hasattr(param, "_local_tensor")
+                or param.dtype == torch.float16):
             return False
     return True
 
@@ -70,8 +73,6 @@ def is_fused_t5(model) -> bool:
         return False
     if not _plain_parameters(model):
         return False
-    if any(p.dtype == torch.float16 for p in model.parameters()):
-        return False  # HF's T5 clamps fp16 activations against overflow; the fused ops do not
     for stack, n_sublayers in ((getattr(model, "encoder", None), 2), (getattr(model, "decoder", None), 3)):
         blocks = getattr(stack, "block", None)
         if not blocks:
@@ -235,15 +236,19 @@ def encode_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     padded layout, as in BERT "unpadding". Rows at padded positions are zero (HF fills them with
     values no real position attends to). Other models run their own encoder.
     """
-    encoder = model.get_encoder()
-    layers = None
     if is_fused_t5(model):
         try:
-            layers = [_block_weights(block.layer[0], block.layer[-1]) for block in encoder.block]
+            return _encode(model, input_ids, attention_mask)
         except _Unsupported:
-            layers = None
-    if layers is None:
-        return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+            pass
+    return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+
+def _encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`encode_prompts`' fused path for a model that passed :func:`is_fused_t5`; raises
+    :class:`_Unsupported`, before computing anything, for a layer it cannot fold."""
+    encoder = model.get_encoder()
+    layers = [_block_weights(block.layer[0], block.layer[-1]) for block in encoder.block]
     batch, length = input_ids.shape
     real = attention_mask.reshape(-1).nonzero().squeeze(1)  # flat positions of real tokens
     hidden = encoder.embed_tokens(input_ids.reshape(-1).index_select(0, real))  # (tokens, d_model)
@@ -366,6 +371,12 @@ def decode_teacher_forced(
         weights = _DecoderWeights(model)
     except _Unsupported:
         return None
+    return _decode(weights, encoder_hidden, attention_mask, decoder_input_ids)
+
+
+def _decode(weights: "_DecoderWeights", encoder_hidden: torch.Tensor, attention_mask: torch.Tensor,
+            decoder_input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_teacher_forced`'s computation, on a model's decoder weights."""
     batch, length = decoder_input_ids.shape
     dtype, device = encoder_hidden.dtype, encoder_hidden.device
     bias = weights.first_attention.compute_bias(length, length, device=device).to(dtype)  # (1, heads, L, L)
@@ -393,26 +404,18 @@ class FusedT5Stepper:
     (:class:`_DecoderWeights`) and cross-attention keys/values are computed; each step is
     then about 20 tensor ops per layer. The arithmetic is T5's: RMS norms, no query scaling,
     one relative position bias from block 0 shared by all layers, pre-norm residual blocks.
-    Build with :meth:`create`, which returns ``None`` for models it cannot fold.
+    Built by :func:`prepare_sampling` (only for models that pass :func:`is_fused_t5`).
 
     Args:
-        model: a ``T5ForConditionalGeneration`` (LoRA layers allowed).
+        weights: the decoder of a ``T5ForConditionalGeneration`` (LoRA layers allowed).
         encoder_hidden: encoder output, ``(batch, prompt_len, d_model)``.
         attention_mask: prompt mask, ``(batch, prompt_len)``.
         max_len: decoder positions to allocate.
     """
 
-    @classmethod
-    def create(cls, model, encoder_hidden, attention_mask, max_len):
-        if not is_fused_t5(model):
-            return None
-        try:
-            return cls(model, encoder_hidden, attention_mask, max_len)
-        except _Unsupported:
-            return None
-
-    def __init__(self, model, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor, max_len: int):
-        self.weights = weights = _DecoderWeights(model)
+    def __init__(self, weights: "_DecoderWeights", encoder_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                 max_len: int):
+        self.weights = weights
         batch, dtype, device = encoder_hidden.shape[0], encoder_hidden.dtype, encoder_hidden.device
         self.cross = weights.cross_keys_values(encoder_hidden)
         # (1, heads, max_len, max_len): row t is the bias of query position t over keys 0..max_len-1
@@ -466,6 +469,30 @@ def fused_forward(
     """
     if not is_fused_t5(model):
         return None
-    if encoder_hidden is None:
-        encoder_hidden = encode_prompts(model, input_ids, attention_mask)
-    return decode_teacher_forced(model, encoder_hidden, attention_mask, decoder_input_ids)
+    try:
+        weights = _DecoderWeights(model)  # raises before any compute, so nothing is done twice
+        if encoder_hidden is None:
+            encoder_hidden = _encode(model, input_ids, attention_mask)  # raises before computing too
+    except _Unsupported:
+        return None
+    return _decode(weights, encoder_hidden, attention_mask, decoder_input_ids)
+
+
+def prepare_sampling(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     max_len: int) -> tuple[torch.Tensor, "FusedT5Stepper | None"]:
+    """The encoder output and a :class:`FusedT5Stepper` for a rollout; ``(HF encoder output,
+    None)`` when ``model`` cannot take the fused path (the caller then steps its ``forward``).
+
+    Args:
+        input_ids, attention_mask: right-padded prompts, ``(batch, prompt_len)``.
+        max_len: decoder positions to allocate.
+    """
+    if is_fused_t5(model):
+        try:
+            weights = _DecoderWeights(model)  # raises before any compute, as _encode does
+            encoder_hidden = _encode(model, input_ids, attention_mask)
+            return encoder_hidden, FusedT5Stepper(weights, encoder_hidden, attention_mask, max_len)
+        except _Unsupported:
+            pass
+    encoder = model.get_encoder()
+    return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state, None

@@ -5,12 +5,10 @@ import pytest
 import torch
 from transformers import ByT5Tokenizer
 
-from flan_rlhf import rollout as rollout_lib
 from flan_rlhf.policy import ActorCritic, LoraSettings, build_t5_from_config
 from flan_rlhf.ppo import logprobs_from_logits
 from flan_rlhf.rollout import (
     collect_experience,
-    encode_prompts,
     evaluate_responses,
     reference_logprobs,
     response_mask,
@@ -19,6 +17,7 @@ from flan_rlhf.rollout import (
     tokenize_prompts,
 )
 from flan_rlhf.settings import GenerationSettings
+from flan_rlhf.t5_fused import encode_prompts, set_fused_kernels
 
 PROMPTS = ["alpha bravo charlie", "the quick river", "a", "summarize the ancient city of gold and iron towers",
            "red", "modern bridge over the ocean"]
@@ -109,13 +108,13 @@ def test_sampling_statistics_match_a_teacher_forced_forward(tokenizer, lora, tem
         assert (ref - logprobs)[keep].abs().max() > 1e-3
 
 
-def test_generic_cached_forward_path_matches_the_t5_fast_path(tokenizer, monkeypatch):
+def test_generic_cached_forward_path_matches_the_t5_fast_path(tokenizer):
     actor = _actor(tokenizer, lora=True)
     ids, mask = _prompts(tokenizer)
     settings = GenerationSettings(max_new_tokens=10)
     torch.manual_seed(5)
     fast = sample_with_statistics(actor, ids, mask, settings, tokenizer)
-    monkeypatch.setattr(rollout_lib._FusedT5Stepper, "create", classmethod(lambda cls, *a: None))
+    set_fused_kernels(actor.base_model, False)  # HF encoder + stepping the model's own forward
     torch.manual_seed(5)
     generic = sample_with_statistics(actor, ids, mask, settings, tokenizer)
     assert torch.equal(fast.responses, generic.responses)

@@ -67,8 +67,8 @@ def test_actor_critic_forward_takes_the_fused_path_and_matches_hf(tokenizer, mon
     actor = _actor(tokenizer, lora=True)
     ids, mask, decoder_input_ids, responses = _batch(tokenizer)
     calls = []
-    real = t5_fused.decode_teacher_forced
-    monkeypatch.setattr(t5_fused, "decode_teacher_forced", lambda *a: calls.append(1) or real(*a))
+    real = t5_fused._decode  # the fused decoder computation
+    monkeypatch.setattr(t5_fused, "_decode", lambda *a: calls.append(1) or real(*a))
     logits, values = actor(ids, mask, decoder_input_ids)
     assert len(calls) == 1
     hf_hidden, hf_logits = _hf_forward(actor, ids, mask, decoder_input_ids)
