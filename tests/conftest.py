@@ -21,6 +21,29 @@ from flan_rlhf.rewards.base import Reward
 TINY_T5 = dict(d_model=64, d_ff=128, num_layers=2, num_heads=4)
 
 
+def shrunk_tiny_config(out_dir, max_new_tokens: int, **trainer_updates) -> dict:
+    """``configs/tiny.yaml`` as a dict, shrunk for subprocess tests: no logger, batches of 8,
+    ``max_new_tokens`` new tokens, only the ``ModelCheckpoint`` callback (a checkpoint every
+    iteration in ``out_dir/ckpt``), the adapter exported to ``out_dir/adapter``; ``trainer_updates``
+    go into ``trainer`` (e.g. ``max_steps``)."""
+    from pathlib import Path
+
+    import yaml
+
+    out_dir = Path(out_dir)
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(logger=False, **trainer_updates)
+    checkpoint = next(c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    checkpoint["init_args"].update(dirpath=str(out_dir / "ckpt"), every_n_train_steps=1)
+    trainer["callbacks"] = [checkpoint]
+    model = config["model"]["init_args"]
+    model["generation"]["max_new_tokens"] = max_new_tokens
+    model["export_dir"] = str(out_dir / "adapter")
+    config["data"]["init_args"].update(batch_size=8, eval_batch_size=8)
+    return config
+
+
 def tiny_policy_spec() -> PolicySpec:
     """A FLAN-T5-architecture model (T5 v1.1) of ~0.25M parameters with the ByT5 byte vocabulary."""
     return PolicySpec(tokenizer="byt5", t5_config=dict(TINY_T5))

@@ -35,25 +35,15 @@ from safetensors.torch import save_file
 
 from flan_rlhf.cli import main
 from flan_rlhf.rewards.base import Reward
+from tests.conftest import shrunk_tiny_config
 from tests.test_data_bad_input import CASES as DATA_CASES
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ helpers
 def earlier_run_config(tmp: Path, edit: Callable[[dict], None] | None = None) -> Path:
     """``configs/tiny.yaml`` shrunk to one tiny iteration, with outputs under ``tmp`` that already
     hold an earlier run's files: ``ckpt/last.ckpt`` and ``adapter/adapter_model.safetensors``."""
-    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    trainer = config["trainer"]
-    trainer.update(max_steps=1, limit_val_batches=0, logger=False)
-    checkpoint = next(c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
-    checkpoint["init_args"].update(dirpath=str(tmp / "ckpt"), every_n_train_steps=1)
-    trainer["callbacks"] = [checkpoint]
-    model = config["model"]["init_args"]
-    model["generation"]["max_new_tokens"] = 4
-    model["export_dir"] = str(tmp / "adapter")
-    config["data"]["init_args"].update(batch_size=8, eval_batch_size=8)
+    config = shrunk_tiny_config(tmp, max_new_tokens=4, max_steps=1, limit_val_batches=0)
     if edit is not None:
         edit(config)
     (tmp / "ckpt").mkdir(parents=True, exist_ok=True)

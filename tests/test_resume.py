@@ -22,8 +22,8 @@ import yaml
 from safetensors.torch import load_file
 
 from flan_rlhf.checkpointing import newest_complete_checkpoint, read_checkpoint_file
+from tests.conftest import shrunk_tiny_config
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 6
 KILL_AFTER_STEP = 3
 RUN_TIMEOUT_S = 300
@@ -32,16 +32,7 @@ RUN_TIMEOUT_S = 300
 def resume_config(run_dir: Path) -> Path:
     """``configs/tiny.yaml`` shrunk (batch 8, 8 new tokens, 6 iterations), a checkpoint every
     iteration, validation every 3 iterations, and every output under ``run_dir``."""
-    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    trainer = config["trainer"]
-    trainer.update(max_steps=MAX_STEPS, val_check_interval=3, logger=False)
-    checkpoint = next(c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
-    checkpoint["init_args"].update(dirpath=str(run_dir / "ckpt"), every_n_train_steps=1)
-    trainer["callbacks"] = [checkpoint]
-    model = config["model"]["init_args"]
-    model["generation"]["max_new_tokens"] = 8
-    model["export_dir"] = str(run_dir / "adapter")
-    config["data"]["init_args"].update(batch_size=8, eval_batch_size=8)
+    config = shrunk_tiny_config(run_dir, max_new_tokens=8, max_steps=MAX_STEPS, val_check_interval=3)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
