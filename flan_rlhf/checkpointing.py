@@ -141,6 +141,32 @@ def read_checkpoint_file(path: str, trusted: bool = False, mmap: bool = False) -
         raise CheckpointError(unsafe_checkpoint_message(path, err)) from err
 
 
+def state_dict_mismatch(saved: dict[str, Any], own: dict[str, Any], required: set[str] | None = None) -> str | None:
+    """Why the checkpoint's ``saved`` tensors cannot load into a module whose state dict is ``own``.
+
+    Args:
+        saved: ``checkpoint["state_dict"]``.
+        own: the module's ``state_dict()``.
+        required: keys ``saved`` must hold (default: all of ``own``); a LoRA checkpoint holds only
+            the trainable part.
+
+    Returns:
+        ``None`` when every saved tensor has a home of the same shape and every required key is
+        saved, else one phrase naming the first problem (a changed LoRA rank or model size shows
+        up as a shape, changed target modules as unexpected keys).
+    """
+    required = set(own) if required is None else required
+    for key, value in saved.items():
+        if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
+            return f"'{key}' has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in this model"
+    unknown = [key for key in saved if key not in own]
+    missing = sorted(required - set(saved))
+    if unknown or missing:
+        return (f"{len(unknown)} checkpoint tensors have no place in this model (e.g. {unknown[:2]}) and "
+                f"{len(missing)} of its trained tensors are not in the checkpoint (e.g. {missing[:2]})")
+    return None
+
+
 def checkpoint_problem(path: str) -> str | None:
     """Why ``path`` is not a complete checkpoint, or ``None`` if it is (zip CRCs all match)."""
     if not os.path.isfile(path):

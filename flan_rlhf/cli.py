@@ -16,7 +16,7 @@ import warnings
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from flan_rlhf.checkpointing import (
     AtomicCheckpointIO,
@@ -41,6 +41,49 @@ TOOLS = {
 _ATOMIC_IO_STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "single_device", "fsdp"}
 
 
+class SaveResolvedConfig(SaveConfigCallback):
+    """Lightning's copy of the resolved config, written into the run's folder and never over a file.
+
+    Lightning writes ``<trainer.log_dir>/config.yaml`` and, with no logger, ``log_dir`` is the
+    working directory: ``fit --config config.yaml`` replaced the user's own file. Here the copy
+    goes to the logger's version folder, or with no logger to the ``ModelCheckpoint`` folder (else
+    ``default_root_dir``), under the first free name ``config.yaml``, ``config-2.yaml``, ...
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        folder = run_folder(trainer)  # on every rank: trainer.log_dir is a collective (it broadcasts)
+        path = None
+        if trainer.is_global_zero:
+            os.makedirs(folder, exist_ok=True)
+            path = first_free_name(folder, self.config_filename)
+        path = trainer.strategy.broadcast(path)
+        if trainer.is_global_zero:
+            self.parser.save(self.config, path, skip_none=False, overwrite=False, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+
+
+def run_folder(trainer: L.Trainer) -> str:
+    """The folder a run's own files belong in: the logger's version folder, else the checkpoint folder."""
+    if trainer.loggers and trainer.log_dir:
+        return trainer.log_dir
+    callback = trainer.checkpoint_callback
+    dirpath = getattr(callback, "dirpath", None) if callback is not None else None
+    return str(dirpath or trainer.default_root_dir)
+
+
+def first_free_name(folder: str, filename: str) -> str:
+    """``folder/filename`` if free, else ``folder/<stem>-2<suffix>``, ``-3``, ... (the first that is)."""
+    stem, suffix = os.path.splitext(filename)
+    candidate, n = os.path.join(folder, filename), 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = os.path.join(folder, f"{stem}-{n}{suffix}")
+    return candidate
+
+
 class FlanRLHFCLI(LightningCLI):
     """LightningCLI with atomic checkpoint writes, safe loads and crash-safe ``--ckpt_path`` resolution.
 
@@ -58,33 +101,15 @@ class FlanRLHFCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning 2.6's step that reads ``hyper_parameters`` from ``--ckpt_path`` into the config,
-        made safe: the path is checked first (missing or cut short: one line), the peek is a
-        ``weights_only`` load that allows numpy arrays (Lightning's plain one refuses them), it
-        honours ``--weights_only false``, and ``mmap`` leaves tensor data on disk.
-        Mirrors ``LightningCLI._parse_ckpt_path`` (lightning/pytorch/cli.py) otherwise.
-        """
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        stage_config = self.config[subcommand]
-        requested = stage_config.get("ckpt_path")
-        if not requested or requested == "last":
-            return
-        path = resolve_ckpt_path(requested, None, fresh_start_allowed=False).path
-        if path is None or not os.path.isfile(path):
-            return  # keywords and URLs: Lightning resolves them later
-        checkpoint = read_checkpoint_file(path, trusted=stage_config.get("weights_only") is False, mmap=True)
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        if not hparams:
-            return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        """Lightning 2.6 reads ``hyper_parameters`` from ``--ckpt_path`` over the config here, so a
+        checkpoint's settings beat the command line's (``export_dir`` included). A checkpoint
+        restores state, not settings: the stored settings are compared with the run's in
+        :meth:`_check_checkpoint_settings` instead."""
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path("fit")
+        if not self.config_init["fit"].get("ckpt_path") and hasattr(self.model, "check_export_target"):
+            self.model.check_export_target()  # a fresh run: refuse a folder it would lose before loading any model
         self._set_up_reward()
 
     def before_validate(self) -> None:
@@ -107,17 +132,38 @@ class FlanRLHFCLI(LightningCLI):
         config = self.config_init[subcommand]
         checkpoint_dir = self._checkpoint_dir()
         requested = config.get("ckpt_path")
-        if requested == "last":  # explicit paths were checked in _parse_ckpt_path
+        if requested:
             resolution = resolve_ckpt_path(requested, checkpoint_dir, fresh_start_allowed=subcommand == "fit")
             for message in resolution.messages:
                 _say(message)
             config["ckpt_path"] = resolution.path
+            if resolution.path is not None and os.path.isfile(resolution.path):  # keywords, URLs, DeepSpeed folders: Lightning's
+                self._check_checkpoint_settings(resolution.path, trusted=config.get("weights_only") is False)
         if subcommand == "fit" and not requested and checkpoint_dir and checkpoints_newest_first(checkpoint_dir):
             _say(f"warning: {checkpoint_dir} already holds checkpoints and this run starts from scratch, so it will "
                  "overwrite same-named ones - to continue the earlier run, stop and pass --ckpt_path last")
 
+    def _check_checkpoint_settings(self, path: str, trusted: bool) -> None:
+        """Stop on a stored setting the weights depend on that this run changes; note the others.
+
+        Raises:
+            CheckpointError: one line naming the field and both values.
+        """
+        from flan_rlhf.resume_settings import conflict_message, difference_line, split_differences
+
+        checkpoint = read_checkpoint_file(path, trusted=trusted, mmap=True)  # mmap: tensor data stays on disk
+        stored = checkpoint.get("hyper_parameters")
+        given = getattr(self.model, "hparams", None)
+        if not stored or given is None:
+            return
+        conflicts, harmless = split_differences(stored, given, getattr(self.model, "FIXED_BY_CHECKPOINT", ()))
+        if conflicts:
+            raise CheckpointError(conflict_message(path, conflicts))
+        for difference in harmless:
+            _say(difference_line(difference))
+
     def _set_up_reward(self) -> None:
-        from flan_rlhf.rewards.base import Reward
+        from flan_rlhf.rewards.base import Reward, RewardSetupError
 
         reward = getattr(self.model, "reward", None)
         if not isinstance(reward, Reward):
@@ -125,14 +171,11 @@ class FlanRLHFCLI(LightningCLI):
         try:
             reward.setup("cpu")  # idempotent; the module moves it to its device later
         except (OSError, ValueError, ImportError) as err:
-            raise RewardSetupError(f"reward '{reward.name}' cannot be set up: {_first_line(err)}") from err
+            raise RewardSetupError(f"reward '{reward.name}' cannot be set up: {first_line(err)}") from err
 
 
-class RewardSetupError(RuntimeError):
-    """A reward that cannot load (missing checkpoint offline, unknown label...)."""
-
-
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an error's message (its type name if it has none)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
 
@@ -145,10 +188,12 @@ def known_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already names the problem and the fix: shown as one line, exit code 2."""
     from flan_rlhf.data import DataConfigError
     from flan_rlhf.guards import NonFiniteError
+    from flan_rlhf.output_dirs import OutputDirError
     from flan_rlhf.policy import ModelLoadError
-    from flan_rlhf.rewards.base import RewardOutputError
+    from flan_rlhf.rewards.base import RewardOutputError, RewardSetupError
 
-    return (CheckpointError, DataConfigError, ModelLoadError, RewardOutputError, RewardSetupError, NonFiniteError)
+    return (CheckpointError, DataConfigError, ModelLoadError, OutputDirError, RewardOutputError, RewardSetupError,
+            NonFiniteError)
 
 
 def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
@@ -171,7 +216,7 @@ def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=SaveResolvedConfig,
             parser_kwargs={**raise_parse_errors, **{name: dict(raise_parse_errors) for name in LightningCLI.subcommands()}},
             args=args,
         )
@@ -231,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, known_errors()):
             raise
         log.debug("known error", exc_info=True)
-        _say(f"error: {_first_line(err)}")
+        _say(f"error: {first_line(err)}")
         return 2
     return 0
 

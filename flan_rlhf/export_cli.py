@@ -10,8 +10,10 @@ Inputs (one of):
                         ``export --adapter-only``) plus its base (``--base`` or the adapter's
                         ``base_model_name_or_path``).
 
-Outputs (one per call, written to a temporary sibling folder and renamed into place; an
-existing ``--out`` is only replaced with ``--overwrite``):
+Outputs (one per call, written to a temporary sibling folder and renamed into place). An
+existing ``--out`` is replaced only with ``--overwrite`` and only if it is an earlier flan-rlhf
+export holding nothing else; a folder of checkpoints, the input itself or anything the user made
+is never replaced (:mod:`flan_rlhf.output_dirs`).
   default           a plain Hugging Face model folder with LoRA merged into the base weights
                     (safetensors), fp32 or ``--dtype bf16``, plus the tokenizer. Plain
                     ``AutoModelForSeq2SeqLM.from_pretrained(out)`` loads it.
@@ -21,7 +23,7 @@ existing ``--out`` is only replaced with ``--overwrite``):
   ``--adapter-only``  the LoRA adapter (peft format) + value head + tokenizer
                     (:func:`flan_rlhf.export.save_adapter`).
 
-Every output also holds ``flan_rlhf_export.json`` naming its source and format.
+Every output also holds the manifest ``flan_rlhf_export.json``: source, format and files written.
 """
 from __future__ import annotations
 
@@ -29,17 +31,16 @@ import argparse
 import json
 import os
 import pickle
-import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from flan_rlhf.output_dirs import MANIFEST, atomic_output_dir, check_replaceable
 from flan_rlhf.policy import ActorCritic, LoraSettings, ModelLoadError, PolicySpec, load_policy_model
 
-EXPORT_INFO = "flan_rlhf_export.json"
+EXPORT_INFO = MANIFEST
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -68,39 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--int8", action="store_true", help="write an int8 dynamic quantisation (CPU serving; read by flan-rlhf generate)")
     kind.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter + value head + tokenizer only")
     parser.add_argument("--per-channel", action="store_true", help="with --int8: one scale per output row instead of per matrix")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is an earlier flan-rlhf export (nothing else is ever replaced)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load the checkpoint with full pickle (runs code stored in the file): only for files you made")
     return parser
-
-
-# ----------------------------------------------------------------------------- atomic folders
-def check_output_dir(out_dir: str, overwrite: bool) -> None:
-    """Refuse to clobber: ``out_dir`` must not exist unless ``overwrite``, and must not be a file."""
-    if os.path.isfile(out_dir):
-        raise FileExistsError(f"--out '{out_dir}' is a file - pass a folder path")
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"output folder '{out_dir}' already exists - pass --overwrite to replace it or choose another --out")
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str, overwrite: bool) -> Iterator[str]:
-    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
-    from flan_rlhf.export import _atomic_dir, _commit_dir
-
-    check_output_dir(out_dir, overwrite)
-    tmp = _atomic_dir(out_dir)
-    try:
-        yield tmp
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_info(folder: str, info: dict[str, Any]) -> None:
-    with open(os.path.join(folder, EXPORT_INFO), "w", encoding="utf-8") as handle:
-        json.dump(info, handle, indent=2, sort_keys=True, default=str)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -240,37 +213,36 @@ def prepare_for_inference(model, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------- writing
-def write_merged(model, tokenizer, out_dir: str, overwrite: bool, info: dict[str, Any]) -> str:
+def output_check(args: argparse.Namespace) -> dict[str, Any]:
+    """What :func:`flan_rlhf.output_dirs.check_replaceable` needs to guard ``--out``."""
+    inputs = [args.ckpt, args.adapter, args.base if args.base and os.path.exists(args.base) else None]
+    return {"overwrite": args.overwrite, "opt_in": "--overwrite", "what": f"--out '{args.out}'", "inputs": inputs}
+
+
+def write_merged(model, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any]) -> str:
     """A plain HF folder (safetensors + config + generation config + tokenizer)."""
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, info, **check) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_info(tmp, info)
     return out_dir
 
 
-def write_int8(model, tokenizer, out_dir: str, overwrite: bool, info: dict[str, Any], per_channel: bool = False) -> str:
+def write_int8(model, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any], per_channel: bool = False) -> str:
     """An int8 folder read by :func:`flan_rlhf.quantize.load_int8`."""
     from flan_rlhf.quantize import quantize_int8, save_int8
 
     quantized = quantize_int8(model, per_channel=per_channel)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, info, **check) as tmp:
         save_int8(quantized, tmp, tokenizer, info)
-        _write_info(tmp, info)
     return out_dir
 
 
-def write_adapter(actor: ActorCritic, tokenizer, out_dir: str, overwrite: bool, info: dict[str, Any]) -> str:
+def write_adapter(actor: ActorCritic, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any]) -> str:
     """peft adapter folder + value head + tokenizer (a whole model folder for full fine-tuning)."""
     from flan_rlhf.export import save_adapter
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        inner = os.path.join(tmp, "adapter")
-        save_adapter(actor, tokenizer, inner)
-        for name in os.listdir(inner):
-            os.replace(os.path.join(inner, name), os.path.join(tmp, name))
-        os.rmdir(inner)
-        _write_info(tmp, info)
+    with atomic_output_dir(out_dir, info, **check) as tmp:
+        save_adapter(actor, tokenizer, tmp)
     return out_dir
 
 
@@ -290,9 +262,10 @@ def export(args: argparse.Namespace) -> str:
         raise UsageError("--dtype applies to merged exports; the adapter is written in its training dtype")
     if args.per_channel and not args.int8:
         raise UsageError("--per-channel only applies with --int8")
-    check_output_dir(args.out, args.overwrite)
+    check = output_check(args)
+    check_replaceable(args.out, **check)
     kind = "adapter" if args.adapter_only else ("int8" if args.int8 else "merged")
-    info: dict[str, Any] = {"format": kind, "dtype": "int8" if args.int8 else args.dtype,
+    info: dict[str, Any] = {"format": kind, "written_by": "flan-rlhf export", "dtype": "int8" if args.int8 else args.dtype,
                             "flan_rlhf_version": __version__, "torch_version": torch.__version__}
     if args.ckpt:
         checkpoint = read_checkpoint(args.ckpt, args.trust_checkpoint)
@@ -308,7 +281,7 @@ def export(args: argparse.Namespace) -> str:
                     "this policy's base was built from t5_config and exists only inside the checkpoint, so an adapter "
                     "alone could never be loaded - export the merged model instead (drop --adapter-only)"
                 )
-            write_adapter(actor, tokenizer, args.out, args.overwrite, info)
+            write_adapter(actor, tokenizer, args.out, info, check)
             return f"wrote {'LoRA adapter' if actor.uses_lora else 'full model'} + value head to {args.out} ({_folder_mb(args.out):.1f} MB)"
         from flan_rlhf.export import merged_model
 
@@ -319,9 +292,9 @@ def export(args: argparse.Namespace) -> str:
         info["source"] = {"adapter": os.path.abspath(args.adapter), "base": base}
     model = prepare_for_inference(model, DTYPES[args.dtype])
     if args.int8:
-        write_int8(model, tokenizer, args.out, args.overwrite, info, per_channel=args.per_channel)
+        write_int8(model, tokenizer, args.out, info, check, per_channel=args.per_channel)
     else:
-        write_merged(model, tokenizer, args.out, args.overwrite, info)
+        write_merged(model, tokenizer, args.out, info, check)
     label = "int8 (dynamic quantisation)" if args.int8 else f"merged {args.dtype}"
     return f"wrote {label} model to {args.out} ({_folder_mb(args.out):.1f} MB)"
 

@@ -85,11 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- prompts
 def read_prompts(path: str, field: str = "prompt", template: str = "raw") -> list[dict[str, Any]]:
     """Rows ``{"prompt": templated text, "id"?: ...}`` from a ``.txt`` or ``.jsonl`` file, in file order."""
-    from flan_rlhf.data.templates import apply_template, resolve_template
+    from flan_rlhf.data.templates import resolve_template
 
     template = resolve_template(template)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--input '{path}' does not exist - pass a .txt (one prompt per line) or .jsonl file")
+    try:
+        rows = _read_prompt_rows(path, field, template)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--input '{path}' is not UTF-8 text (it holds byte {err.object[err.start]:#04x}) - "
+                         "pass a .txt (one prompt per line) or .jsonl file saved as UTF-8") from None
+    if not rows:
+        raise ValueError(f"--input '{path}' holds no prompts")
+    return rows
+
+
+def _read_prompt_rows(path: str, field: str, template) -> list[dict[str, Any]]:
+    from flan_rlhf.data.templates import apply_template
+
     rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as handle:
         if path.endswith(".jsonl"):
@@ -110,8 +123,6 @@ def read_prompts(path: str, field: str = "prompt", template: str = "raw") -> lis
             rows = [{"prompt": apply_template(template, line.rstrip("\n"))} for line in handle if line.strip()]
         else:
             raise ValueError(f"--input '{path}' must end in .txt (one prompt per line) or .jsonl")
-    if not rows:
-        raise ValueError(f"--input '{path}' holds no prompts")
     return rows
 
 

@@ -15,11 +15,12 @@ import lightning as L
 import torch
 
 from flan_rlhf import ppo
-from flan_rlhf.checkpointing import capture_rng_states, restore_rng_states
+from flan_rlhf.checkpointing import CheckpointError, capture_rng_states, restore_rng_states, state_dict_mismatch
 from flan_rlhf.rewards.shaping import RewardShaper
 from flan_rlhf.evaluation_step import EvaluationMixin
 from flan_rlhf.guards import NonFiniteGuard
 from flan_rlhf.optim import adamw
+from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
 from flan_rlhf.rewards.base import Reward
 from flan_rlhf.rollout import Rollout, collect_experience, response_mask, shift_right, tokenize_prompts
@@ -30,7 +31,7 @@ from flan_rlhf.t5_fused import set_fused_kernels
 log = logging.getLogger(__name__)
 
 
-class PPOModule(EvaluationMixin, L.LightningModule):
+class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
     """RLHF-PPO of a seq2seq policy with LoRA against a reward.
 
     Args:
@@ -49,7 +50,11 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             TensorBoard every N iterations; 0 disables.
         num_log_samples: rows in that table.
         export_dir: at the end of ``fit``, save the LoRA adapter (peft format), value head and
-            tokenizer here (rank 0). ``null`` disables.
+            tokenizer here (rank 0). ``null`` disables. A folder that already holds anything but
+            an earlier export of this same run is refused before training starts
+            (:mod:`flan_rlhf.output_dirs`).
+        overwrite_export_dir: allow replacing an earlier flan-rlhf export of another run in
+            ``export_dir``. Never replaces a folder holding files flan-rlhf did not write.
         eval_generation: sampling settings for validate/test/predict; ``null`` reuses
             ``generation``.
         fused_kernels: T5-family policies sample, score and train through
@@ -57,6 +62,9 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             equality tested). ``false`` runs the model's own ``forward`` everywhere. Always off
             under FSDP / DeepSpeed / ModelParallel strategies.
     """
+
+    # settings the stored weights depend on: resuming with other values stops (flan_rlhf.resume_settings)
+    FIXED_BY_CHECKPOINT = ("policy.t5_config", "lora.r", "lora.alpha", "lora.target_modules")
 
     def __init__(
         self,
@@ -72,6 +80,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         log_samples_every_n_steps: int = 10,
         num_log_samples: int = 4,
         export_dir: str | None = None,
+        overwrite_export_dir: bool = False,
         eval_generation: GenerationSettings | None = None,
         fused_kernels: bool = True,
     ):
@@ -179,6 +188,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
+        super().on_train_start()  # refuses an export folder that the end of fit would lose
         if self._resumed_from is not None:
             msg = f"resumed from step {self.global_step} ({self._resumed_from})"
             log.warning(msg)
@@ -369,6 +379,7 @@ class PPOModule(EvaluationMixin, L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         keep_base = self.policy_spec.name_or_path is None  # built from config: the base is part of the run
         trainable = {f"actor.{k}" for k in self.actor.trainable_state_dict()}
@@ -383,22 +394,23 @@ class PPOModule(EvaluationMixin, L.LightningModule):
             "kl_controller": self.kl_controller.state_dict(),
             "shaper": self.shaper.state_dict(),
             "guard": self.guard.state_dict(),
+            "vocab_size": len(self.tokenizer),
             # tensors and plain numbers only: the checkpoint loads with torch.load(weights_only=True)
             "rng": capture_rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.configure_model()
-        saved = checkpoint.get("state_dict", {})
-        own = set(self.state_dict())
-        unknown = [k for k in saved if k not in own]
         trainable = {f"actor.{k}" for k in self.actor.trainable_state_dict()}
-        missing = sorted(trainable - set(saved))
-        if unknown or missing:
-            raise ValueError(
-                f"checkpoint does not match this model ({len(unknown)} unexpected keys, e.g. {unknown[:2]}; "
-                f"{len(missing)} missing trainable keys, e.g. {missing[:2]}) - resume with the same policy, lora and t5_config settings it was trained with"
-            )
+        problem = state_dict_mismatch(checkpoint.get("state_dict", {}), self.state_dict(), required=trainable)
+        if problem is None:
+            stored_vocab = (checkpoint.get("flan_rlhf") or {}).get("vocab_size")
+            if stored_vocab is not None and stored_vocab != len(self.tokenizer):
+                problem = f"its tokenizer had {stored_vocab} tokens, this run's has {len(self.tokenizer)}"
+        if problem is not None:
+            raise CheckpointError(f"checkpoint does not fit this model: {problem} - resume with the policy, lora and "
+                                  "tokenizer settings it was trained with, or start a fresh run without --ckpt_path")
         if "flan_rlhf_reference" in checkpoint and self.actor.frozen_reference is not None:
             self.actor.frozen_reference.load_state_dict(checkpoint["flan_rlhf_reference"])
         extra = checkpoint.get("flan_rlhf")
@@ -410,12 +422,17 @@ class PPOModule(EvaluationMixin, L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._resumed_from = str(self.trainer.ckpt_path)
 
+    def export_target(self) -> tuple[str | None, bool, str]:
+        return self.hparams.export_dir, self.hparams.overwrite_export_dir, "--model.init_args.overwrite_export_dir true"
+
     def on_train_end(self) -> None:
-        export_dir = self.hparams.export_dir
-        if export_dir and self.global_rank == 0:
+        if self.hparams.export_dir and self.global_rank == 0:
             from flan_rlhf.export import save_adapter
 
-            save_adapter(self.actor, self.tokenizer, export_dir)
+            manifest = {"format": "adapter" if self.actor.uses_lora else "full model", "written_by": "flan-rlhf fit (PPOModule)",
+                        "global_step": self.global_step}
+            with self.export_folder(manifest) as folder:
+                save_adapter(self.actor, self.tokenizer, folder)
 
 
 def shards_weights(strategy) -> bool:

@@ -10,6 +10,10 @@ Input (by suffix): ``.jsonl``, ``.json`` (a list of records, or JSON lines), ``.
 (quoted newlines inside fields are fine), ``.parquet``. Output: JSON lines, each the input
 row plus one column per reward component plus ``reward``. Rows whose text is missing or blank
 are not scored; the final line says how many were scored and how many skipped, and why.
+
+A score that is NaN or infinite (a reward that failed on a text) is written as ``null``, counted
+on the final line, and makes the exit status 2 unless ``--allow-nonfinite`` is given. Bad input
+(a missing, binary or unparseable file, a reward that cannot load) is one ``error:`` line, exit 2.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from jsonargparse import ArgumentParser
 from tqdm import tqdm
 
 import flan_rlhf.rewards  # noqa: F401 - registers every Reward subclass for --reward NAME
-from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rewards.base import Reward, RewardSetupError
 from flan_rlhf.rewards.text_batches import batched
 
 READERS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -53,6 +57,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="texts per reward call")
     parser.add_argument("--device", type=str, default="cpu", help="device for model rewards, e.g. cuda:0")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="exit 0 even when some scores are NaN/inf (they are written as null either way)")
     return parser
 
 
@@ -69,6 +75,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist: check --input")
+    with path.open("rb") as handle:
+        head = handle.read(8192)
+    if b"\x00" in head and path.suffix.lower() != ".parquet":
+        raise ValueError(f"input file {path} is binary, not {path.suffix} text: pass a .jsonl, .json, .csv or .parquet file")
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"cannot read {path} (suffix {path.suffix!r}): use .jsonl, .json, .csv or .parquet")
@@ -149,8 +159,24 @@ def score_rows(
     return totals, parts
 
 
+def nonfinite_rows(totals: list[float], components: dict[str, list[float]]) -> list[int]:
+    """Positions whose total or any component score is NaN or infinite."""
+    columns = [totals, *components.values()]
+    return [i for i in range(len(totals)) if not all(math.isfinite(column[i]) for column in columns)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``flan-rlhf score``; returns the process exit code (0 on success)."""
+    """Run ``flan-rlhf score``; returns 0 on success, 2 on bad input or non-finite scores (one line on stderr)."""
+    from flan_rlhf.cli import first_line
+
+    try:
+        return _score(argv)
+    except (OSError, ValueError, RewardSetupError) as err:  # RewardOutputError is a ValueError
+        print(f"error: {first_line(err)}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _score(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     output = Path(args.output)
@@ -165,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{option} {column!r} is not a column of {args.input}; columns: {list(table.columns)}"
             )
 
+    from flan_rlhf.cli import first_line
+
     reward: Reward = parser.instantiate(args).reward
-    reward.setup(torch.device(args.device))
+    try:
+        reward.setup(torch.device(args.device))
+    except (OSError, ValueError, ImportError) as err:
+        raise RewardSetupError(f"reward '{reward.name}' cannot be set up: {first_line(err)}") from err
 
     kept_rows: list[int] = []
     texts: list[str] = []
@@ -204,7 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     skipped_total = sum(skipped.values())
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
     why = f" ({reasons} text in '{args.text_column}')" if skipped_total else ""
-    print(f"scored {len(texts)} rows, skipped {skipped_total}{why}; wrote {output}")
+    bad = nonfinite_rows(totals, components)
+    nonfinite = f", {len(bad)} not finite (NaN/inf, written as null)" if bad else ""
+    print(f"scored {len(texts)} rows, skipped {skipped_total}{why}{nonfinite}; wrote {output}")
+    if bad and not args.allow_nonfinite:
+        rows = ", ".join(str(kept_rows[i]) for i in bad[:5])
+        print(f"error: reward '{reward.name}' gave NaN/inf for {len(bad)} of {len(texts)} texts (input rows {rows}"
+              f"{', ...' if len(bad) > 5 else ''}; 0-based) - fix the reward, or pass --allow-nonfinite to accept them",
+              file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

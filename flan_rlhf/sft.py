@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 
+from flan_rlhf.checkpointing import CheckpointError, state_dict_mismatch
 from flan_rlhf.optim import adamw
+from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.policy import LoraSettings, PolicySpec, load_policy_model
 
 IGNORE_INDEX = -100  # label value torch's cross_entropy (and HF) skip
@@ -94,33 +92,7 @@ def first_references(batch: dict[str, Any]) -> list[str]:
     return [refs[0] for refs in batch["references"]]
 
 
-def save_pretrained_atomically(model: Any, tokenizer: Any, save_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` model and tokenizer into a temporary sibling folder, then rename.
-
-    An existing ``save_dir`` is moved aside first and deleted after the rename, so ``save_dir``
-    is never half-written (at worst, after a crash between the two renames, it is missing
-    and ``.<name>.old-*`` holds the previous version).
-    """
-    target = Path(save_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = None
-    try:
-        model.save_pretrained(tmp)  # safetensors (the default of transformers >= 4.35)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-class SFTModule(L.LightningModule):
+class SFTModule(GuardedExportMixin, L.LightningModule):
     """Supervised fine-tuning of a Hugging Face encoder-decoder: cross-entropy of ``references[0]``.
 
     Args:
@@ -140,7 +112,14 @@ class SFTModule(L.LightningModule):
         gradient_checkpointing: recompute activations in backward to save memory.
         save_dir: folder that receives the fine-tuned model + tokenizer at the end of ``fit``
             (``save_pretrained``, safetensors; written atomically on rank 0). ``null`` disables.
+            A folder holding anything but an earlier save of this same run is refused before
+            training starts (:mod:`flan_rlhf.output_dirs`).
+        overwrite_save_dir: allow replacing an earlier flan-rlhf save of another run in
+            ``save_dir``. Never replaces a folder holding files flan-rlhf did not write.
     """
+
+    # settings the stored weights depend on: resuming with other values stops (flan_rlhf.resume_settings)
+    FIXED_BY_CHECKPOINT = ("policy.t5_config", "lora.r", "lora.alpha", "lora.target_modules")
 
     def __init__(
         self,
@@ -156,6 +135,7 @@ class SFTModule(L.LightningModule):
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
         save_dir: str | None = None,
+        overwrite_save_dir: bool = False,
     ) -> None:
         super().__init__()
         if schedule not in ("cosine", "linear", "constant"):
@@ -246,11 +226,24 @@ class SFTModule(L.LightningModule):
             return self.model
         return copy.deepcopy(self.model).merge_and_unload()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        problem = state_dict_mismatch(checkpoint.get("state_dict", {}), self.state_dict())
+        if problem is not None:
+            raise CheckpointError(f"checkpoint does not fit this model: {problem} - resume with the policy and lora "
+                                  "settings it was trained with, or start a fresh run without --ckpt_path")
+
+    def export_target(self) -> tuple[str | None, bool, str]:
+        return self.hparams.save_dir, self.hparams.overwrite_save_dir, "--model.init_args.overwrite_save_dir true"
+
     def on_fit_end(self) -> None:
         if self.hparams.save_dir is None:
             return
         if self.trainer.is_global_zero:
             model = self.merged_model()
             model.config.use_cache = True
-            save_pretrained_atomically(model, self.tokenizer, self.hparams.save_dir)
+            manifest = {"format": "model", "written_by": "flan-rlhf fit (SFTModule)", "global_step": self.global_step}
+            with self.export_folder(manifest) as folder:
+                model.save_pretrained(folder)  # safetensors (the default of transformers >= 4.35)
+                self.tokenizer.save_pretrained(folder)
         self.trainer.strategy.barrier("sft_save")

@@ -34,6 +34,7 @@ import yaml
 from safetensors.torch import save_file
 
 from flan_rlhf.cli import main
+from flan_rlhf.output_dirs import MANIFEST
 from flan_rlhf.rewards.base import Reward
 from tests.conftest import shrunk_tiny_config
 from tests.test_data_bad_input import CASES as DATA_CASES
@@ -42,14 +43,18 @@ from tests.test_data_bad_input import CASES as DATA_CASES
 # ------------------------------------------------------------------ helpers
 def earlier_run_config(tmp: Path, edit: Callable[[dict], None] | None = None) -> Path:
     """``configs/tiny.yaml`` shrunk to one tiny iteration, with outputs under ``tmp`` that already
-    hold an earlier run's files: ``ckpt/last.ckpt`` and ``adapter/adapter_model.safetensors``."""
+    hold an earlier run's files: ``ckpt/last.ckpt`` and an export ``adapter/`` (with its manifest,
+    and ``overwrite_export_dir`` on, so each case reaches the error it is about)."""
     config = shrunk_tiny_config(tmp, max_new_tokens=4, max_steps=1, limit_val_batches=0)
+    config["model"]["init_args"]["overwrite_export_dir"] = True
     if edit is not None:
         edit(config)
     (tmp / "ckpt").mkdir(parents=True, exist_ok=True)
     torch.save({"global_step": 12, "state_dict": {"w": torch.ones(3)}}, tmp / "ckpt" / "last.ckpt")
     (tmp / "adapter").mkdir(exist_ok=True)
     save_file({"w": torch.ones(3)}, str(tmp / "adapter" / "adapter_model.safetensors"))
+    manifest = {"files": ["adapter_model.safetensors"], "format": "adapter", "run_id": "earlier"}
+    (tmp / "adapter" / MANIFEST).write_text(json.dumps(manifest))
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -215,7 +215,7 @@ def test_ppo_module_checkpoint_needs_no_allow_list(tmp_path):
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "ppo.ckpt")
     loaded = torch.load(tmp_path / "ppo.ckpt", weights_only=True)
-    assert set(loaded["flan_rlhf"]) == {"kl_controller", "shaper", "guard", "rng"}
+    assert set(loaded["flan_rlhf"]) == {"kl_controller", "shaper", "guard", "rng", "vocab_size"}
     restore_rng_states(loaded["flan_rlhf"]["rng"])
 
 

@@ -195,17 +195,31 @@ def test_int8_export_loads_with_load_int8_only_and_generates(trained, merged_dir
 
 
 # ----------------------------------------------------------------------------- safety
-def test_export_refuses_to_overwrite_and_replaces_with_overwrite(trained, tmp_path, capsys):
+def test_overwrite_replaces_only_an_earlier_export(trained, tmp_path, capsys):
+    """--overwrite replaces an earlier flan-rlhf export; a user's folder, or an export with a user's
+    file added, is refused with or without it, and stays byte for byte."""
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(out)], capsys)
-    assert code == 2 and len(err) == 1 and "--overwrite" in err[0]
-    assert (out / "keep.txt").read_text() == "mine"
-    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(out), "--overwrite"], capsys)
+    for extra in ([], ["--overwrite"]):
+        code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(out), *extra], capsys)
+        assert code == 2 and len(err) == 1 and "did not write" in err[0] and "keep.txt" in err[0]
+        assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+    earlier = tmp_path / "earlier"
+    assert _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(earlier)], capsys)[0] == 0
+    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(earlier)], capsys)
+    assert code == 2 and len(err) == 1 and "pass --overwrite" in err[0]
+    (earlier / "model.safetensors").write_bytes(b"stale")
+    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(earlier), "--overwrite"], capsys)
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # no temporary folder left behind
+    assert (earlier / "model.safetensors").read_bytes() != b"stale"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folder left behind
+
+    (earlier / "notes.md").write_text("my notes")
+    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(earlier), "--overwrite"], capsys)
+    assert code == 2 and len(err) == 1 and "notes.md" in err[0]
+    assert (earlier / "notes.md").read_text() == "my notes"
 
 
 class _Gadget:

@@ -18,7 +18,6 @@ from flan_rlhf.sft import (
     SFTModule,
     first_references,
     lr_multiplier,
-    save_pretrained_atomically,
     tokenize_pairs,
 )
 
@@ -165,21 +164,6 @@ def test_lora_sft_trains_only_adapters_and_saves_them_merged(assets, tmp_path):
     module.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, module.model(**batch).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_atomic_save_replaces_an_existing_folder(assets, tmp_path):
-    from flan_rlhf.policy import build_t5_from_config
-
-    tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
-    target = tmp_path / "out"
-    save_pretrained_atomically(build_t5_from_config(len(tokenizer), **SMALL_T5, seed=1), tokenizer, target)
-    (target / "stale.txt").write_text("from the previous save")
-    second = build_t5_from_config(len(tokenizer), **SMALL_T5, seed=2)
-    save_pretrained_atomically(second, tokenizer, target)
-    assert not (target / "stale.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    reloaded = AutoModelForSeq2SeqLM.from_pretrained(target)
-    torch.testing.assert_close(reloaded.lm_head.weight, second.lm_head.weight)
 
 
 # ---------------------------------------------------------------- configs

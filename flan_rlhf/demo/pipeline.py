@@ -47,8 +47,8 @@ def _stage_overrides(root: Path, seed: int) -> list[str]:
     ]
 
 
-def run_sft(root: Path, seed: int, configs: Path, steps: int | None) -> Path:
-    """Fit the SFT stage unless ``root/sft_model`` exists; returns the model folder."""
+def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bool = False) -> Path:
+    """Fit the SFT stage unless ``root/sft_model`` holds it (``rebuild``: always); returns the model folder."""
     from flan_rlhf.cli import run_lightning_cli
 
     target = root / "sft_model"
@@ -56,14 +56,14 @@ def run_sft(root: Path, seed: int, configs: Path, steps: int | None) -> Path:
     # seed and step count it was trained with.
     key = {"tokenizer": json.loads((root / "tokenizer" / "manifest.json").read_text()), "seed": seed, "steps": steps}
     key_file = root / "sft_model.key.json"
-    if (target / "config.json").exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
+    if not rebuild and (target / "config.json").exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
         print(f"[demo] SFT model cached at {target} (use --rebuild to retrain)", flush=True)
         return target
-    shutil.rmtree(target, ignore_errors=True)
     args = ["fit", "--config", str(configs / "demo_sft.yaml"), *_stage_overrides(root, seed),
             f"--model.init_args.policy.tokenizer={root / 'tokenizer'}",
             f"--model.init_args.policy.t5_config.seed={seed}",
             f"--model.init_args.save_dir={target}",
+            "--model.init_args.overwrite_save_dir=true",  # the demo's own earlier SFT model (a stale cache)
             "--trainer.logger.init_args.name=" + f"demo_sft_seed{seed}"]
     if steps:
         args += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
@@ -82,6 +82,7 @@ def run_ppo(root: Path, seed: int, configs: Path, steps: int | None) -> tuple[Pa
             f"--model.init_args.policy.name_or_path={root / 'sft_model'}",
             f"--model.init_args.sampling_seed={seed}",
             f"--model.init_args.export_dir={root / 'ppo_adapter'}",
+            "--model.init_args.overwrite_export_dir=true",  # the demo's own earlier adapter
             f"--trainer.callbacks.init_args.dirpath={ckpt_dir}",
             "--trainer.logger.init_args.name=" + f"demo_ppo_seed{seed}"]
     if steps:
@@ -130,13 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     root, out = _paths(args.seed, args.root, args.out)
     configs = Path(args.configs) if args.configs else _configs_dir()
-    if args.rebuild:
-        shutil.rmtree(root / "sft_model", ignore_errors=True)
     print(f"[demo] 1/4 corpus and tokenizer -> {root}", flush=True)
     prepare_demo_assets(root, seed=args.seed, rebuild=args.rebuild, n_train=args.n_train, n_test=args.n_test)
     print("[demo] 2/4 supervised fine-tuning (SFT)", flush=True)
     t_sft = time.perf_counter()
-    run_sft(root, args.seed, configs, args.sft_steps)
+    run_sft(root, args.seed, configs, args.sft_steps, rebuild=args.rebuild)
     t_ppo = time.perf_counter()
     print("[demo] 3/4 PPO with LoRA against the toxicity reward", flush=True)
     ckpt, tb_logdir = run_ppo(root, args.seed, configs, args.ppo_steps)

@@ -17,6 +17,10 @@ class RewardOutputError(ValueError):
     """A reward returned something that is not one finite-or-not float per response."""
 
 
+class RewardSetupError(RuntimeError):
+    """A reward that cannot load (missing checkpoint offline, unknown label...)."""
+
+
 class Reward(abc.ABC):
     """Base class for reward sources.
 

@@ -13,6 +13,9 @@ reads the config from it before looking at ``huggingface_config_path``.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -130,13 +133,19 @@ class DetoxifyReward(Reward):
                 raise FileNotFoundError(f"Detoxify {option} {path!r} does not exist: fix the path")
         if self.checkpoint is not None and not self.trust_checkpoint:
             refuse_unsafe_pickle(self.checkpoint)
+        # torch.hub prints 'Downloading: ...' to stdout before it tries the network; offline that line
+        # would come before the one-line error, so it is held back and shown only if the load succeeds.
+        held_back = io.StringIO()
         try:
-            return Detoxify(
-                model_type=self.model_type,
-                checkpoint=self.checkpoint,
-                device="cpu",
-                huggingface_config_path=self.huggingface_config_path,
-            )
+            with contextlib.redirect_stdout(held_back):
+                detoxify = Detoxify(
+                    model_type=self.model_type,
+                    checkpoint=self.checkpoint,
+                    device="cpu",
+                    huggingface_config_path=self.huggingface_config_path,
+                )
+            sys.stdout.write(held_back.getvalue())
+            return detoxify
         except OSError as err:  # URLError, huggingface_hub offline errors and missing files are all OSError
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             if self.checkpoint is None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.rewards.preference_reward import EXPORT_METADATA_FILE, PreferenceReward
 from flan_rlhf.rewards.text_batches import forward_argument_names
 
@@ -62,7 +63,7 @@ def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
     return (chosen_rewards > rejected_rewards).float().mean()
 
 
-class PreferenceRewardModel(L.LightningModule):
+class PreferenceRewardModel(GuardedExportMixin, L.LightningModule):
     """A scalar-output sequence classifier trained with the Bradley-Terry pairwise loss.
 
     Args:
@@ -76,8 +77,14 @@ class PreferenceRewardModel(L.LightningModule):
         weight_decay: AdamW weight decay.
         max_length: truncate each (prompt, response) input to this many tokens.
         export_dir: folder to ``save_pretrained`` the model + tokenizer into when fit ends
-            (``None``: no export). Load it with :class:`PreferenceReward`.
+            (``None``: no export). Load it with :class:`PreferenceReward`. A folder holding
+            anything but an earlier export of this same run is refused before training starts.
+        overwrite_export_dir: allow replacing an earlier flan-rlhf export of another run in
+            ``export_dir``. Never replaces a folder holding files flan-rlhf did not write.
     """
+
+    # settings the stored weights depend on: resuming with other values stops (flan_rlhf.resume_settings)
+    FIXED_BY_CHECKPOINT = ("model_config",)
 
     def __init__(
         self,
@@ -88,6 +95,7 @@ class PreferenceRewardModel(L.LightningModule):
         weight_decay: float = 0.0,
         max_length: int = 512,
         export_dir: str | None = None,
+        overwrite_export_dir: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -159,7 +167,7 @@ class PreferenceRewardModel(L.LightningModule):
         )
 
     def export(self, directory: str | Path) -> Path:
-        """Save model + tokenizer (``save_pretrained``) and the training metadata to ``directory``."""
+        """Save model + tokenizer (``save_pretrained``) and the training metadata into the folder ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
@@ -168,9 +176,15 @@ class PreferenceRewardModel(L.LightningModule):
         (directory / EXPORT_METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         return directory
 
+    def export_target(self) -> tuple[str | None, bool, str]:
+        return self.hparams.export_dir, self.hparams.overwrite_export_dir, "--model.init_args.overwrite_export_dir true"
+
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            path = self.export(self.hparams.export_dir)
+            manifest = {"format": "reward model", "written_by": "flan-rlhf fit (PreferenceRewardModel)"}
+            with self.export_folder(manifest) as folder:
+                self.export(folder)
+            path = self.hparams.export_dir
             rank_zero_info(f"reward model saved to {path}; load it with PreferenceReward(path='{path}')")
 
 
