@@ -149,7 +149,7 @@ def score_rows(
     totals: list[float] = []
     parts: dict[str, list[float]] = {}
     index = list(range(len(texts)))
-    with tqdm(total=len(texts), desc="scoring", unit="text", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=len(texts), desc="scoring", unit="text", disable=not progress or not sys.stderr.isatty(), file=sys.stderr) as bar:
         for chunk in batched(index, batch_size):
             total, components = reward.score([prompts[i] for i in chunk], [texts[i] for i in chunk])
             totals.extend(total.tolist())
