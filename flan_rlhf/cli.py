@@ -107,9 +107,9 @@ class FlanRLHFCLI(LightningCLI):
         :meth:`_check_checkpoint_settings` instead."""
 
     def before_fit(self) -> None:
-        self._resolve_ckpt_path("fit")
-        if not self.config_init["fit"].get("ckpt_path") and hasattr(self.model, "check_export_target"):
-            self.model.check_export_target()  # a fresh run: refuse a folder it would lose before loading any model
+        identity_known = self._resolve_ckpt_path("fit")
+        if identity_known and hasattr(self.model, "check_export_target"):
+            self.model.check_export_target()  # refuse a folder the end of fit would lose, before loading any model
         self._set_up_reward()
 
     def before_validate(self) -> None:
@@ -128,7 +128,13 @@ class FlanRLHFCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         return None if callback is None else getattr(callback, "dirpath", None)
 
-    def _resolve_ckpt_path(self, subcommand: str) -> None:
+    def _resolve_ckpt_path(self, subcommand: str) -> bool:
+        """Resolve ``--ckpt_path`` and check the checkpoint's settings against the run's.
+
+        Returns:
+            whether the run's identity is known now: a fresh start, or a checkpoint file that was
+            read (a DeepSpeed folder or URL is read only by Lightning, later).
+        """
         config = self.config_init[subcommand]
         checkpoint_dir = self._checkpoint_dir()
         requested = config.get("ckpt_path")
@@ -139,9 +145,12 @@ class FlanRLHFCLI(LightningCLI):
             config["ckpt_path"] = resolution.path
             if resolution.path is not None and os.path.isfile(resolution.path):  # keywords, URLs, DeepSpeed folders: Lightning's
                 self._check_checkpoint_settings(resolution.path, trusted=config.get("weights_only") is False)
+            elif resolution.path is not None:
+                return False
         if subcommand == "fit" and not requested and checkpoint_dir and checkpoints_newest_first(checkpoint_dir):
             _say(f"warning: {checkpoint_dir} already holds checkpoints and this run starts from scratch, so it will "
                  "overwrite same-named ones - to continue the earlier run, stop and pass --ckpt_path last")
+        return True
 
     def _check_checkpoint_settings(self, path: str, trusted: bool) -> None:
         """Stop on a stored setting the weights depend on that this run changes; note the others.
@@ -152,6 +161,8 @@ class FlanRLHFCLI(LightningCLI):
         from flan_rlhf.resume_settings import conflict_message, difference_line, split_differences
 
         checkpoint = read_checkpoint_file(path, trusted=trusted, mmap=True)  # mmap: tensor data stays on disk
+        if hasattr(self.model, "adopt_run_id"):
+            self.model.adopt_run_id(checkpoint)  # a resumed run is the same run (its own earlier export is replaceable)
         stored = checkpoint.get("hyper_parameters")
         given = getattr(self.model, "hparams", None)
         if not stored or given is None:

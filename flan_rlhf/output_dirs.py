@@ -209,6 +209,10 @@ class GuardedExportMixin:
         super().on_save_checkpoint(checkpoint)
         checkpoint[RUN_ID_KEY] = self.run_id
 
+    def adopt_run_id(self, checkpoint: dict[str, Any]) -> None:
+        """Continue the run that wrote ``checkpoint`` (keep this id if it stores none)."""
+        self._run_id = checkpoint.get(RUN_ID_KEY) or self.run_id
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._run_id = checkpoint.get(RUN_ID_KEY) or self.run_id
+        self.adopt_run_id(checkpoint)
