@@ -44,6 +44,27 @@ def shrunk_tiny_config(out_dir, max_new_tokens: int, **trainer_updates) -> dict:
     return config
 
 
+def run_command(*argv: str) -> tuple[int, str, str]:
+    """``flan-rlhf *argv`` in-process through :func:`flan_rlhf.cli.main`: ``(exit code, stdout, stderr)``."""
+    import contextlib
+    import io
+
+    from flan_rlhf.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argument errors exit like argparse
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``error: ...`` lines of a command's stderr."""
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
 def tiny_policy_spec() -> PolicySpec:
     """A FLAN-T5-architecture model (T5 v1.1) of ~0.25M parameters with the ByT5 byte vocabulary."""
     return PolicySpec(tokenizer="byt5", t5_config=dict(TINY_T5))

@@ -7,8 +7,6 @@ one tiny iteration, and only that entry point, so the file also runs against an 
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import urllib.error
@@ -18,27 +16,11 @@ import pytest
 import torch
 import yaml
 
-from flan_rlhf.cli import main
 from flan_rlhf.rewards.base import Reward
-from tests.conftest import shrunk_tiny_config
+from tests.conftest import error_lines, run_command as run, shrunk_tiny_config
 
 
 # ------------------------------------------------------------------ helpers
-def run(*argv: str) -> tuple[int, str, str]:
-    """``flan-rlhf *argv`` in-process: ``(exit code, stdout, stderr)``."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
-
-
 def tiny_config(folder: Path, **model_updates) -> Path:
     """A one-iteration ``configs/tiny.yaml`` with its checkpoints in ``folder/ckpt`` and its export
     in ``folder/adapter``; written to ``folder/run.yaml``."""

@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+# the demo's own output folders under --root, replaced by --rebuild (and, when they hold an earlier
+# demo export, by every run: the stages pass the overwrite opt-in)
+DEMO_OUTPUTS = ("sft_model", "ppo_adapter")
 REQUIRED_KEYS = ("toxicity_mean", "toxic_fraction", "insult_fraction", "rouge1", "rouge2", "rougeL", "bleu")
 
 
@@ -120,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole pipeline (corpus, init, order, sampling)")
     parser.add_argument("--root", default=None, help="artefact folder (default artifacts/demo[-seedS])")
     parser.add_argument("--out", default=None, help="report folder (default reports/demo[-seedS])")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild corpus, tokenizer and SFT model instead of reusing them")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="rebuild corpus, tokenizer and SFT model instead of reusing them; replaces --root's "
+                             f"{' and '.join(DEMO_OUTPUTS)} folders whatever they hold")
     parser.add_argument("--sft-steps", type=int, default=None, help="override SFT optimiser steps (default: configs/demo_sft.yaml)")
     parser.add_argument("--ppo-steps", type=int, default=None, help="override PPO iterations (default: configs/demo_ppo.yaml)")
     parser.add_argument("--n-train", type=int, default=4000, help="generated training dialogues")
@@ -131,14 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     root, out = _paths(args.seed, args.root, args.out)
     configs = Path(args.configs) if args.configs else _configs_dir()
+    if args.rebuild:
+        for name in DEMO_OUTPUTS:
+            shutil.rmtree(root / name, ignore_errors=True)
     print(f"[demo] 1/4 corpus and tokenizer -> {root}", flush=True)
     prepare_demo_assets(root, seed=args.seed, rebuild=args.rebuild, n_train=args.n_train, n_test=args.n_test)
     print("[demo] 2/4 supervised fine-tuning (SFT)", flush=True)
     t_sft = time.perf_counter()
-    run_sft(root, args.seed, configs, args.sft_steps, rebuild=args.rebuild)
-    t_ppo = time.perf_counter()
-    print("[demo] 3/4 PPO with LoRA against the toxicity reward", flush=True)
-    ckpt, tb_logdir = run_ppo(root, args.seed, configs, args.ppo_steps)
+    from flan_rlhf.output_dirs import OutputDirError
+
+    try:
+        run_sft(root, args.seed, configs, args.sft_steps, rebuild=args.rebuild)
+        t_ppo = time.perf_counter()
+        print("[demo] 3/4 PPO with LoRA against the toxicity reward", flush=True)
+        ckpt, tb_logdir = run_ppo(root, args.seed, configs, args.ppo_steps)
+    except OutputDirError as err:  # e.g. artefacts of an older flan-rlhf that wrote no manifest
+        raise OutputDirError(f"{err}; or rebuild the demo's own artefacts in {root} with `flan-rlhf demo --rebuild` "
+                             "(`make demo-rebuild`)") from None
     t_eval = time.perf_counter()
     print("[demo] 4/4 before/after evaluation on the test split", flush=True)
     from flan_rlhf.checkpointing import read_checkpoint_file

@@ -1,0 +1,36 @@
+"""``flan-rlhf demo`` end to end on a tiny corpus: it runs, reruns over its own artefacts, and
+never replaces a folder it cannot tell is its own unless ``--rebuild`` says so."""
+from __future__ import annotations
+
+import json
+
+from flan_rlhf.output_dirs import MANIFEST
+from tests.conftest import error_lines, run_command
+
+TINY = ["--sft-steps", "2", "--ppo-steps", "1", "--n-train", "64", "--n-test", "8"]
+
+
+def test_demo_runs_reruns_and_refuses_a_folder_it_did_not_write(tmp_path):
+    root, out = tmp_path / "artifacts", tmp_path / "reports"
+    argv = ["demo", "--root", str(root), "--out", str(out), *TINY]
+
+    code, stdout, err = run_command(*argv)
+    assert code == 0, err[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test"] == 8 and metrics["ppo_steps"] == 1 and (out / "report.md").is_file()
+    first_adapter = json.loads((root / "ppo_adapter" / MANIFEST).read_text())
+
+    code, stdout, err = run_command(*argv)  # the SFT cache is reused, the demo's own adapter replaced
+    assert code == 0, err[-3000:]
+    assert "SFT model cached" in stdout
+    assert json.loads((root / "ppo_adapter" / MANIFEST).read_text())["run_id"] != first_adapter["run_id"]
+
+    (root / "ppo_adapter" / MANIFEST).unlink()  # as an older flan-rlhf (no manifest) left it
+    before = {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()}
+    code, _, err = run_command(*argv)
+    assert code == 2 and len(error_lines(err)) == 1 and "--rebuild" in error_lines(err)[0], err[-3000:]
+    assert {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()} == before
+
+    code, _, err = run_command(*argv, "--rebuild")
+    assert code == 0, err[-3000:]
+    assert (root / "ppo_adapter" / MANIFEST).is_file()
