@@ -1,9 +1,9 @@
 """Nothing the user owns is lost, and settings come from the command line, not a checkpoint.
 
-One test (or a parametrised group) per numbered point of the issue "Step 1". Every test drives
+One test (or a parametrised group) per numbered point of the issue "Step 1". The tests drive
 the real commands through ``flan_rlhf.cli.main`` in-process on ``configs/tiny.yaml`` shrunk to
-one tiny iteration, and only that entry point, so the file also runs against an older commit
-(where each of these tests failed).
+one tiny iteration; only ``test_5_a_module_...`` calls the module's checkpoint hook directly.
+The file runs unchanged against an older commit, where every one of these tests failed.
 """
 from __future__ import annotations
 
