@@ -25,6 +25,7 @@ from flan_rlhf.checkpointing import (
     read_checkpoint_file,
     resolve_ckpt_path,
 )
+from flan_rlhf.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -174,21 +175,11 @@ class FlanRLHFCLI(LightningCLI):
             _say(difference_line(difference))
 
     def _set_up_reward(self) -> None:
-        from flan_rlhf.rewards.base import Reward, RewardSetupError
+        from flan_rlhf.rewards.base import Reward, set_up_reward
 
         reward = getattr(self.model, "reward", None)
-        if not isinstance(reward, Reward):
-            return
-        try:
-            reward.setup("cpu")  # idempotent; the module moves it to its device later
-        except (OSError, ValueError, ImportError) as err:
-            raise RewardSetupError(f"reward '{reward.name}' cannot be set up: {first_line(err)}") from err
-
-
-def first_line(err: BaseException) -> str:
-    """The first non-empty line of an error's message (its type name if it has none)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+        if isinstance(reward, Reward):
+            set_up_reward(reward, "cpu")  # idempotent; the module moves it to its device later
 
 
 def _say(message: str) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from flan_rlhf.errors import first_line
 from flan_rlhf.output_dirs import MANIFEST, atomic_output_dir, check_replaceable
 from flan_rlhf.policy import ActorCritic, LoraSettings, ModelLoadError, PolicySpec, load_policy_model
 
@@ -317,7 +318,7 @@ def run_tool(argv: list[str] | None, parser_factory, action) -> int:
         args = parser_factory().parse_args(argv)
         print(action(args), flush=True)
     except (UsageError, ModelLoadError, ValueError, OSError) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr, flush=True)
+        print(f"error: {first_line(err)}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -28,7 +28,8 @@ from jsonargparse import ArgumentParser
 from tqdm import tqdm
 
 import flan_rlhf.rewards  # noqa: F401 - registers every Reward subclass for --reward NAME
-from flan_rlhf.rewards.base import Reward, RewardSetupError
+from flan_rlhf.errors import first_line
+from flan_rlhf.rewards.base import Reward, RewardSetupError, set_up_reward
 from flan_rlhf.rewards.text_batches import batched
 
 READERS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -91,8 +92,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
             return pd.read_json(path, lines=True, dtype=False)
         return _read_json(path)
     except (ValueError, UnicodeDecodeError, OSError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ValueError(f"cannot parse {path} as {kind} ({first_line}): check the file format") from err
+        raise ValueError(f"cannot parse {path} as {kind} ({first_line(err)[:200]}): check the file format") from err
 
 
 def _read_json(path: Path) -> pd.DataFrame:
@@ -167,8 +167,6 @@ def nonfinite_rows(totals: list[float], components: dict[str, list[float]]) -> l
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``flan-rlhf score``; returns 0 on success, 2 on bad input or non-finite scores (one line on stderr)."""
-    from flan_rlhf.cli import first_line
-
     try:
         return _score(argv)
     except (OSError, ValueError, RewardSetupError) as err:  # RewardOutputError is a ValueError
@@ -191,13 +189,8 @@ def _score(argv: list[str] | None) -> int:
                 f"{option} {column!r} is not a column of {args.input}; columns: {list(table.columns)}"
             )
 
-    from flan_rlhf.cli import first_line
-
     reward: Reward = parser.instantiate(args).reward
-    try:
-        reward.setup(torch.device(args.device))
-    except (OSError, ValueError, ImportError) as err:
-        raise RewardSetupError(f"reward '{reward.name}' cannot be set up: {first_line(err)}") from err
+    set_up_reward(reward, torch.device(args.device))
 
     kept_rows: list[int] = []
     texts: list[str] = []

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from flan_rlhf.errors import first_line
+
 
 class RewardOutputError(ValueError):
     """A reward returned something that is not one finite-or-not float per response."""
@@ -19,6 +21,20 @@ class RewardOutputError(ValueError):
 
 class RewardSetupError(RuntimeError):
     """A reward that cannot load (missing checkpoint offline, unknown label...)."""
+
+
+def set_up_reward(reward: "Reward", device: torch.device | str) -> "Reward":
+    """``reward.setup(device)``, with a failure to load turned into one :class:`RewardSetupError` line.
+
+    Raises:
+        RewardSetupError: ``setup`` raised OSError (offline, missing file), ValueError (unknown
+            label) or ImportError (a missing optional package).
+    """
+    try:
+        reward.setup(device)
+    except (OSError, ValueError, ImportError) as err:
+        raise RewardSetupError(f"reward '{reward.name}' cannot be set up: {first_line(err)}") from err
+    return reward
 
 
 class Reward(abc.ABC):

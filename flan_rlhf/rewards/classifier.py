@@ -11,6 +11,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from flan_rlhf.errors import first_line
 from flan_rlhf.rewards.base import Reward
 from flan_rlhf.rewards.text_batches import freeze_for_inference, sequence_classifier_logits, texts_to_score
 
@@ -51,9 +52,8 @@ def load_sequence_classifier(model: str, tokenizer: str | None = None, local_fil
             tokenizer or model, local_files_only=local_files_only
         )
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise OSError(
-            f"cannot load sequence classifier {model!r} ({first_line}); download it once with network "
+            f"cannot load sequence classifier {model!r} ({first_line(err)}); download it once with network "
             f"access, or pass the path of a folder saved with save_pretrained (model + tokenizer)"
         ) from err
     return loaded_model, loaded_tokenizer

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from flan_rlhf.errors import first_line
 from flan_rlhf.rewards.base import Reward
 from flan_rlhf.rewards.text_batches import freeze_for_inference, sequence_classifier_logits, texts_to_score
 
@@ -147,7 +148,7 @@ class DetoxifyReward(Reward):
             sys.stdout.write(held_back.getvalue())
             return detoxify
         except OSError as err:  # URLError, huggingface_hub offline errors and missing files are all OSError
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            reason = first_line(err)[:200]
             if self.checkpoint is None:
                 fix = (
                     f"download {MODEL_URLS.get(self.model_type, 'the checkpoint')} once with network access "

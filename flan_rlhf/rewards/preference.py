@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from flan_rlhf.errors import first_line
 from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.rewards.preference_reward import EXPORT_METADATA_FILE, PreferenceReward
 from flan_rlhf.rewards.text_batches import forward_argument_names
@@ -265,9 +266,8 @@ class PreferenceDataModule(L.LightningDataModule):
         try:
             loaded = load_dataset(self.dataset, self.dataset_config)
         except (ConnectionError, OSError) as err:  # DatasetNotFoundError is a FileNotFoundError
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise ConnectionError(
-                f"cannot load preference dataset {self.dataset!r} ({first_line}); offline, pass a local "
+                f"cannot load preference dataset {self.dataset!r} ({first_line(err)[:200]}); offline, pass a local "
                 f"json/jsonl/csv/parquet file with '{self.chosen_column}'/'{self.rejected_column}' "
                 "columns as `dataset`"
             ) from err
