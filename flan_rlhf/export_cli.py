@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
+from flan_rlhf.checkpointing import state_dict_mismatch
 from flan_rlhf.errors import first_line
-from flan_rlhf.output_dirs import MANIFEST, atomic_output_dir, check_replaceable
+from flan_rlhf.output_dirs import atomic_output_dir, check_replaceable
 from flan_rlhf.policy import ActorCritic, LoraSettings, ModelLoadError, PolicySpec, load_policy_model
 
-EXPORT_INFO = MANIFEST
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -157,17 +157,10 @@ def actor_from_checkpoint(checkpoint: dict[str, Any], base: str | None = None) -
         raise ValueError("checkpoint state_dict holds no 'actor.*' weights - pass a checkpoint of flan_rlhf.module.PPOModule")
     model, tokenizer = load_policy_model(spec)
     actor = ActorCritic(model, lora)
-    own = actor.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(actor.trainable_state_dict()) - set(state))
-    if unexpected or missing:
-        raise ValueError(
-            f"checkpoint weights do not fit the policy its hyper-parameters describe ({len(unexpected)} unexpected, e.g. "
-            f"{unexpected[:2]}; {len(missing)} missing, e.g. {missing[:2]}) - pass the --base it was trained from"
-        )
-    mismatched = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if mismatched:
-        raise ValueError(f"checkpoint tensor shapes differ from the policy's (e.g. {mismatched[:2]}) - pass the --base it was trained from")
+    problem = state_dict_mismatch(state, actor.state_dict(), required=set(actor.trainable_state_dict()))
+    if problem is not None:
+        raise ValueError(f"checkpoint weights do not fit the policy its hyper-parameters describe: {problem} - pass "
+                         "the --base it was trained from")
     actor.load_state_dict(state, strict=False)
     actor.frozen_reference = None  # not needed for export; frees the full-fine-tuning copy
     return actor.eval(), tokenizer, spec

@@ -13,6 +13,7 @@ import torch
 
 from flan_rlhf import export_cli, generate_cli
 from flan_rlhf.export import save_adapter
+from flan_rlhf.output_dirs import MANIFEST
 from flan_rlhf.generate_cli import DecodeSettings, decode, generate_ids
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, build_t5_from_config, load_policy_model
 from flan_rlhf.quantize import INT8_MARKER, is_int8_folder, load_int8
@@ -120,7 +121,7 @@ def test_fp32_export_loads_with_plain_transformers_and_generates_the_policys_tex
     lora_q = trained["actor"].base_model.encoder.block[0].layer[0].SelfAttention.q
     expected = base.encoder.block[0].layer[0].SelfAttention.q.weight + 2.0 * lora_q.lora_B["default"].weight @ lora_q.lora_A["default"].weight
     torch.testing.assert_close(model.encoder.block[0].layer[0].SelfAttention.q.weight, expected, rtol=0, atol=1e-6)
-    info = json.load(open(os.path.join(merged_dir, export_cli.EXPORT_INFO)))
+    info = json.load(open(os.path.join(merged_dir, MANIFEST)))
     assert info["format"] == "merged" and info["source"]["global_step"] == 7 and info["lora"]["r"] == 4
 
 
@@ -305,3 +306,18 @@ def test_generate_cli_round_trip_for_merged_adapter_and_int8(trained, merged_dir
     assert len(out.read_text().splitlines()) == len(PROMPTS)
     code, err = _run(generate_cli.main, ["--model", int8_dir] + common + ["--output", str(out)], capsys)
     assert code == 2 and "--overwrite" in err[0]  # an existing output is not clobbered
+
+
+def test_a_base_of_another_size_is_one_line_naming_the_tensor(trained, tmp_path, capsys):
+    """--base pointing at a model of another width: the LoRA tensors no longer fit, said in one line."""
+    from transformers import ByT5Tokenizer
+
+    other = tmp_path / "wider_base"
+    tokenizer = ByT5Tokenizer()
+    build_t5_from_config(vocab_size=len(tokenizer), seed=0, **{**TINY_T5, "d_model": 2 * TINY_T5["d_model"]}).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    capsys.readouterr()  # drop the progress bars of the save above
+    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(tmp_path / "out"), "--base", str(other)], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "do not fit the policy" in err[0] and "in the checkpoint but" in err[0] and "--base" in err[0]
+    assert not (tmp_path / "out").exists()
