@@ -135,8 +135,8 @@ def prepare_base_and_adapter(args, workdir: str) -> tuple[str, str]:
     """Folders ``(base_dir, adapter_dir)`` of the policy to benchmark."""
     from transformers import ByT5Tokenizer
 
-    from flan_rlhf.export import save_adapter
-    from flan_rlhf.export_cli import actor_from_checkpoint, read_checkpoint
+    from flan_rlhf.policy import save_adapter
+    from flan_rlhf.tools.export import actor_from_checkpoint, read_checkpoint
     from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, build_t5_from_config, load_policy_model
 
     if args.adapter:
@@ -171,7 +171,7 @@ def prepare_base_and_adapter(args, workdir: str) -> tuple[str, str]:
 
 def export_variants(args, base_dir: str, adapter_dir: str, workdir: str) -> dict[str, tuple[str, str | None]]:
     """Run ``flan-rlhf export`` for each export variant; ``{variant: (model, adapter)}`` to load."""
-    from flan_rlhf import export_cli
+    from flan_rlhf.tools import export as export_cli
 
     sources: dict[str, tuple[str, str | None]] = {"base": (base_dir, None), "adapter": (base_dir, adapter_dir)}
     for variant, flags in EXPORT_FLAGS.items():
@@ -271,8 +271,8 @@ def teacher_forced_argmax(model, tokenizer, prompts: list[str], responses: list[
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from flan_rlhf.export_cli import quiet_progress_bars
-    from flan_rlhf.generate_cli import DecodeSettings, decode, generate_ids, load_generation_model
+    from flan_rlhf.tools.command import quiet_progress_bars
+    from flan_rlhf.tools.generate import DecodeSettings, decode, generate_ids, load_generation_model
 
     quiet_progress_bars()
     prompts, references = load_prompts(args)

@@ -1,189 +1,39 @@
-"""``flan-rlhf``: LightningCLI (fit / validate / test / predict) plus a few tool subcommands.
+"""``flan-rlhf``: the Lightning subcommands (fit / validate / test / predict) and the tool subcommands.
 
-Training stages are LightningModules chosen in YAML (``model: class_path: ...``):
-:class:`flan_rlhf.module.PPOModule`, :class:`flan_rlhf.sft.SFTModule`,
-:class:`flan_rlhf.rewards.PreferenceRewardModel`.
-
-Tool subcommands (own argument parsers, ``flan-rlhf <cmd> --help``) are listed in ``TOOLS``.
+``fit`` and friends run :mod:`flan_rlhf.lightning_cli`; the tools (own argument parsers,
+``flan-rlhf <cmd> --help``) are listed in ``TOOLS``.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
-import warnings
-from typing import Any
+from typing import Callable
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-
-from flan_rlhf.checkpointing import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    checkpoints_newest_first,
-    read_checkpoint_file,
-    resolve_ckpt_path,
-)
+from flan_rlhf.checkpointing import CheckpointError
 from flan_rlhf.errors import first_line
+from flan_rlhf.lightning_cli import run_lightning_cli, say
 
 log = logging.getLogger(__name__)
 
-# subcommand -> "module:function" taking argv and returning an exit code
-TOOLS = {
-    "score": "flan_rlhf.score:main",
-    "export": "flan_rlhf.export_cli:main",
-    "generate": "flan_rlhf.generate_cli:main",
-    "compare": "flan_rlhf.eval.compare:main",
-    "demo": "flan_rlhf.demo.pipeline:main",
-}
-
-# Strategies that write checkpoints through the CheckpointIO plugin (DeepSpeed writes its own folder).
-_ATOMIC_IO_STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "single_device", "fsdp"}
+TOOLS = ("score", "export", "generate", "compare", "demo")
 
 
-class SaveResolvedConfig(SaveConfigCallback):
-    """Lightning's copy of the resolved config, written into the run's folder and never over a file.
-
-    Lightning writes ``<trainer.log_dir>/config.yaml`` and, with no logger, ``log_dir`` is the
-    working directory: ``fit --config config.yaml`` replaced the user's own file. Here the copy
-    goes to the logger's version folder, or with no logger to the ``ModelCheckpoint`` folder (else
-    ``default_root_dir``), under the first free name ``config.yaml``, ``config-2.yaml``, ...
-    """
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.already_saved:
-            return
-        folder = run_folder(trainer)  # on every rank: trainer.log_dir is a collective (it broadcasts)
-        path = None
-        if trainer.is_global_zero:
-            os.makedirs(folder, exist_ok=True)
-            path = first_free_name(folder, self.config_filename)
-        path = trainer.strategy.broadcast(path)
-        if trainer.is_global_zero:
-            self.parser.save(self.config, path, skip_none=False, overwrite=False, multifile=self.multifile)
-            self.save_config(trainer, pl_module, stage)
-            self.already_saved = True
-
-
-def run_folder(trainer: L.Trainer) -> str:
-    """The folder a run's own files belong in: the logger's version folder, else the checkpoint folder."""
-    if trainer.loggers and trainer.log_dir:
-        return trainer.log_dir
-    callback = trainer.checkpoint_callback
-    dirpath = getattr(callback, "dirpath", None) if callback is not None else None
-    return str(dirpath or trainer.default_root_dir)
-
-
-def first_free_name(folder: str, filename: str) -> str:
-    """``folder/filename`` if free, else ``folder/<stem>-2<suffix>``, ``-3``, ... (the first that is)."""
-    stem, suffix = os.path.splitext(filename)
-    candidate, n = os.path.join(folder, filename), 1
-    while os.path.lexists(candidate):
-        n += 1
-        candidate = os.path.join(folder, f"{stem}-{n}{suffix}")
-    return candidate
-
-
-class FlanRLHFCLI(LightningCLI):
-    """LightningCLI with atomic checkpoint writes, safe loads and crash-safe ``--ckpt_path`` resolution.
-
-    Before each stage: ``--ckpt_path`` is resolved (``last`` = the newest *complete* checkpoint
-    in the ``ModelCheckpoint`` folder; a missing or corrupt path is one clear error), and the
-    reward is set up, so a reward that cannot load (a detoxify checkpoint missing offline)
-    fails before any training.
-    """
-
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        trainer_config = self._get(self.config_init, "trainer", default={})
-        strategy = trainer_config.get("strategy")
-        if not trainer_config.get("plugins") and (strategy is None or isinstance(strategy, str)) and strategy in _ATOMIC_IO_STRATEGIES:
-            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-        return super().instantiate_trainer(**kwargs)
-
-    def _parse_ckpt_path(self) -> None:
-        """Lightning 2.6 reads ``hyper_parameters`` from ``--ckpt_path`` over the config here, so a
-        checkpoint's settings beat the command line's (``export_dir`` included). A checkpoint
-        restores state, not settings: the stored settings are compared with the run's in
-        :meth:`_check_checkpoint_settings` instead."""
-
-    def before_fit(self) -> None:
-        identity_known = self._resolve_ckpt_path("fit")
-        if identity_known and hasattr(self.model, "check_export_target"):
-            self.model.check_export_target()  # refuse a folder the end of fit would lose, before loading any model
-        self._set_up_reward()
-
-    def before_validate(self) -> None:
-        self._resolve_ckpt_path("validate")
-        self._set_up_reward()
-
-    def before_test(self) -> None:
-        self._resolve_ckpt_path("test")
-        self._set_up_reward()
-
-    def before_predict(self) -> None:
-        self._resolve_ckpt_path("predict")
-        self._set_up_reward()
-
-    def _checkpoint_dir(self) -> str | None:
-        callback = self.trainer.checkpoint_callback
-        return None if callback is None else getattr(callback, "dirpath", None)
-
-    def _resolve_ckpt_path(self, subcommand: str) -> bool:
-        """Resolve ``--ckpt_path`` and check the checkpoint's settings against the run's.
-
-        Returns:
-            whether the run's identity is known now: a fresh start, or a checkpoint file that was
-            read (a DeepSpeed folder or URL is read only by Lightning, later).
-        """
-        config = self.config_init[subcommand]
-        checkpoint_dir = self._checkpoint_dir()
-        requested = config.get("ckpt_path")
-        if requested:
-            resolution = resolve_ckpt_path(requested, checkpoint_dir, fresh_start_allowed=subcommand == "fit")
-            for message in resolution.messages:
-                _say(message)
-            config["ckpt_path"] = resolution.path
-            if resolution.path is not None and os.path.isfile(resolution.path):  # keywords, URLs, DeepSpeed folders: Lightning's
-                self._check_checkpoint_settings(resolution.path, trusted=config.get("weights_only") is False)
-            elif resolution.path is not None:
-                return False
-        if subcommand == "fit" and not requested and checkpoint_dir and checkpoints_newest_first(checkpoint_dir):
-            _say(f"warning: {checkpoint_dir} already holds checkpoints and this run starts from scratch, so it will "
-                 "overwrite same-named ones - to continue the earlier run, stop and pass --ckpt_path last")
-        return True
-
-    def _check_checkpoint_settings(self, path: str, trusted: bool) -> None:
-        """Stop on a stored setting the weights depend on that this run changes; note the others.
-
-        Raises:
-            CheckpointError: one line naming the field and both values.
-        """
-        from flan_rlhf.resume_settings import conflict_message, difference_line, split_differences
-
-        checkpoint = read_checkpoint_file(path, trusted=trusted, mmap=True)  # mmap: tensor data stays on disk
-        if hasattr(self.model, "adopt_run_id"):
-            self.model.adopt_run_id(checkpoint)  # a resumed run is the same run (its own earlier export is replaceable)
-        stored = checkpoint.get("hyper_parameters")
-        given = getattr(self.model, "hparams", None)
-        if not stored or given is None:
-            return
-        conflicts, harmless = split_differences(stored, given, getattr(self.model, "FIXED_BY_CHECKPOINT", ()))
-        if conflicts:
-            raise CheckpointError(conflict_message(path, conflicts))
-        for difference in harmless:
-            _say(difference_line(difference))
-
-    def _set_up_reward(self) -> None:
-        from flan_rlhf.rewards.base import Reward, set_up_reward
-
-        reward = getattr(self.model, "reward", None)
-        if isinstance(reward, Reward):
-            set_up_reward(reward, "cpu")  # idempotent; the module moves it to its device later
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def tool_main(name: str) -> Callable[[list[str]], int]:
+    """The ``main(argv) -> exit code`` of a tool subcommand, imported on use (``fit`` does not pay for them)."""
+    if name == "score":
+        from flan_rlhf.tools.score import main
+    elif name == "export":
+        from flan_rlhf.tools.export import main
+    elif name == "generate":
+        from flan_rlhf.tools.generate import main
+    elif name == "compare":
+        from flan_rlhf.tools.compare import main
+    elif name == "demo":
+        from flan_rlhf.demo.pipeline import main
+    else:
+        raise KeyError(f"no tool {name!r}; the tools are {', '.join(TOOLS)}")
+    return main
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
@@ -196,66 +46,6 @@ def known_errors() -> tuple[type[BaseException], ...]:
 
     return (CheckpointError, DataConfigError, ModelLoadError, OutputDirError, RewardOutputError, RewardSetupError,
             NonFiniteError)
-
-
-def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
-    """Run the LightningCLI with ``args`` (``None``: ``sys.argv``).
-
-    Raises:
-        SystemExit(2): a config key that does not exist or has the wrong type, after one
-            ``error: ...`` line naming the key (jsonargparse's own report is a nested block).
-    """
-    from jsonargparse import ArgumentError
-
-    # Lightning 2.6 warns on every checkpoint of a manual-optimisation module that the saved state
-    # is the one AFTER optimisation. A PPO checkpoint is taken after a whole iteration, so that is
-    # exactly the state to resume from; the 15-line warning per save would only bury real messages.
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    raise_parse_errors = {"exit_on_error": False}
-    try:
-        return FlanRLHFCLI(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=SaveResolvedConfig,
-            parser_kwargs={**raise_parse_errors, **{name: dict(raise_parse_errors) for name in LightningCLI.subcommands()}},
-            args=args,
-        )
-    except ArgumentError as err:
-        _say(f"error: {condense_parser_error(str(err))} - fix the config or flag (`flan-rlhf <subcommand> --help` "
-             "lists every valid key and type)")
-        raise SystemExit(2) from None
-
-
-def condense_parser_error(message: str) -> str:
-    """jsonargparse's nested, multi-line report -> one line that keeps the key path and the reason.
-
-    Example: ``Parser key "model": Problem with given class_path 'flan_rlhf.module.PPOModule':
-    Group 'ppo' does not accept option 'learnin_rate'``.
-    """
-    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
-             "Expected a <class 'NoneType'>")
-    kept = []
-    for line in message.splitlines():
-        text = line.strip().removeprefix("- ").strip()
-        if text and not text.startswith(noise):
-            kept.append(text)
-    return " ".join(kept) if kept else message.strip()
-
-
-def build_from_config(config: str, extra_args: list[str] | None = None):
-    """Instantiate ``(model, datamodule)`` from a training YAML without running anything."""
-    cli = FlanRLHFCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=None,
-        run=False,
-        args=["--config", config, "--trainer.logger=false", *(extra_args or [])],
-    )
-    return cli.model, cli.datamodule
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,14 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if argv and argv[0] in TOOLS:
-            module_name, function = TOOLS[argv[0]].split(":")
-            return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
+            return int(tool_main(argv[0])(argv[1:]) or 0)
         run_lightning_cli(None if from_command_line else argv)
     except Exception as err:  # noqa: BLE001 - only known_errors() are turned into one line
         if not isinstance(err, known_errors()):
             raise
         log.debug("known error", exc_info=True)
-        _say(f"error: {first_line(err)}")
+        say(f"error: {first_line(err)}")
         return 2
     return 0
 

@@ -29,7 +29,7 @@ class EvaluationMixin:
 
     def _sample_and_score(self, batch: dict[str, Any], batch_idx: int):
         """Seeded sampling of one evaluation batch; returns the scored rollout and per-sequence KL ``(batch,)``."""
-        self._seed_iteration(EVAL_SEED_OFFSET + batch_idx)
+        self.seed_iteration(EVAL_SEED_OFFSET + batch_idx)
         rollout = self.rollout(batch["prompt"], self.eval_generation)
         self.score_rollout(rollout)
         kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask)

@@ -7,7 +7,6 @@ The math lives in :mod:`flan_rlhf.ppo`; this file only wires it.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 
 from flan_rlhf import ppo
 from flan_rlhf.checkpointing import CheckpointError, capture_rng_states, restore_rng_states, state_dict_mismatch
-from flan_rlhf.rewards.shaping import RewardShaper
+from flan_rlhf.reward_shaping import RewardShaper
 from flan_rlhf.evaluation_step import EvaluationMixin
 from flan_rlhf.guards import NonFiniteGuard
 from flan_rlhf.optim import adamw
@@ -131,7 +130,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ rollout
-    def _seed_iteration(self, iteration: int, salt: int = 0) -> int:
+    def seed_iteration(self, iteration: int, salt: int = 0) -> int:
         """Seed the global RNGs from (seed, iteration, rank) so each iteration is reproducible."""
         rank = self.global_rank if self._trainer is not None else 0
         seed = (self.sampling_seed * 1_000_003 + iteration * 7_919 + rank * 104_729 + salt) % (2**31 - 1)
@@ -211,7 +210,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         """One PPO iteration on ``prompts``; returns the statistics to log."""
         s = self.settings
         iteration = self.global_step
-        self._seed_iteration(iteration)
+        self.seed_iteration(iteration)
         t0 = time.perf_counter()
         with torch.no_grad():
             rollout = self.rollout(prompts, self.generation)
@@ -278,7 +277,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         """
         s = self.settings
         batch_size = rollout.responses.shape[0]
-        generator = torch.Generator().manual_seed(self._seed_iteration(iteration, salt=1))
+        generator = torch.Generator().manual_seed(self.seed_iteration(iteration, salt=1))
         totals: dict[str, float] = {}
         n_updates = n_skipped_ratio = n_skipped_nonfinite = pending = 0
         early_stopped = 0.0
@@ -427,7 +426,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.global_rank == 0:
-            from flan_rlhf.export import save_adapter
+            from flan_rlhf.policy import save_adapter
 
             manifest = {"format": "adapter" if self.actor.uses_lora else "full model", "written_by": "flan-rlhf fit (PPOModule)",
                         "global_step": self.global_step}

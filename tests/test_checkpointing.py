@@ -224,7 +224,7 @@ def test_trust_remote_code_is_off_unless_the_user_turns_it_on():
     import inspect
     import re
 
-    from flan_rlhf.generate_cli import build_parser
+    from flan_rlhf.tools.generate import build_parser
     from flan_rlhf.policy import PolicySpec, load_seq2seq_model, load_tokenizer
 
     assert PolicySpec().trust_remote_code is False

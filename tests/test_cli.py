@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import yaml
 
-from flan_rlhf.cli import TOOLS, FlanRLHFCLI, main
+from flan_rlhf.cli import TOOLS, main
+from flan_rlhf.lightning_cli import FlanRLHFCLI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from flan_rlhf.eval.compare import compare_before_after
+from flan_rlhf.tools.compare import compare_before_after
 from flan_rlhf.rewards import ProfanityReward, VaderReward
 from tests.test_module import fit, make_module
 

@@ -11,12 +11,12 @@ import os
 import pytest
 import torch
 
-from flan_rlhf import export_cli, generate_cli
-from flan_rlhf.export import save_adapter
+from flan_rlhf.tools import export as export_cli, generate as generate_cli
+from flan_rlhf.policy import save_adapter
 from flan_rlhf.output_dirs import MANIFEST
-from flan_rlhf.generate_cli import DecodeSettings, decode, generate_ids
+from flan_rlhf.tools.generate import DecodeSettings, decode, generate_ids
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, build_t5_from_config, load_policy_model
-from flan_rlhf.quantize import INT8_MARKER, is_int8_folder, load_int8
+from flan_rlhf.tools.quantize import INT8_MARKER, is_int8_folder, load_int8
 from tests.conftest import TINY_T5, TokenFractionReward
 
 LORA = LoraSettings(r=4, alpha=8, target_modules=["q", "v"])  # scaling alpha / r = 2

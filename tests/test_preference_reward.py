@@ -10,14 +10,14 @@ import pytest
 import torch
 import yaml
 
-from flan_rlhf.rewards import (
+from flan_rlhf.reward_model import (
     TINY_REWARD_MODEL_CONFIG,
     PreferenceDataModule,
-    PreferenceReward,
     bradley_terry_loss,
     make_preference_pairs,
     pairwise_accuracy,
 )
+from flan_rlhf.rewards import PreferenceReward
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "reward_model_tiny.yaml"

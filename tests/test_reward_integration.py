@@ -9,8 +9,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from flan_rlhf.module import PPOModule
 from flan_rlhf.policy import LoraSettings
-from flan_rlhf.rewards import CompositeReward, PreferenceReward, PreferenceRewardModel, ProfanityReward, VaderReward
-from flan_rlhf.rewards.synthetic_preferences import TINY_REWARD_MODEL_CONFIG
+from flan_rlhf.reward_model import TINY_REWARD_MODEL_CONFIG, PreferenceRewardModel
+from flan_rlhf.rewards import CompositeReward, PreferenceReward, ProfanityReward, VaderReward
 from flan_rlhf.settings import GenerationSettings, PPOSettings
 from tests.conftest import PROMPTS, ListPromptStream, tiny_policy_spec
 from tests.test_cli import read_scalars

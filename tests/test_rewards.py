@@ -18,10 +18,10 @@ from flan_rlhf.rewards import (
     ProfanityReward,
     Reward,
     RewardOutputError,
-    RewardShaper,
     VaderReward,
     label_index,
 )
+from flan_rlhf.reward_shaping import RewardShaper
 from flan_rlhf.rewards.text_batches import batched, texts_to_score
 
 

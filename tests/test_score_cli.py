@@ -12,7 +12,7 @@ from tests.rewards_helpers import save_classifier
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from flan_rlhf.rewards import CompositeReward, Reward
-from flan_rlhf.score import build_parser, main
+from flan_rlhf.tools.score import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -169,7 +169,7 @@ def test_lora_sft_trains_only_adapters_and_saves_them_merged(assets, tmp_path):
 # ---------------------------------------------------------------- configs
 @pytest.mark.parametrize("config", ["configs/demo_sft.yaml", "configs/flan_t5_base_dialogsum_sft.yaml"])
 def test_shipped_sft_configs_instantiate_through_the_cli(config):
-    from flan_rlhf.cli import FlanRLHFCLI
+    from flan_rlhf.lightning_cli import FlanRLHFCLI
 
     cli = FlanRLHFCLI(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,

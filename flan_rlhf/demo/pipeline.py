@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -52,7 +51,7 @@ def _stage_overrides(root: Path, seed: int) -> list[str]:
 
 def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bool = False) -> Path:
     """Fit the SFT stage unless ``root/sft_model`` holds it (``rebuild``: always); returns the model folder."""
-    from flan_rlhf.cli import run_lightning_cli
+    from flan_rlhf.lightning_cli import run_lightning_cli
 
     target = root / "sft_model"
     # The cache is valid only for the corpus/tokenizer (their manifest holds the corpus hash),
@@ -77,7 +76,7 @@ def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bo
 
 def run_ppo(root: Path, seed: int, configs: Path, steps: int | None) -> tuple[Path, str]:
     """Fit the PPO stage from scratch; returns (last checkpoint, TensorBoard log dir)."""
-    from flan_rlhf.cli import run_lightning_cli
+    from flan_rlhf.lightning_cli import run_lightning_cli
 
     ckpt_dir = root / "ppo_checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -96,9 +95,9 @@ def run_ppo(root: Path, seed: int, configs: Path, steps: int | None) -> tuple[Pa
 
 def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_logdir: str, meta: dict) -> dict:
     """Sample the SFT policy (adapters off) and the PPO policy on the test split; write the report."""
-    from flan_rlhf.cli import build_from_config
+    from flan_rlhf.lightning_cli import build_from_config
     from flan_rlhf.demo.corpus import INSULT_VOCABULARY
-    from flan_rlhf.eval.compare import compare_before_after, load_trained_weights
+    from flan_rlhf.tools.compare import compare_before_after, load_trained_weights
     from flan_rlhf.rewards import ProfanityReward, VaderReward
 
     module, datamodule = build_from_config(str(configs / "demo_ppo.yaml"), [

@@ -1,6 +1,6 @@
 """Reward = the scalar output of a preference-trained reward model folder.
 
-Kept apart from :mod:`flan_rlhf.rewards.preference` (the LightningModule that trains it) so
+Kept apart from :mod:`flan_rlhf.reward_model.model` (the LightningModule that trains it) so
 that scoring with it does not import Lightning.
 """
 from __future__ import annotations

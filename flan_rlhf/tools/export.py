@@ -18,10 +18,10 @@ is never replaced (:mod:`flan_rlhf.output_dirs`).
                     (safetensors), fp32 or ``--dtype bf16``, plus the tokenizer. Plain
                     ``AutoModelForSeq2SeqLM.from_pretrained(out)`` loads it.
   ``--int8``        int8 dynamic quantisation of the merged fp32 model's Linear layers
-                    (:mod:`flan_rlhf.quantize`); ``flan-rlhf generate --model out`` loads it,
+                    (:mod:`flan_rlhf.tools.quantize`); ``flan-rlhf generate --model out`` loads it,
                     plain transformers cannot.
   ``--adapter-only``  the LoRA adapter (peft format) + value head + tokenizer
-                    (:func:`flan_rlhf.export.save_adapter`).
+                    (:func:`flan_rlhf.policy.save_adapter`).
 
 Every output also holds the manifest ``flan_rlhf_export.json``: source, format and files written.
 """
@@ -38,26 +38,15 @@ from typing import Any
 import torch
 
 from flan_rlhf.checkpointing import state_dict_mismatch
-from flan_rlhf.errors import first_line
 from flan_rlhf.output_dirs import atomic_output_dir, check_replaceable
-from flan_rlhf.policy import ActorCritic, LoraSettings, ModelLoadError, PolicySpec, load_policy_model
+from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
+from flan_rlhf.tools.command import CommandParser, UsageError, run_tool
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class UsageError(ValueError):
-    """Bad command-line input; the message names the fix."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises one clear line instead of printing usage and exiting."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{message} - see `flan-rlhf {self.prog.split()[-1]} --help`")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flan-rlhf export", description=__doc__.split("\n\n")[0],
+    parser = CommandParser(prog="flan-rlhf export", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="PPOModule Lightning checkpoint (.ckpt)")
@@ -222,8 +211,8 @@ def write_merged(model, tokenizer, out_dir: str, info: dict[str, Any], check: di
 
 
 def write_int8(model, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any], per_channel: bool = False) -> str:
-    """An int8 folder read by :func:`flan_rlhf.quantize.load_int8`."""
-    from flan_rlhf.quantize import quantize_int8, save_int8
+    """An int8 folder read by :func:`flan_rlhf.tools.quantize.load_int8`."""
+    from flan_rlhf.tools.quantize import quantize_int8, save_int8
 
     quantized = quantize_int8(model, per_channel=per_channel)
     with atomic_output_dir(out_dir, info, **check) as tmp:
@@ -233,7 +222,7 @@ def write_int8(model, tokenizer, out_dir: str, info: dict[str, Any], check: dict
 
 def write_adapter(actor: ActorCritic, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any]) -> str:
     """peft adapter folder + value head + tokenizer (a whole model folder for full fine-tuning)."""
-    from flan_rlhf.export import save_adapter
+    from flan_rlhf.policy import save_adapter
 
     with atomic_output_dir(out_dir, info, **check) as tmp:
         save_adapter(actor, tokenizer, tmp)
@@ -277,7 +266,7 @@ def export(args: argparse.Namespace) -> str:
                 )
             write_adapter(actor, tokenizer, args.out, info, check)
             return f"wrote {'LoRA adapter' if actor.uses_lora else 'full model'} + value head to {args.out} ({_folder_mb(args.out):.1f} MB)"
-        from flan_rlhf.export import merged_model
+        from flan_rlhf.policy import merged_model
 
         model = merged_model(actor)
         del actor
@@ -291,29 +280,6 @@ def export(args: argparse.Namespace) -> str:
         write_merged(model, tokenizer, args.out, info, check)
     label = "int8 (dynamic quantisation)" if args.int8 else f"merged {args.dtype}"
     return f"wrote {label} model to {args.out} ({_folder_mb(args.out):.1f} MB)"
-
-
-def quiet_progress_bars() -> None:
-    """Batch tools: no per-file progress bars on stderr, so an error is the only line there."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def run_tool(argv: list[str] | None, parser_factory, action) -> int:
-    """Shared body of the tool commands: parse ``argv``, run ``action(args)``, print its summary.
-
-    Returns 0 on success, 2 on bad input after one ``error: ...`` line on stderr.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_progress_bars()
-    try:
-        args = parser_factory().parse_args(argv)
-        print(action(args), flush=True)
-    except (UsageError, ModelLoadError, ValueError, OSError) as err:
-        print(f"error: {first_line(err)}", file=sys.stderr, flush=True)
-        return 2
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def quantize_int8(model: nn.Module, per_channel: bool = False, skip: Iterable[st
     if wrong:
         raise ValueError(f"int8 quantisation needs float32 weights, got {', '.join(wrong)} - quantise the fp32 model, not a bf16/fp16 one")
     if any("lora_" in name for name, _ in model.named_modules()):
-        raise ValueError("model still holds LoRA layers - merge them first (flan_rlhf.export.merged_model or merge_and_unload())")
+        raise ValueError("model still holds LoRA layers - merge them first (flan_rlhf.policy.merged_model or merge_and_unload())")
     skip = set(skip)
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     spec = {name: qconfig for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in skip}

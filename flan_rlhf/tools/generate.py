@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from flan_rlhf.export_cli import UsageError, _Parser, run_tool
+from flan_rlhf.tools.command import CommandParser, UsageError, run_tool
 from flan_rlhf.rollout import fused_generate
 from flan_rlhf.settings import GenerationSettings
 
@@ -56,7 +56,7 @@ class DecodeSettings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flan-rlhf generate", description=__doc__.split("\n\n")[0],
+    parser = CommandParser(prog="flan-rlhf generate", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF model folder or hub id, or an int8 export folder")
     parser.add_argument("--adapter", help="LoRA adapter folder to apply on --model (unmerged)")
@@ -135,7 +135,7 @@ def load_generation_model(model: str, adapter: str | None = None, tokenizer: str
         ``(model, tokenizer, kind)`` with ``kind`` one of ``"int8"``, ``"adapter"``, ``"hf"``.
     """
     from flan_rlhf.policy import load_seq2seq_model, load_tokenizer
-    from flan_rlhf.quantize import is_int8_folder, load_int8
+    from flan_rlhf.tools.quantize import is_int8_folder, load_int8
 
     if os.path.isdir(model) and os.path.isfile(os.path.join(model, "adapter_config.json")):
         raise UsageError(f"--model '{model}' is a LoRA adapter folder - pass its base as --model and this folder as --adapter")

@@ -57,7 +57,7 @@ def sample_rows(
     actor = module.actor
     rows: list[dict[str, Any]] = []
     for batch_idx, batch in enumerate(batches):
-        module._seed_iteration(EVAL_SEED_OFFSET + batch_idx)  # same seeds for both sides
+        module.seed_iteration(EVAL_SEED_OFFSET + batch_idx)  # same seeds for both sides
         reference_only = side == "before"
         context = actor.reference_context() if reference_only and actor.uses_lora else contextlib.nullcontext()
         if reference_only and not actor.uses_lora:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     """``flan-rlhf compare``: before/after report for a PPO config and checkpoint."""
     from jsonargparse import ArgumentParser
 
-    from flan_rlhf.cli import build_from_config
+    from flan_rlhf.lightning_cli import build_from_config
     from flan_rlhf.eval.report import format_table
 
     parser = ArgumentParser(prog="flan-rlhf compare", description=__doc__.split("\n\n")[0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from flan_rlhf.rewards.preference import PreferenceDataModule
+from flan_rlhf.reward_model.data import PreferenceDataModule
 
 PEOPLE = ["friend", "neighbour", "colleague", "teacher", "brother", "sister", "coach", "student"]
 TOPICS = ["the report", "dinner", "the garden", "the trip", "the game", "the move", "the exam", "the party"]
