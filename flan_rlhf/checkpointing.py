@@ -17,7 +17,7 @@ import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -100,29 +100,37 @@ def numpy_array_globals() -> list[Any]:
     return allowed
 
 
-def unsafe_checkpoint_message(path: str, err: Exception) -> str:
-    """One line for a checkpoint that ``weights_only=True`` refuses."""
+def unsafe_checkpoint_message(path: str, err: Exception, allowed_globals: Sequence[Any] = (),
+                              trust_flag: str = "--weights_only false") -> str:
+    """One line for a checkpoint that ``weights_only=True`` refuses, naming the refused globals and ``trust_flag``."""
     try:
         import torch
 
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in numpy_array_globals()}
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in [*numpy_array_globals(), *allowed_globals]}
         names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
     except Exception:  # noqa: BLE001 - the message must not fail; fall back to torch's first line
         names = []
     what = ", ".join(names[:4]) if names else str(err).strip().splitlines()[0][:200]
     return (
         f"checkpoint '{path}' holds pickled Python objects that a safe load (weights_only=True) refuses ({what}); "
-        "if you wrote it yourself or otherwise trust it, add --weights_only false"
+        f"if you wrote it yourself or otherwise trust it, add {trust_flag}"
     )
 
 
-def read_checkpoint_file(path: str, trusted: bool = False, mmap: bool = False) -> dict[str, Any]:
+def read_checkpoint_file(path: str, trusted: bool = False, mmap: bool = False, allowed_globals: Sequence[Any] = (),
+                         trust_flag: str = "--weights_only false") -> dict[str, Any]:
     """Check a local checkpoint, then ``torch.load`` it on CPU - ``weights_only`` unless ``trusted``.
+
+    The one safe loader of the package (the CLI's resume check, ``flan-rlhf export``, the demo,
+    ``compare``).
 
     Args:
         path: a ``.ckpt`` file the user named.
         trusted: ``True`` unpickles anything (only for files you wrote or trust).
         mmap: map tensor data instead of reading it (cheap peeks at metadata).
+        allowed_globals: types a safe load may rebuild besides numpy arrays (e.g. settings
+            dataclasses a module built in Python stored in its hyper-parameters).
+        trust_flag: the caller's opt-in to a trusted load, named in the error.
 
     Raises:
         CheckpointError: missing, cut short or corrupt, or holding objects a safe load refuses.
@@ -135,10 +143,10 @@ def read_checkpoint_file(path: str, trusted: bool = False, mmap: bool = False) -
     if trusted:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
-        with torch.serialization.safe_globals(numpy_array_globals()):
+        with torch.serialization.safe_globals([*numpy_array_globals(), *allowed_globals]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(unsafe_checkpoint_message(path, err)) from err
+        raise CheckpointError(unsafe_checkpoint_message(path, err, allowed_globals, trust_flag)) from err
 
 
 def state_dict_mismatch(saved: dict[str, Any], own: dict[str, Any], required: set[str] | None = None) -> str | None:

@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import torch
 
-from flan_rlhf.checkpointing import state_dict_mismatch
+from flan_rlhf.checkpointing import read_checkpoint_file, state_dict_mismatch
 from flan_rlhf.output_dirs import atomic_output_dir, check_replaceable
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
 from flan_rlhf.tools.command import CommandParser, UsageError, run_tool
@@ -67,42 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- loading
-def _safe_globals() -> list[Any]:
-    """Types a PPOModule checkpoint pickles besides tensors: the settings dataclasses in its
-    hyper-parameters and numpy's RNG state array (``checkpoint["flan_rlhf"]["rng"]``)."""
-    import numpy as np
-
+def settings_globals() -> list[Any]:
+    """The settings dataclasses a PPOModule built in Python keeps in its hyper-parameters, allowed in a safe load."""
     from flan_rlhf.settings import GenerationSettings, PPOSettings
 
-    allowed: list[Any] = [PolicySpec, LoraSettings, GenerationSettings, PPOSettings, np.ndarray, np.dtype]
-    allowed += [type(np.dtype(kind)) for kind in (np.uint32, np.float64, np.int64)]
-    core = getattr(np, "_core", None) or np.core
-    allowed.append(core.multiarray._reconstruct)
-    return allowed
+    return [PolicySpec, LoraSettings, GenerationSettings, PPOSettings]
 
 
 def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
     """``torch.load`` a Lightning checkpoint on CPU, by default without running pickled code."""
-    from flan_rlhf.checkpointing import checkpoint_problem
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist - pass the .ckpt file written by `flan-rlhf fit`")
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ValueError(f"checkpoint '{path}' cannot be read: {problem} - pass a complete .ckpt file")
-    if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
-        extra = [name for name in unsafe if name not in allowed] or [str(err).splitlines()[0]]
-        raise ValueError(
-            f"checkpoint '{path}' pickles objects outside the safe list ({', '.join(extra[:4])}) - "
-            f"if you made this file yourself, pass --trust-checkpoint"
-        ) from err
+    return read_checkpoint_file(path, trusted=trust, allowed_globals=settings_globals(), trust_flag="--trust-checkpoint")
 
 
 def _as_dataclass(value: Any, cls: type, what: str):
