@@ -11,7 +11,7 @@ Variants (all loaded the way ``flan-rlhf generate`` loads them, exports written 
   merged-fused  the merged fp32 export decoded by ``flan-rlhf generate``'s default fused T5
             decoder (``flan_rlhf.rollout.fused_generate``; the same tokens as ``generate``)
 
-Every other variant decodes with transformers' ``generate`` (``DecodeSettings(fused=False)``,
+Every other variant decodes with transformers' ``generate`` (``generate_ids(..., fused=False)``,
 ``flan-rlhf generate --hf-generate``): what a user of plain transformers/peft runs.
 
 Policy: by default a small FLAN-T5-architecture model built from config (the shape of
@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from flan_rlhf.tools.command import quiet_progress_bars
-    from flan_rlhf.tools.generate import DecodeSettings, decode, generate_ids, load_generation_model
+    from flan_rlhf.settings import GenerationSettings
+    from flan_rlhf.tools.generate import decode, generate_ids, load_generation_model
 
     quiet_progress_bars()
     prompts, references = load_prompts(args)
@@ -292,9 +293,8 @@ def main(argv=None) -> int:
 
         # every variant decodes with transformers' generate (what plain transformers/peft users run),
         # except "*-fused", which uses flan-rlhf generate's default fused T5 decoder (same tokens)
-        speed_settings = {v: DecodeSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                                            greedy=True, batch_size=args.batch_size, fused=v.endswith(FUSED_SUFFIX))
-                          for v in sources}
+        speed_settings = GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                                            do_sample=False)
         runs: dict[str, list[float]] = {v: [] for v in sources}
         cpu_runs: dict[str, list[float]] = {v: [] for v in sources}
         order_rng = np.random.default_rng(args.seed)
@@ -304,7 +304,8 @@ def main(argv=None) -> int:
             for variant in order_rng.permutation(list(models)).tolist():
                 model = models[variant][0]
                 t0, c0 = time.perf_counter(), time.process_time()
-                ids = generate_ids(model, tokenizer, speed_prompts, speed_settings[variant])
+                ids = generate_ids(model, tokenizer, speed_prompts, speed_settings, batch_size=args.batch_size,
+                                   fused=variant.endswith(FUSED_SUFFIX))
                 elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
                 n_tokens = sum(len(x) for x in ids)
                 if round_index >= args.warmup:
@@ -314,9 +315,9 @@ def main(argv=None) -> int:
                 log(f"run {round_index + 1 - args.warmup}/{args.repeats}: "
                     + ", ".join(f"{v} {runs[v][-1]:.0f} tok/s ({cpu_runs[v][-1]:.0f} tok/cpu-s)" for v in runs))
 
-        ids_by_variant = {v: generate_ids(m, tokenizer, quality_prompts, DecodeSettings(
-            max_new_tokens=args.quality_max_new_tokens, greedy=True, batch_size=args.batch_size,
-            fused=v.endswith(FUSED_SUFFIX))) for v, (m, _) in models.items()}
+        quality_settings = GenerationSettings(max_new_tokens=args.quality_max_new_tokens, do_sample=False)
+        ids_by_variant = {v: generate_ids(m, tokenizer, quality_prompts, quality_settings, batch_size=args.batch_size,
+                                          fused=v.endswith(FUSED_SUFFIX)) for v, (m, _) in models.items()}
         texts = {v: decode(tokenizer, ids) for v, ids in ids_by_variant.items()}
         quality_rows = quality(texts, ids_by_variant, quality_refs)
         reference_choice = teacher_forced_argmax(models["adapter"][0], tokenizer, quality_prompts, ids_by_variant["adapter"], args.batch_size)

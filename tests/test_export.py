@@ -14,15 +14,16 @@ import torch
 from flan_rlhf.tools import export as export_cli, generate as generate_cli
 from flan_rlhf.policy import save_adapter
 from flan_rlhf.output_dirs import MANIFEST
-from flan_rlhf.tools.generate import DecodeSettings, decode, generate_ids
+from flan_rlhf.settings import GenerationSettings
+from flan_rlhf.tools.generate import decode, generate_ids
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, build_t5_from_config, load_policy_model
 from flan_rlhf.tools.quantize import INT8_MARKER, is_int8_folder, load_int8
 from tests.conftest import TINY_T5, TokenFractionReward
 
 LORA = LoraSettings(r=4, alpha=8, target_modules=["q", "v"])  # scaling alpha / r = 2
 PROMPTS = ["the cat sat on the mat", "hello", "a longer prompt about the weather today", "xyz"]
-GREEDY = DecodeSettings(max_new_tokens=12, greedy=True, batch_size=3)
-GREEDY_HF = DecodeSettings(max_new_tokens=12, greedy=True, batch_size=3, fused=False)  # transformers' generate
+GREEDY = GenerationSettings(max_new_tokens=12, do_sample=False)
+BATCH = 3
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,9 +75,9 @@ def trained(base_dir, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt") / "last.ckpt")
     torch.save(checkpoint, path)
     actor, tokenizer = module.actor.eval(), module.tokenizer
-    policy_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY_HF)  # peft + transformers, unmerged
+    policy_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY, batch_size=BATCH, fused=False)  # peft + transformers, unmerged
     with actor.reference_context():
-        base_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY_HF)
+        base_ids = generate_ids(actor.policy, tokenizer, PROMPTS, GREEDY, batch_size=BATCH, fused=False)
     return {"ckpt": path, "actor": actor, "tokenizer": tokenizer, "policy_ids": policy_ids, "base_ids": base_ids,
             "n_saved_keys": len(checkpoint["state_dict"])}
 
@@ -114,7 +115,7 @@ def test_fp32_export_loads_with_plain_transformers_and_generates_the_policys_tex
     assert os.path.isfile(os.path.join(merged_dir, "model.safetensors"))
     assert model.dtype == torch.float32
     assert not any("lora" in name for name, _ in model.named_parameters())
-    assert generate_ids(model, tokenizer, PROMPTS, GREEDY_HF) == trained["policy_ids"]  # plain transformers
+    assert generate_ids(model, tokenizer, PROMPTS, GREEDY, batch_size=BATCH, fused=False) == trained["policy_ids"]  # plain transformers
 
     # Merging is W + (alpha / r) * B @ A (LoRA paper eq. 3): check one layer by hand.
     base = AutoModelForSeq2SeqLM.from_pretrained(base_dir)
@@ -140,14 +141,13 @@ def test_fused_decoder_gives_transformers_tokens_for_merged_and_unmerged_models(
         taken.append(out is not None)
         return out
     monkeypatch.setattr(generate_cli, "fused_generate", counting)
-    settings = DecodeSettings(max_new_tokens=12, greedy=greedy, batch_size=3)
-    hf_settings = DecodeSettings(max_new_tokens=12, greedy=greedy, batch_size=3, fused=False)
+    settings = GenerationSettings(max_new_tokens=12, do_sample=not greedy)
     tokenizer = trained["tokenizer"]
     for model in (AutoModelForSeq2SeqLM.from_pretrained(merged_dir), trained["actor"].policy):
         torch.manual_seed(3)
-        fused = generate_ids(model, tokenizer, PROMPTS, settings)
+        fused = generate_ids(model, tokenizer, PROMPTS, settings, batch_size=BATCH)
         torch.manual_seed(3)
-        assert fused == generate_ids(model, tokenizer, PROMPTS, hf_settings)
+        assert fused == generate_ids(model, tokenizer, PROMPTS, settings, batch_size=BATCH, fused=False)
     assert fused == trained["policy_ids"] or not greedy
     assert taken and all(taken)  # the fused path really ran (and was not skipped for these models)
 
@@ -163,7 +163,7 @@ def test_bf16_export_from_adapter_folder_is_the_rounded_merge_and_generates(merg
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     for (name, p16), (_, p32) in zip(model.named_parameters(), fp32.named_parameters()):
         assert torch.equal(p16, p32.to(torch.bfloat16)), name
-    ids = generate_ids(model, AutoTokenizer.from_pretrained(out), PROMPTS, GREEDY)
+    ids = generate_ids(model, AutoTokenizer.from_pretrained(out), PROMPTS, GREEDY, batch_size=BATCH)
     assert len(ids) == len(PROMPTS) and all(0 < len(row) <= GREEDY.max_new_tokens for row in ids)
 
 
@@ -189,7 +189,7 @@ def test_int8_export_loads_with_load_int8_only_and_generates(trained, merged_dir
     assert (qweight.dequantize() - w).abs().max() <= qweight.q_scale() / 2 + 1e-7
     assert 0 < (qweight.dequantize() - w).abs().max()  # really quantised, not a float copy
     torch.testing.assert_close(model.shared.weight, fp32.shared.weight, rtol=0, atol=0)  # embeddings stay fp32
-    ids = generate_ids(model, AutoTokenizer.from_pretrained(out), PROMPTS, GREEDY)
+    ids = generate_ids(model, AutoTokenizer.from_pretrained(out), PROMPTS, GREEDY, batch_size=BATCH)
     assert len(ids) == len(PROMPTS) and all(0 < len(row) <= GREEDY.max_new_tokens for row in ids)
     marker = json.load(open(os.path.join(out, INT8_MARKER)))
     assert "encoder.embed_tokens.weight" in marker["aliases"]  # tied weights stored once

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -26,33 +25,6 @@ from flan_rlhf.rollout import fused_generate
 from flan_rlhf.settings import GenerationSettings
 
 DTYPE_CHOICES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass
-class DecodeSettings:
-    """How responses are decoded.
-
-    Attributes:
-        max_new_tokens: longest response, in tokens.
-        min_new_tokens: EOS is suppressed before this many tokens (a benchmark sets it equal to
-            ``max_new_tokens`` so every model does the same amount of work).
-        greedy: argmax decoding; otherwise sampling with ``temperature``/``top_k``/``top_p``.
-        batch_size: prompts per ``generate`` call.
-        max_prompt_tokens: prompts are truncated to this many tokens.
-        fused: T5-family float models decode through the package's fused decoder
-            (:func:`flan_rlhf.rollout.fused_generate`: the same tokens as ``generate``, LoRA folded
-            into the weights once per batch); ``False`` or any other model: ``model.generate``.
-    """
-
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    greedy: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    batch_size: int = 16
-    max_prompt_tokens: int = 512
-    fused: bool = True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +139,19 @@ def load_generation_model(model: str, adapter: str | None = None, tokenizer: str
 
 # ----------------------------------------------------------------------------- generation
 @torch.inference_mode()
-def generate_ids(model, tokenizer, prompts: Sequence[str], settings: DecodeSettings) -> list[list[int]]:
+def generate_ids(model, tokenizer, prompts: Sequence[str], generation: GenerationSettings, batch_size: int = 16,
+                 max_prompt_tokens: int = 512, fused: bool = True) -> list[list[int]]:
     """Response token ids for each prompt, in input order.
+
+    Args:
+        generation: ``max_new_tokens``, ``min_new_tokens`` (a benchmark sets it equal to
+            ``max_new_tokens`` so every model does the same work), ``do_sample`` (False: greedy)
+            and the sampling warpers.
+        batch_size: prompts per ``generate`` call.
+        max_prompt_tokens: prompts are truncated to this many tokens.
+        fused: T5-family float models decode through the package's fused decoder
+            (:func:`flan_rlhf.rollout.fused_generate`: the same tokens as ``generate``, LoRA folded
+            into the weights once per batch); ``False`` or any other model: ``model.generate``.
 
     Prompts are batched in order of token length (less padding) and put back in input order.
     Each response runs up to and including its first EOS (the decoder start token and the
@@ -177,29 +160,26 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], settings: DecodeSetti
     Returns:
         ``len(prompts)`` lists of token ids.
     """
-    if settings.batch_size < 1 or settings.max_new_tokens < 1:
+    if batch_size < 1 or generation.max_new_tokens < 1:
         raise ValueError("--batch-size and --max-new-tokens must be >= 1")
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+    kwargs: dict[str, Any] = dict(max_new_tokens=generation.max_new_tokens, min_new_tokens=generation.min_new_tokens,
                                   pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
-    if settings.greedy:
-        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if generation.do_sample:
+        kwargs.update(do_sample=True, temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p)
     else:
-        kwargs.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     device = next(model.parameters()).device
-    fused_settings = GenerationSettings(max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                                        do_sample=not settings.greedy, temperature=settings.temperature,
-                                        top_k=settings.top_k, top_p=settings.top_p)
     plain = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers inside
     results: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), settings.batch_size):
-        batch = order[start:start + settings.batch_size]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
         enc = tokenizer([prompts[i] for i in batch], padding=True, truncation=True,
-                        max_length=settings.max_prompt_tokens, return_tensors="pt")
+                        max_length=max_prompt_tokens, return_tensors="pt")
         input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        responses = fused_generate(plain, input_ids, attention_mask, fused_settings, tokenizer) if settings.fused else None
+        responses = fused_generate(plain, input_ids, attention_mask, generation, tokenizer) if fused else None
         if responses is None:
             responses = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, 1:]  # no start token
         for row, index in zip(responses.tolist(), batch):
@@ -239,11 +219,11 @@ def run(args: argparse.Namespace) -> str:
     rows = read_prompts(args.input, args.field, args.template)
     model, tokenizer, kind = load_generation_model(args.model, args.adapter, args.tokenizer,
                                                    DTYPE_CHOICES[args.dtype], args.trust_remote_code)
-    settings = DecodeSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
-                              max_prompt_tokens=args.max_prompt_tokens, fused=not args.hf_generate)
+    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     torch.manual_seed(args.seed)
-    ids = generate_ids(model, tokenizer, [row["prompt"] for row in rows], settings)
+    ids = generate_ids(model, tokenizer, [row["prompt"] for row in rows], generation, batch_size=args.batch_size,
+                       max_prompt_tokens=args.max_prompt_tokens, fused=not args.hf_generate)
     out_rows = [{**({"id": row["id"]} if "id" in row else {}), "prompt": row["prompt"], "response": text}
                 for row, text in zip(rows, decode(tokenizer, ids))]
     write_jsonl(out_rows, args.output, args.overwrite)
