@@ -18,7 +18,7 @@ from flan_rlhf.checkpointing import CheckpointError, capture_rng_states, restore
 from flan_rlhf.reward_shaping import RewardShaper
 from flan_rlhf.evaluation_step import EvaluationMixin
 from flan_rlhf.guards import NonFiniteGuard
-from flan_rlhf.optim import adamw
+from flan_rlhf.optim import adamw, lr_schedule
 from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
 from flan_rlhf.rewards.base import Reward
@@ -125,8 +125,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.actor.parameters() if p.requires_grad]
         optimizer = adamw(params, self.settings.learning_rate, self.settings.weight_decay)
-        warmup = max(0, self.hparams.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, (it + 1) / (warmup + 1)) if warmup else 1.0)
+        scheduler = lr_schedule(optimizer, max(0, self.hparams.warmup_steps))  # stepped once per PPO iteration
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ rollout

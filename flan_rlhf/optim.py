@@ -1,5 +1,8 @@
-"""Optimiser construction shared by the PPO and SFT modules."""
+"""Optimiser and learning-rate schedule construction shared by the PPO and SFT modules."""
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import torch
 
@@ -14,3 +17,46 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
     if fusable:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_multiplier(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: Literal["cosine", "linear", "constant"] = "cosine",
+    min_lr_ratio: float = 0.0,
+) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based).
+
+    Linear warm-up from ``1 / warmup_steps`` to 1 over the first ``warmup_steps`` steps, then
+    ``cosine``: ``min + (1 - min) * (1 + cos(pi * progress)) / 2`` or ``linear``:
+    ``min + (1 - min) * (1 - progress)``, with ``progress = (step - warmup) / (total - warmup)``
+    clipped to [0, 1]; ``constant`` stays at 1. (Same shapes as transformers'
+    ``get_cosine_schedule_with_warmup`` / ``get_linear_schedule_with_warmup``, plus a floor.)
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    if schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ValueError(f"unknown schedule {schedule!r} - use 'cosine', 'linear' or 'constant'")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int = 1,
+    schedule: Literal["cosine", "linear", "constant"] = "constant",
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` that scales the learning rate by :func:`lr_multiplier` at each scheduler step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, max(1, total_steps), schedule, min_lr_ratio)
+    )

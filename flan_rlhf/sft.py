@@ -21,48 +21,17 @@ a PPO config can name it as ``policy.name_or_path``.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Literal
 
 import lightning as L
 import torch
 
 from flan_rlhf.checkpointing import CheckpointError, state_dict_mismatch
-from flan_rlhf.optim import adamw
+from flan_rlhf.optim import adamw, lr_schedule
 from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.policy import LoraSettings, PolicySpec, load_policy_model
 
 IGNORE_INDEX = -100  # label value torch's cross_entropy (and HF) skip
-
-
-def lr_multiplier(
-    step: int,
-    warmup_steps: int,
-    total_steps: int,
-    schedule: Literal["cosine", "linear", "constant"] = "cosine",
-    min_lr_ratio: float = 0.0,
-) -> float:
-    """Learning-rate factor at optimizer step ``step`` (0-based).
-
-    Linear warm-up from ``1 / warmup_steps`` to 1 over the first ``warmup_steps`` steps, then
-    ``cosine``: ``min + (1 - min) * (1 + cos(pi * progress)) / 2`` or ``linear``:
-    ``min + (1 - min) * (1 - progress)``, with ``progress = (step - warmup) / (total - warmup)``
-    clipped to [0, 1]; ``constant`` stays at 1. (Same shapes as transformers'
-    ``get_cosine_schedule_with_warmup`` / ``get_linear_schedule_with_warmup``, plus a floor.)
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
-    if schedule == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    elif schedule == "linear":
-        shape = 1.0 - progress
-    else:
-        raise ValueError(f"unknown schedule {schedule!r} - use 'cosine', 'linear' or 'constant'")
-    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
 def tokenize_pairs(
@@ -185,10 +154,8 @@ class SFTModule(GuardedExportMixin, L.LightningModule):
                 "the learning-rate decay needs a length: set trainer.max_steps (the prompt stream is infinite) "
                 "or model.decay_steps"
             )
-        warmup, schedule, floor = self.hparams.warmup_steps, self.hparams.schedule, self.hparams.min_lr_ratio
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, warmup, total or 1, schedule, floor)
-        )
+        scheduler = lr_schedule(optimizer, self.hparams.warmup_steps, total or 1, self.hparams.schedule,
+                                self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ steps

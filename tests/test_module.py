@@ -181,6 +181,22 @@ def test_ppo_raises_a_movable_reward():
     assert last.mean() > 1.5 * first.mean()
 
 
+def test_learning_rate_warms_up_linearly_over_warmup_steps_ppo_iterations():
+    module = PPOModule(policy=tiny_policy_spec(), reward=TokenFractionReward(), lora=LoraSettings(r=4, alpha=8),
+                       generation=GenerationSettings(max_new_tokens=4),
+                       ppo=PPOSettings(learning_rate=1e-3, mini_batch_size=4, ppo_epochs=1),
+                       warmup_steps=4, log_samples_every_n_steps=0)
+    used = []
+
+    class RecordLearningRate(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            used.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit(module, steps=5, batch_size=4, callbacks=[RecordLearningRate()])
+    # iteration i uses (i + 1) / 4 of the rate until the 4th, then all of it (lr_multiplier's warm-up)
+    assert used == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
 def test_optimizer_uses_the_fused_adamw_kernel_and_falls_back_without_it():
     from flan_rlhf.optim import adamw
 

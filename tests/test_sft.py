@@ -13,11 +13,11 @@ from flan_rlhf.data import PromptDataModule
 from flan_rlhf.demo.corpus import write_corpus
 from flan_rlhf.demo.tokenizer import train_corpus_tokenizer
 from flan_rlhf.policy import LoraSettings, PolicySpec
+from flan_rlhf.optim import lr_multiplier
 from flan_rlhf.sft import (
     IGNORE_INDEX,
     SFTModule,
     first_references,
-    lr_multiplier,
     tokenize_pairs,
 )
 
