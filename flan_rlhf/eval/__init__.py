@@ -1,6 +1,6 @@
 """Evaluation: torchmetrics metrics (quality, toxicity, diversity, insults), paired bootstrap, reports.
 
-See ``docs/evaluation.md`` for the protocol and every metric's definition.
+The README's "Evaluation" section gives the protocol and every metric's definition.
 """
 from flan_rlhf.eval.bootstrap import (
     Interval,

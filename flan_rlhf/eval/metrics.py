@@ -50,7 +50,7 @@ References = Union[Sequence[str], Sequence[Sequence[str]]]
 #: splitter (``tokenizers/punkt_tab/english``): no collocations, no sentence starters, no
 #: orthographic statistics, and a hand-written list of 14 common English abbreviations
 #: (mr, mrs, dr, e.g, ...). It splits at ., ! and ? and is used only for ROUGE-Lsum, and
-#: only when nltk has no trained ``punkt_tab`` of its own (see /work/shared/STACK.md).
+#: only when nltk has no trained ``punkt_tab`` of its own (offline machines often lack nltk data).
 PACKAGED_NLTK_DATA = Path(__file__).resolve().parent.parent / "assets" / "nltk_data"
 
 DEFAULT_ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")

@@ -2,7 +2,7 @@
 
 ``--model`` is a plain Hugging Face folder or hub id (a merged export, a base model), or an
 int8 folder written by ``flan-rlhf export --int8``; ``--adapter DIR`` puts a LoRA adapter on
-top of ``--model`` (unmerged: slower than a merged export, see docs/inference.md).
+top of ``--model`` (unmerged: slower than a merged export; the README's inference figures say by how much).
 
 Prompts: ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line, the
 prompt under ``--field``, default ``prompt``); ``--template`` wraps each (e.g.
