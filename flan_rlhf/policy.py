@@ -162,7 +162,8 @@ def build_t5_from_config(
         eos_token_id=eos_token_id,
         decoder_start_token_id=decoder_start_token_id,
     )
-    with _fork_rng(seed):
+    with torch.random.fork_rng(devices=[]):  # seeds this build only; the caller's CPU RNG stream is kept
+        torch.manual_seed(seed)
         model = T5ForConditionalGeneration(config)
         # transformers 5 T5 ties lm_head to the input embedding whatever the config says (it only
         # reads tie_word_embeddings=False as "don't scale decoder outputs"). FLAN-T5 is untied,
@@ -170,20 +171,6 @@ def build_t5_from_config(
         model.lm_head.weight = nn.Parameter(torch.empty_like(model.shared.weight).normal_(mean=0.0, std=d_model**-0.5))
     model.config.tie_word_embeddings = False
     return model
-
-
-class _fork_rng:
-    """Seed torch inside a block without disturbing the caller's RNG stream."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self._state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self._state)
 
 
 def load_policy_model(spec: PolicySpec):

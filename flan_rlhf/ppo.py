@@ -27,7 +27,6 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "RunningMoments",
-    "all_finite",
     "entropy_from_logits",
     "gae",
     "kl_penalized_rewards",
@@ -629,11 +628,3 @@ class RunningMoments:
 
     def __repr__(self) -> str:
         return f"RunningMoments(mean={self.mean}, std={self.std}, count={self.count})"
-
-
-# -------------------------------------------------------------------------- guards
-
-
-def all_finite(*tensors: torch.Tensor) -> bool:
-    """``True`` if every entry of every tensor is finite (no NaN/inf). ``True`` for no tensors."""
-    return all(bool(torch.isfinite(t).all()) for t in tensors)

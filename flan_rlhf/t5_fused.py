@@ -3,7 +3,7 @@ in far fewer tensor ops, for the two hot paths of PPO on small and medium models
 
 * :func:`encode_prompts` - the encoder on the real prompt tokens only (no padding);
 * :class:`FusedT5Stepper` - one decoder step with a preallocated KV cache (sampling);
-* :func:`decode_teacher_forced` - a whole teacher-forced decoder pass (old/new log-probs,
+* :func:`fused_forward` - a whole teacher-forced decoder pass (old/new log-probs,
   values, reference), autograd-safe, used by every PPO minibatch.
 
 Why (measured with ``benchmarks/profile_ppo.py`` on the benchmark's 4+4-layer d_model-256 T5):
@@ -347,36 +347,9 @@ def _cross_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
         attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
 
 
-def decode_teacher_forced(
-    model, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """T5's teacher-forced decoder pass in fused ops; autograd-safe (LoRA gradients included).
-
-    Equals ``model(encoder_outputs=..., attention_mask=..., decoder_input_ids=...)`` with no
-    decoder attention mask (causal only), as the PPO minibatches call it.
-
-    Args:
-        model: a ``T5ForConditionalGeneration`` (LoRA layers allowed).
-        encoder_hidden: ``(batch, prompt_len, d_model)``.
-        attention_mask: prompt mask, ``(batch, prompt_len)``.
-        decoder_input_ids: ``(batch, response_len)``.
-
-    Returns:
-        ``(hidden, logits)``: decoder output after the final norm ``(batch, response_len, d_model)``
-        and logits ``(batch, response_len, vocab)``; ``None`` if the model is not supported.
-    """
-    if not is_fused_t5(model):
-        return None
-    try:
-        weights = _DecoderWeights(model)
-    except _Unsupported:
-        return None
-    return _decode(weights, encoder_hidden, attention_mask, decoder_input_ids)
-
-
 def _decode(weights: "_DecoderWeights", encoder_hidden: torch.Tensor, attention_mask: torch.Tensor,
             decoder_input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_teacher_forced`'s computation, on a model's decoder weights."""
+    """The teacher-forced decoder pass of :func:`fused_forward`, on a model's decoder weights."""
     batch, length = decoder_input_ids.shape
     dtype, device = encoder_hidden.dtype, encoder_hidden.device
     bias = weights.first_attention.compute_bias(length, length, device=device).to(dtype)  # (1, heads, L, L)
@@ -465,7 +438,8 @@ def fused_forward(
         encoder_hidden: precomputed encoder output ``(batch, prompt_len, d_model)`` (skips the encoder).
 
     Returns:
-        ``(hidden, logits)`` as :func:`decode_teacher_forced` returns them.
+        ``(hidden, logits)``: the decoder output after the final norm ``(batch, response_len, d_model)`` and
+        the logits ``(batch, response_len, vocab)``.
     """
     if not is_fused_t5(model):
         return None
