@@ -6,7 +6,6 @@ from flan_rlhf.data.datamodule import (
     PromptDataModule,
     PromptTable,
     SplitReport,
-    collate_prompts,
     prepare_prompts,
 )
 from flan_rlhf.data.loading import DataConfigError, fractional_split_indices, load_source
@@ -28,7 +27,6 @@ __all__ = [
     "SplitReport",
     "TEMPLATE_PRESETS",
     "apply_template",
-    "collate_prompts",
     "epoch_permutation",
     "fractional_split_indices",
     "load_builtin",

@@ -306,26 +306,15 @@ class EvalPromptDataset(TorchDataset):
     def __len__(self) -> int:
         return len(self.table) * self.samples_per_prompt
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        """``(row, sample)`` of item ``index``; :meth:`collate` turns a list of them into a batch."""
         if not 0 <= index < len(self):
             raise IndexError(index)
-        row, sample = divmod(index, self.samples_per_prompt)
-        return {
-            "prompt": self.table.prompts[row],
-            "references": list(self.table.references[row]),
-            "prompt_id": self.table.prompt_ids[row],
-            "sample": sample,
-        }
+        return divmod(index, self.samples_per_prompt)
 
-
-def collate_prompts(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack :class:`EvalPromptDataset` items into the batch format (lists stay lists)."""
-    return {
-        "prompt": [item["prompt"] for item in items],
-        "references": [list(item["references"]) for item in items],
-        "prompt_id": torch.tensor([item["prompt_id"] for item in items], dtype=torch.long),
-        "sample": torch.tensor([item["sample"] for item in items], dtype=torch.long),
-    }
+    def collate(self, items: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """The batch format of :meth:`PromptTable.batch` for ``(row, sample)`` items."""
+        return self.table.batch([row for row, _ in items], [sample for _, sample in items])
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,7 +589,7 @@ class PromptDataModule(LightningDataModule):
         if self.split_names[role] is None:
             return []
         dataset = EvalPromptDataset(self._table(role), self.samples_per_prompt)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_prompts,
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=dataset.collate,
                           num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
