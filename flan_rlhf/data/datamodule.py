@@ -321,12 +321,12 @@ class EvalPromptDataset(TorchDataset):
 # The LightningDataModule
 # --------------------------------------------------------------------------------------------
 def _load_tokenizer(name: str) -> Any:
-    from transformers import AutoTokenizer  # heavy import, only when a token limit is used
+    from flan_rlhf.policy import ModelLoadError, load_tokenizer  # transformers: only when a token limit is used
 
     try:
-        return AutoTokenizer.from_pretrained(name)
-    except OSError as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return load_tokenizer(name)
+    except ModelLoadError as err:
+        reason = str(err.__cause__).splitlines()[0] if err.__cause__ is not None and str(err.__cause__) else str(err)
         raise DataConfigError(
             f"cannot load tokenizer {name!r} for --data.max_prompt_tokens ({reason}); offline, pass a local "
             "folder saved with tokenizer.save_pretrained as --data.tokenizer, or unset "

@@ -23,23 +23,11 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from flan_rlhf.output_dirs import GuardedExportMixin
+from flan_rlhf.policy import load_tokenizer
 from flan_rlhf.rewards.preference_reward import EXPORT_METADATA_FILE
 from flan_rlhf.rewards.text_batches import forward_argument_names
 
 __all__ = ["PreferenceRewardModel", "bradley_terry_loss", "pairwise_accuracy"]
-
-BYTE_TOKENIZER = "byt5"
-
-
-def load_tokenizer(name_or_path: str):
-    """``AutoTokenizer.from_pretrained(name_or_path)``; ``"byt5"`` builds the byte-level ByT5
-    tokenizer, which needs no files (for tiny offline runs)."""
-    from transformers import AutoTokenizer, ByT5Tokenizer
-
-    if name_or_path == BYTE_TOKENIZER:
-        return ByT5Tokenizer()
-    return AutoTokenizer.from_pretrained(name_or_path)
-
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
     """Mean of ``-log sigmoid(r_c - r_r)`` over pairs; inputs of shape ``(pairs,)``, output scalar."""
