@@ -39,19 +39,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         import torch
 
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        fsync_folder(folder)  # make the rename itself durable
+        from flan_rlhf.io import atomic_file
+
+        with atomic_file(path, "wb") as handle:  # <path>.tmp-<pid>, fsync, os.replace, fsync the folder
+            torch.save(checkpoint, handle)
 
     def load_checkpoint(self, path, map_location: Any = _LIGHTNING_DEFAULT, weights_only: bool | None = None) -> dict[str, Any]:
         """Load with ``weights_only=True`` unless the caller passed ``False`` (``--weights_only false``).
@@ -69,20 +60,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 return super().load_checkpoint(path, weights_only=True, **kwargs)
         except pickle.UnpicklingError as err:
             raise CheckpointError(unsafe_checkpoint_message(str(path), err)) from err
-
-
-def fsync_folder(folder: str) -> None:
-    """``fsync`` a directory so renames inside it are on disk (no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def numpy_array_globals() -> list[Any]:

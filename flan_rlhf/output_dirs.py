@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
+
+from flan_rlhf.io import atomic_folder
 
 MANIFEST = "flan_rlhf_export.json"
 RUN_ID_KEY = "flan_rlhf_run_id"  # checkpoint key: the id of the run, kept across resumes
@@ -134,30 +134,12 @@ def atomic_output_dir(
     """
     folder = os.fspath(folder)
     check_replaceable(folder, **check)
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.tmp-", dir=parent)
-    try:
+    with atomic_folder(folder) as tmp:  # the temporary sibling, the swap, the clean-up on error
         yield tmp
         record = {**manifest, "files": [name for name in folder_files(tmp) if name != MANIFEST]}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2, sort_keys=True, default=str)
         check_replaceable(folder, **check)
-        _swap_in(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: str, folder: str) -> None:
-    """Rename ``tmp`` to ``folder``; an existing (already checked) ``folder`` is moved aside and removed."""
-    if not os.path.isdir(folder):
-        os.replace(tmp, folder)
-        return
-    old = tmp + ".old"
-    os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class GuardedExportMixin:

@@ -93,7 +93,7 @@ def test_same_arguments_give_byte_identical_files(tmp_path):
         assert first[split].read_bytes() == second[split].read_bytes()
     other_seed = write_corpus(tmp_path / "c", seed=4, n_train=200, n_val=20, n_test=20)
     assert other_seed["train"].read_bytes() != first["train"].read_bytes()
-    assert not list(tmp_path.glob("*/.*.tmp"))
+    assert not list(tmp_path.glob("*/*.tmp-*"))  # no temporary file of flan_rlhf.io.atomic_file is left
 
 
 def test_test_split_does_not_depend_on_train_size(tmp_path):

@@ -26,12 +26,11 @@ from typing import Sequence, Union
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from flan_rlhf.io import DATASETS_BUILDERS, TextFileError, file_format, read_utf8
+
 DataFiles = Union[str, Sequence[str], dict[str, Union[str, Sequence[str]]]]
 
-FILE_BUILDERS = ("json", "csv", "parquet")
-EXTENSION_TO_BUILDER = {
-    ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
-}
+FILE_BUILDERS = tuple(dict.fromkeys(DATASETS_BUILDERS.values()))  # ("json", "csv", "parquet")
 COMPRESSED_EXTENSIONS = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 OFFLINE_HINT = (
@@ -50,7 +49,12 @@ def _is_remote(path: str) -> bool:
 
 def _looks_like_path(name: str) -> bool:
     """A name that cannot be a Hub id: starts like a path or ends with a data-file extension."""
-    return name.startswith((".", "/", "~")) or os.path.splitext(name)[1].lower() in EXTENSION_TO_BUILDER
+    return name.startswith((".", "/", "~")) or _file_builder(name) is not None
+
+
+def _file_builder(path: str) -> str | None:
+    """The ``datasets`` builder for a local file, by its suffix (:data:`flan_rlhf.io.FORMATS`)."""
+    return DATASETS_BUILDERS.get(file_format(path))
 
 
 def _normalise_data_files(data_files: DataFiles) -> dict[str, list[str]]:
@@ -88,20 +92,6 @@ def _expand_local_files(patterns: list[str]) -> list[str]:
     return expanded
 
 
-def _decode_utf8(path: str) -> str:
-    """The file's text. Raises DataConfigError naming the line when it is not valid UTF-8."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataConfigError(
-            f"{path} is not valid UTF-8 (line {line}, byte {err.start}: {err.reason}); re-save it as UTF-8, "
-            f"e.g. iconv -f latin1 -t utf-8 {os.path.basename(path)} > fixed.jsonl"
-        ) from None
-
-
 def check_text_file(path: str, builder: str) -> None:
     """Check a local file before ``datasets`` reads it: UTF-8 for csv/json, one JSON object per line for json.
 
@@ -114,7 +104,13 @@ def check_text_file(path: str, builder: str) -> None:
     """
     if builder not in ("json", "csv") or os.path.splitext(path)[1].lower() in COMPRESSED_EXTENSIONS:
         return
-    text = _decode_utf8(path)
+    try:
+        text = read_utf8(path)
+    except TextFileError as err:  # "<path> is not valid UTF-8 (line L, byte B: reason)"
+        name = os.path.basename(path)
+        raise DataConfigError(
+            f"{err}; re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {name} > fixed.jsonl"
+        ) from None
     if not text.strip():
         raise DataConfigError(
             f"{path} is empty (no rows); fill it or point --data.data_files at the right file"
@@ -231,8 +227,8 @@ def load_source(
             return DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
         return _load_hub(expanded, config_name, data_files, cache_dir)
     if os.path.isfile(expanded):
-        extension = os.path.splitext(expanded)[1].lower()
-        if extension not in EXTENSION_TO_BUILDER:
+        builder = _file_builder(expanded)
+        if builder is None:
             raise DataConfigError(
                 f"cannot tell the format of {dataset!r} from its extension; use --data.dataset "
                 f"{'/'.join(FILE_BUILDERS)} with --data.data_files {dataset}"
@@ -240,9 +236,9 @@ def load_source(
         if data_files is not None:
             raise DataConfigError(
                 f"--data.dataset is the file {dataset!r} and --data.data_files is also set; use one: "
-                f"--data.dataset {EXTENSION_TO_BUILDER[extension]} --data.data_files '{{train: ...}}'"
+                f"--data.dataset {builder} --data.data_files '{{train: ...}}'"
             )
-        return _load_files(EXTENSION_TO_BUILDER[extension], {"train": [expanded]}, cache_dir)
+        return _load_files(builder, {"train": [expanded]}, cache_dir)
     if dataset in FILE_BUILDERS:
         if data_files is None:
             raise DataConfigError(

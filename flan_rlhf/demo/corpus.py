@@ -32,6 +32,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from flan_rlhf.io import atomic_file
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +360,8 @@ def write_corpus(
 ) -> dict[str, Path]:
     """Write ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` under ``out_dir``.
 
-    The same arguments always give byte-identical files. Each file is written to a temporary
-    name and renamed, so a crash never leaves a half-written split behind.
+    The same arguments always give byte-identical files. Each file is written through
+    :func:`flan_rlhf.io.atomic_file`, so a crash never leaves a half-written split behind.
 
     Args:
         out_dir: folder to write into (created if missing).
@@ -384,11 +386,9 @@ def write_corpus(
     paths = {}
     for split in SPLITS:
         path = out / f"{split}.jsonl"
-        tmp = out / f".{split}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        with atomic_file(path, newline="\n") as fh:
             for row in splits[split]:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
         paths[split] = path
     return paths
 

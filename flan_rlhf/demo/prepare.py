@@ -21,6 +21,7 @@ from typing import Any
 
 from flan_rlhf.demo.corpus import SPLITS, generator_fingerprint, write_corpus
 from flan_rlhf.demo.tokenizer import train_corpus_tokenizer
+from flan_rlhf.io import atomic_file
 
 MANIFEST = "manifest.json"
 
@@ -40,9 +41,8 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    with atomic_file(folder / MANIFEST) as handle:
+        handle.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def _files_sha256(paths: list[Path]) -> str:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from flan_rlhf.io import atomic_folder
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, UNK)  # ids 0, 1, 2 in this order
@@ -98,21 +98,14 @@ def corpus_texts(corpus_files: Sequence[str | os.PathLike], fields: Sequence[str
 
 
 def save_tokenizer_atomically(tokenizer, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` into a temporary sibling folder, then rename it to ``out_dir``.
+    """``save_pretrained`` into a temporary sibling folder that then replaces ``out_dir``.
 
-    A crash never leaves a half-written tokenizer folder that a later run would reuse.
+    Written through :func:`flan_rlhf.io.atomic_folder`: a crash never leaves a half-written
+    tokenizer folder that a later run would reuse.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -14,8 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from flan_rlhf.errors import first_line
+from flan_rlhf.io import DATASETS_BUILDERS, table_format
 
-LOCAL_SUFFIX_TO_BUILDER = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # the flan_rlhf.io.FORMATS read as preference files
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -85,12 +86,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
         path = Path(self.dataset)
         if path.is_file():
-            builder = LOCAL_SUFFIX_TO_BUILDER.get(path.suffix.lower())
-            if builder is None:
-                raise ValueError(
-                    f"cannot read preference file {path} (suffix {path.suffix!r}): "
-                    "use .json, .jsonl, .csv or .parquet"
-                )
+            builder = DATASETS_BUILDERS[table_format(path, LOCAL_SUFFIXES, what=f"preference file {path}")]
             return load_dataset(builder, data_files={self.train_split: str(path)})
         try:
             loaded = load_dataset(self.dataset, self.dataset_config)

@@ -13,6 +13,7 @@ written atomically.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from flan_rlhf.io import TextFileError, atomic_file, file_format, read_utf8
 from flan_rlhf.tools.command import CommandParser, UsageError, run_tool
 from flan_rlhf.rollout import fused_generate
 from flan_rlhf.settings import GenerationSettings
@@ -62,39 +64,41 @@ def read_prompts(path: str, field: str = "prompt", template: str = "raw") -> lis
     template = resolve_template(template)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--input '{path}' does not exist - pass a .txt (one prompt per line) or .jsonl file")
+    kind = file_format(path)
+    if kind not in ("txt", "jsonl"):
+        raise ValueError(f"--input '{path}' must end in .txt (one prompt per line) or .jsonl")
     try:
-        rows = _read_prompt_rows(path, field, template)
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--input '{path}' is not UTF-8 text (it holds byte {err.object[err.start]:#04x}) - "
+        text = read_utf8(path)
+    except TextFileError as err:
+        raise ValueError(f"--input '{path}' is not UTF-8 text (it holds byte {err.byte:#04x}) - "
                          "pass a .txt (one prompt per line) or .jsonl file saved as UTF-8") from None
+    rows = _read_prompt_rows(path, text, kind, field, template)
     if not rows:
         raise ValueError(f"--input '{path}' holds no prompts")
     return rows
 
 
-def _read_prompt_rows(path: str, field: str, template) -> list[dict[str, Any]]:
+def _read_prompt_rows(path: str, text: str, kind: str, field: str, template) -> list[dict[str, Any]]:
+    """The rows of ``text``, the file's content (``kind``: ``"txt"`` or ``"jsonl"``)."""
     from flan_rlhf.data.templates import apply_template
 
+    lines = io.StringIO(text, newline=None)  # universal newlines, as open() in text mode
+    if kind == "txt":
+        return [{"prompt": apply_template(template, line.rstrip("\n"))} for line in lines if line.strip()]
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        if path.endswith(".jsonl"):
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}) - write one JSON object per line") from err
-                if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                    raise ValueError(f"{path}:{line_no} has no string '{field}' - pass --field with the key holding the prompt")
-                row = {"prompt": apply_template(template, record[field])}
-                if "id" in record:
-                    row["id"] = record["id"]
-                rows.append(row)
-        elif path.endswith(".txt"):
-            rows = [{"prompt": apply_template(template, line.rstrip("\n"))} for line in handle if line.strip()]
-        else:
-            raise ValueError(f"--input '{path}' must end in .txt (one prompt per line) or .jsonl")
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}) - write one JSON object per line") from err
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"{path}:{line_no} has no string '{field}' - pass --field with the key holding the prompt")
+        row = {"prompt": apply_template(template, record[field])}
+        if "id" in record:
+            row["id"] = record["id"]
+        rows.append(row)
     return rows
 
 
@@ -193,21 +197,14 @@ def decode(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str, overwrite: bool = False) -> None:
-    """Write rows as JSONL via a temporary file and a rename (no half-written output)."""
+    """Write rows as JSONL through :func:`flan_rlhf.io.atomic_file` (no half-written output)."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"--output '{path}' is a folder - pass a .jsonl file path")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"--output '{path}' already exists - pass --overwrite to replace it")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def run(args: argparse.Namespace) -> str:

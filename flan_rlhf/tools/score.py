@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 import flan_rlhf.rewards  # noqa: F401 - registers every Reward subclass for --reward NAME
 from flan_rlhf.errors import first_line
+from flan_rlhf.io import TextFileError, atomic_file, file_format, refuse_binary, suffix_choices, table_format
 from flan_rlhf.rewards.base import Reward, RewardSetupError, set_up_reward
 from flan_rlhf.rewards.text_batches import batched
 
-READERS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # formats of flan_rlhf.io.FORMATS this reads
 REWARD_COLUMN = "reward"
 
 
@@ -76,13 +77,13 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist: check --input")
-    with path.open("rb") as handle:
-        head = handle.read(8192)
-    if b"\x00" in head and path.suffix.lower() != ".parquet":
-        raise ValueError(f"input file {path} is binary, not {path.suffix} text: pass a .jsonl, .json, .csv or .parquet file")
-    kind = READERS.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"cannot read {path} (suffix {path.suffix!r}): use .jsonl, .json, .csv or .parquet")
+    if file_format(path) != "parquet":
+        try:
+            refuse_binary(path)
+        except TextFileError:
+            raise ValueError(f"input file {path} is binary, not {path.suffix} text: "
+                             f"pass a {suffix_choices(INPUT_SUFFIXES)} file") from None
+    kind = table_format(path, INPUT_SUFFIXES)
     try:
         if kind == "csv":
             return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
@@ -215,9 +216,8 @@ def _score(argv: list[str] | None) -> int:
             f"input already has column(s) {clashes} that the scores would overwrite: rename them first"
         )
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     records = table.iloc[kept_rows].to_dict(orient="records")
-    with output.open("w", encoding="utf-8") as handle:
+    with atomic_file(output) as handle:  # no half-written output on a crash
         for position, record in enumerate(records):
             row = {key: _json_value(value) for key, value in record.items()}
             for name, values in components.items():
