@@ -13,7 +13,7 @@ functions (nothing in the package is changed):
                       generation)
   reference forward   no-grad reference pass (``rollout.reference_logprobs`` or
                       ``ActorCritic.reference_logits``)
-  scoring             ``PPOModule.score_rollout`` (decode + reward)
+  scoring             ``PPOModule.score_rollout`` (reward on decoded texts)
   minibatch forward   ``ActorCritic.forward`` (encoder included)
                       inside ``ppo_update``
   backward            ``manual_backward``

@@ -9,6 +9,7 @@ from typing import Any
 
 from flan_rlhf.eval.metrics import QualityMetrics
 from flan_rlhf.ppo import sequence_kl
+from flan_rlhf.rollout import response_rows
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation batches use seeds disjoint from training iterations
 
@@ -31,7 +32,6 @@ class EvaluationMixin:
         """Seeded sampling of one evaluation batch; returns the scored rollout and per-sequence KL ``(batch,)``."""
         self.seed_iteration(EVAL_SEED_OFFSET + batch_idx)
         rollout = self.rollout(batch["prompt"], self.eval_generation)
-        self.score_rollout(rollout)
         kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask)
         return rollout, kl
 
@@ -68,16 +68,6 @@ class EvaluationMixin:
         self._log_text_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Rows ``{prompt, response, reward, <component>..., kl, references?}`` for the writer."""
+        """Rows ``{prompt_id, sample, prompt, response, references, reward, <component>..., kl}`` for the writer."""
         rollout, kl = self._sample_and_score(batch, batch_idx)
-        rows = []
-        for i, (prompt, text) in enumerate(zip(rollout.prompts, rollout.texts)):
-            row = {"prompt": prompt, "response": text, "reward": float(rollout.scores[i])}
-            row.update({name: float(value[i]) for name, value in rollout.components.items()})
-            row["kl"] = float(kl[i])
-            if "prompt_id" in batch:
-                row["prompt_id"] = int(batch["prompt_id"][i])
-            if batch.get("references"):
-                row["references"] = list(batch["references"][i])
-            rows.append(row)
-        return rows
+        return response_rows(rollout, batch, {"reward": rollout.scores, **rollout.components, "kl": kl})

@@ -136,33 +136,34 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         torch.manual_seed(seed)
         return seed
 
-    def rollout(self, prompts: list[str], settings: GenerationSettings, with_reference: bool = True) -> Rollout:
-        """Sample responses for ``prompts`` and evaluate them under policy, value head and reference.
+    def rollout(
+        self, prompts: list[str], settings: GenerationSettings, with_reference: bool = True, scored: bool = True
+    ) -> Rollout:
+        """Sample responses for ``prompts``, evaluate them under policy, value head and reference, and score them.
 
         The policy's log-probs, values and entropy come from the sampling pass itself and only
         the reference needs a teacher-forced forward (:func:`flan_rlhf.rollout.collect_experience`).
-        The reward is not computed here (see :meth:`score_rollout`).
+        ``scored=False`` skips the reward (``Rollout.scores`` is then ``None``).
         """
         input_ids, attention_mask, n_truncated = tokenize_prompts(
             self.tokenizer, prompts, self.truncate_prompt_tokens, self.device
         )
-        self._n_truncated = n_truncated
         responses, logprobs, values, ref_logprobs, entropy = collect_experience(
             self.actor, input_ids, attention_mask, settings, self.tokenizer, self._decoder_start, with_reference
         )
         mask = response_mask(responses, self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(responses * mask.long() + self.tokenizer.pad_token_id * (1 - mask.long()),
                                             skip_special_tokens=True)
+        scores, components = self.score_rollout(list(prompts), texts) if scored else (None, {})
         return Rollout(input_ids, attention_mask, responses, mask, logprobs,
                        ref_logprobs if ref_logprobs is not None else torch.zeros_like(logprobs),
-                       values, entropy, list(prompts), texts)
+                       values, entropy, list(prompts), texts, n_truncated, scores, components)
 
-    def score_rollout(self, rollout: Rollout) -> None:
-        """Fill ``rollout.scores`` (raw reward) and ``rollout.components``."""
+    def score_rollout(self, prompts: list[str], texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Raw reward ``(batch,)`` on this device and each component ``(batch,)`` for decoded responses."""
         self._ensure_reward()
-        scores, components = self.reward.score(rollout.prompts, rollout.texts)
-        rollout.scores = scores.to(self.device)
-        rollout.components = components
+        scores, components = self.reward.score(prompts, texts)
+        return scores.to(self.device), components
 
     def shaped_scores(self, rollout: Rollout) -> torch.Tensor:
         """Scores after the no-EOS penalty and :class:`RewardShaper` (normalise, scale, clip); ``(batch,)``.
@@ -213,14 +214,13 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         t0 = time.perf_counter()
         with torch.no_grad():
             rollout = self.rollout(prompts, self.generation)
-            self.score_rollout(rollout)
         t_rollout = time.perf_counter() - t0
         raw = rollout.scores.float()
         stats: dict[str, float] = {
             "env/reward_mean": _finite_mean(raw),
             "env/reward_std": _finite_std(raw),
             "tokens/response_len_mean": rollout.mask.sum(1).float().mean().item(),
-            "data/truncated_prompts": float(self._n_truncated),
+            "data/truncated_prompts": float(rollout.n_truncated),
             "objective/kl_coef": float(self.kl_controller.value),
         }
         for name, value in rollout.components.items():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -26,9 +26,9 @@ from flan_rlhf.settings import GenerationSettings
 from flan_rlhf.t5_fused import is_fused_t5, prepare_sampling
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
-    """One batch of experience. Token tensors are right-padded.
+    """One batch of experience, built once by ``PPOModule.rollout``. Token tensors are right-padded.
 
     Attributes:
         input_ids: prompt tokens, shape ``(batch, prompt_len)``.
@@ -36,10 +36,13 @@ class Rollout:
         responses: sampled tokens (no decoder start token), shape ``(batch, response_len)``.
         mask: 1 on response tokens up to and including the first EOS, shape ``(batch, response_len)``.
         logprobs / ref_logprobs / values / entropy: per response token under the rollout policy,
-            the frozen reference and the value head, shape ``(batch, response_len)``.
-        scores: scalar reward per response, shape ``(batch,)``.
-        components: each reward component, shape ``(batch,)``.
+            the frozen reference and the value head, shape ``(batch, response_len)``
+            (``ref_logprobs`` is zeros when the reference was not evaluated).
         prompts / texts: the prompt strings and decoded responses.
+        n_truncated: how many prompts were cut to the prompt-token limit.
+        scores: scalar reward per response, shape ``(batch,)``; ``None`` when the rollout was
+            sampled unscored (the before/after comparison scores with its own scorers).
+        components: each reward component, shape ``(batch,)`` (empty when unscored).
     """
 
     input_ids: torch.Tensor
@@ -52,8 +55,29 @@ class Rollout:
     entropy: torch.Tensor
     prompts: list[str]
     texts: list[str]
-    scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    n_truncated: int
+    scores: torch.Tensor | None
     components: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def response_rows(rollout: Rollout, batch: Mapping[str, Any], columns: Mapping[str, Sequence[float] | torch.Tensor]) -> list[dict[str, Any]]:
+    """One dict per response of ``rollout``, for prediction files and before/after reports.
+
+    Keys, in order: ``prompt_id`` and ``sample`` (when ``batch`` carries them, as
+    :meth:`flan_rlhf.data.datamodule.PromptTable.batch` does), ``prompt``, ``response``,
+    ``references`` (``[]`` when the batch has none), then each of ``columns`` (shape ``(batch,)``;
+    a tensor is read with one ``tolist`` per column, so integer columns stay ``int``).
+    """
+    values_of = {name: values.tolist() if isinstance(values, torch.Tensor) else [float(v) for v in values]
+                 for name, values in columns.items()}
+    rows = []
+    for i, (prompt, text) in enumerate(zip(rollout.prompts, rollout.texts)):
+        row: dict[str, Any] = {key: int(batch[key][i]) for key in ("prompt_id", "sample") if key in batch}
+        row["prompt"], row["response"] = prompt, text
+        row["references"] = list(batch["references"][i]) if batch.get("references") else []
+        row.update({name: values[i] for name, values in values_of.items()})
+        rows.append(row)
+    return rows
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from flan_rlhf.evaluation_step import EVAL_SEED_OFFSET
 from flan_rlhf.ppo import sequence_kl
 from flan_rlhf.rewards.base import Reward
-from flan_rlhf.rollout import Rollout
+from flan_rlhf.rollout import Rollout, response_rows
 from flan_rlhf.settings import GenerationSettings
 
 
@@ -64,24 +64,13 @@ def sample_rows(
             rollout = _rollout_with_frozen_reference(module, batch["prompt"], generation)
         else:
             with context:
-                rollout = module.rollout(batch["prompt"], generation, with_reference=not reference_only)
+                rollout = module.rollout(batch["prompt"], generation, with_reference=not reference_only, scored=False)
         kl = torch.zeros(len(rollout.texts)) if reference_only else sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask).cpu()
-        toxicity = _toxicity_of(toxicity_scorer, rollout.texts)
-        positive = positivity(rollout.prompts, rollout.texts) if positivity is not None else None
-        for i, text in enumerate(rollout.texts):
-            row = {
-                "prompt_id": int(batch["prompt_id"][i]),
-                "sample": int(batch["sample"][i]),
-                "prompt": rollout.prompts[i],
-                "response": text,
-                "references": list(batch["references"][i]) if batch.get("references") else [],
-                "toxicity": float(toxicity[i]),
-                "kl": float(kl[i]),
-                "response_tokens": int(rollout.mask[i].sum()),
-            }
-            if positive is not None:
-                row["positivity"] = float(positive[i])
-            rows.append(row)
+        columns = {"toxicity": _toxicity_of(toxicity_scorer, rollout.texts), "kl": kl}
+        columns["response_tokens"] = rollout.mask.sum(1).cpu()
+        if positivity is not None:
+            columns["positivity"] = positivity(rollout.prompts, rollout.texts)
+        rows.extend(response_rows(rollout, batch, columns))
     return rows
 
 
@@ -91,7 +80,7 @@ def _rollout_with_frozen_reference(module, prompts: Sequence[str], generation: G
     trained = actor.policy
     actor.policy = actor.frozen_reference
     try:
-        return module.rollout(list(prompts), generation, with_reference=False)
+        return module.rollout(list(prompts), generation, with_reference=False, scored=False)
     finally:
         actor.policy = trained
 
