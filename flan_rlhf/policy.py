@@ -270,48 +270,37 @@ class ActorCritic(nn.Module):
         return self.policy.get_base_model() if self.uses_lora else self.policy
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        decoder_input_ids: torch.Tensor,
-        decoder_attention_mask: torch.Tensor | None = None,
-        encoder_outputs: Any = None,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced pass of the policy and value head.
 
         Args:
             input_ids: prompt tokens, shape ``(batch, prompt_len)``, right-padded.
             attention_mask: shape ``(batch, prompt_len)``.
-            decoder_input_ids: ``[decoder_start] + response[:-1]``, shape ``(batch, response_len)``.
-            decoder_attention_mask: shape ``(batch, response_len)`` or ``None``.
-            encoder_outputs: optional precomputed encoder outputs (skips the encoder).
+            decoder_input_ids: ``[decoder_start] + response[:-1]``, shape ``(batch, response_len)``
+                (causal decoder: positions after a row's EOS do not change the ones before it).
 
         Returns:
             logits: shape ``(batch, response_len, vocab)``, float32.
             values: shape ``(batch, response_len)``, float32.
         """
-        hidden, logits = self._teacher_forced(self.policy, input_ids, attention_mask, decoder_input_ids,
-                                              decoder_attention_mask, encoder_outputs)
+        hidden, logits = self._teacher_forced(self.policy, input_ids, attention_mask, decoder_input_ids)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logits.float(), values.float()
 
-    def _teacher_forced(self, model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
-                        encoder_outputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _teacher_forced(self, model, input_ids, attention_mask, decoder_input_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """``(decoder output after the final norm, logits)`` of ``model`` (the policy or the frozen
         copy): T5-family models take the fused path (the same arithmetic in fewer ops,
         :mod:`flan_rlhf.t5_fused`, equality tested), anything else its own ``forward``."""
-        if decoder_attention_mask is None and not self.gradient_checkpointing:
+        if not self.gradient_checkpointing:
             base = model.get_base_model() if self.uses_lora and model is self.policy else model
-            encoder_hidden = encoder_outputs[0] if encoder_outputs is not None else None
-            fused = fused_forward(base, input_ids, attention_mask, decoder_input_ids, encoder_hidden)
+            fused = fused_forward(base, input_ids, attention_mask, decoder_input_ids)
             if fused is not None:
                 return fused
         out = model(
-            input_ids=None if encoder_outputs is not None else input_ids,
+            input_ids=input_ids,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            encoder_outputs=encoder_outputs,
             output_hidden_states=True,
             use_cache=False,
             return_dict=True,
@@ -328,12 +317,11 @@ class ActorCritic(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         decoder_input_ids: torch.Tensor,
-        decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of the frozen reference policy, shape ``(batch, response_len, vocab)``, float32."""
         model = self.frozen_reference if self.frozen_reference is not None else self.policy
         with self.reference_context():
-            _, logits = self._teacher_forced(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+            _, logits = self._teacher_forced(model, input_ids, attention_mask, decoder_input_ids)
         return logits.float()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

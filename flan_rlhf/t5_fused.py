@@ -428,14 +428,12 @@ def fused_forward(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     decoder_input_ids: torch.Tensor,
-    encoder_hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Teacher-forced encoder + decoder pass in fused ops, or ``None`` if ``model`` is not supported.
 
     Args:
         input_ids, attention_mask: right-padded prompts, ``(batch, prompt_len)``.
         decoder_input_ids: ``(batch, response_len)``.
-        encoder_hidden: precomputed encoder output ``(batch, prompt_len, d_model)`` (skips the encoder).
 
     Returns:
         ``(hidden, logits)``: the decoder output after the final norm ``(batch, response_len, d_model)`` and
@@ -445,8 +443,7 @@ def fused_forward(
         return None
     try:
         weights = _DecoderWeights(model)  # raises before any compute, so nothing is done twice
-        if encoder_hidden is None:
-            encoder_hidden = _encode(model, input_ids, attention_mask)  # raises before computing too
+        encoder_hidden = _encode(model, input_ids, attention_mask)  # raises before computing too
     except _Unsupported:
         return None
     return _decode(weights, encoder_hidden, attention_mask, decoder_input_ids)
