@@ -159,3 +159,24 @@ def test_bad_input_fails_with_one_clear_line(tmp_path):
         write_report(_rows(BEFORE), _rows(AFTER), tmp_path, {}, tb_logdir=tmp_path / "nope")
     with pytest.raises(ValueError, match="clash"):
         write_report(_rows(BEFORE), _rows(AFTER), tmp_path, {"before": 1})
+
+
+def test_a_report_that_fails_midway_keeps_the_earlier_files_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    write_report(_rows(BEFORE), _rows(AFTER), tmp_path, META, n_resamples=50, seed=0)
+    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    def disk_fills_while_drawing(self, target, **kwargs):
+        if hasattr(target, "write"):
+            target.write(b"\x89PNG half")
+        else:
+            with open(target, "wb") as handle:
+                handle.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_fills_while_drawing)
+    with pytest.raises(OSError):
+        write_report(_rows(AFTER), _rows(BEFORE), tmp_path, META, n_resamples=50, seed=0)
+    assert (tmp_path / "toxicity_hist.png").read_bytes() == earlier["toxicity_hist.png"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(earlier)  # no *.tmp-* leftovers

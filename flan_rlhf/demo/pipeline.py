@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from flan_rlhf.io import atomic_file
+
 # the demo's own output folders under --root, replaced by --rebuild (and, when they hold an earlier
 # demo export, by every run: the stages pass the overwrite opt-in)
 DEMO_OUTPUTS = ("sft_model", "ppo_adapter")
@@ -70,7 +72,8 @@ def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bo
     if steps:
         args += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
     run_lightning_cli(args)
-    key_file.write_text(json.dumps(key))
+    with atomic_file(key_file) as handle:
+        handle.write(json.dumps(key))
     return target
 
 
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = run_compare(root, args.seed, configs, ckpt, out, tb_logdir, meta)
     metrics["wall_s"] = round(time.perf_counter() - started, 1)
     metrics["eval_s"] = round(time.perf_counter() - t_eval, 1)
-    with open(out / "metrics.json", "w", encoding="utf-8") as handle:
+    with atomic_file(out / "metrics.json") as handle:
         json.dump(metrics, handle, indent=2, default=str)
     print(format_table(metrics))
     print(f"[demo] n_test={metrics.get('n_test')} ppo_steps={ppo_steps} wall_s={metrics['wall_s']} report: {out / 'report.md'}")

@@ -41,6 +41,7 @@ from flan_rlhf.eval.metrics import (
     rouge_per_sample,
     sacrebleu_tokenizer,
 )
+from flan_rlhf.io import atomic_file
 
 REQUIRED_ROW_KEYS = ("prompt_id", "sample", "response", "references", "toxicity")
 OPTIONAL_MEAN_KEYS = {
@@ -338,7 +339,7 @@ def plot_toxicity_histogram(before: np.ndarray, after: np.ndarray, threshold: fl
     axes.set_title("Toxicity before vs after")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    _save_figure(figure, path)
 
 
 def read_scalar_curves(tb_logdir: str | Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -407,7 +408,7 @@ def plot_training_curves(
         axes.set_xlabel("step")
         axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path)
+    _save_figure(figure, path)
     return True, notes
 
 
@@ -434,9 +435,15 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _save_figure(figure, path: Path) -> None:
+    """``figure`` as a PNG at ``path``, written atomically."""
+    with atomic_file(path, "wb") as handle:
+        figure.savefig(handle, format="png")
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """One JSON object per line; rows hold validated (finite) numbers, so no NaN reaches the file."""
-    with path.open("w", encoding="utf-8") as handle:
+    with atomic_file(path) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
 
@@ -579,8 +586,10 @@ def write_report(
     }
     metrics = _jsonable(metrics)
     metrics_text = json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"
-    (out / files["metrics"]).write_text(metrics_text, encoding="utf-8")
-    (out / files["report"]).write_text(_markdown_report(metrics, meta), encoding="utf-8")
+    with atomic_file(out / files["metrics"]) as handle:
+        handle.write(metrics_text)
+    with atomic_file(out / files["report"]) as handle:
+        handle.write(_markdown_report(metrics, meta))
     return metrics
 
 
