@@ -9,7 +9,7 @@ entry.
 
 Data-file cases (empty file, missing columns, null/empty/non-string prompts, invalid UTF-8,
 invalid JSON lines, prompts over ``max_prompt_tokens`` with ``too_long="error"``, ...) live in
-the table ``tests.test_data_bad_input.CASES``; ``test_data_cases_cover_the_issue`` checks that
+the table ``tests.data.test_data_bad_input.CASES``; ``test_data_cases_cover_the_issue`` checks that
 table still holds them, and the ``data file not JSON lines (CLI)`` case below shows such an
 error reaching the command line as one line.
 
@@ -37,7 +37,7 @@ from flan_rlhf.cli import main
 from flan_rlhf.output_dirs import MANIFEST
 from flan_rlhf.rewards.base import Reward
 from tests.conftest import shrunk_tiny_config
-from tests.test_data_bad_input import CASES as DATA_CASES
+from tests.data.test_data_bad_input import CASES as DATA_CASES
 
 
 # ------------------------------------------------------------------ helpers
@@ -309,7 +309,7 @@ def test_bad_input_gets_one_clear_line_and_loses_nothing(case, tmp_path):
     assert not changed, f"files written before the failure were changed or removed: {changed}"
 
 
-# Data-file problems named by issue 7 -> their entry in tests/test_data_bad_input.py's CASES.
+# Data-file problems named by issue 7 -> their entry in tests/data/test_data_bad_input.py's CASES.
 DATA_CASES_REQUIRED = {
     "empty dataset": "empty file",
     "lacks the prompt column": "missing prompt column",

@@ -19,7 +19,7 @@ from flan_rlhf.reward_model import (
 )
 from flan_rlhf.rewards import PreferenceReward
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "reward_model_tiny.yaml"
 
 

@@ -8,7 +8,7 @@ import urllib.error
 import pytest
 import torch
 from tests.rewards_helpers import save_classifier, save_detoxify_checkpoint, tiny_bert_classifier, write_bert_tokenizer
-from tests.rewards_sentences import INSULTING, KIND
+from tests.rewards.sentences import INSULTING, KIND
 from sklearn.metrics import roc_auc_score
 
 from flan_rlhf.rewards import (

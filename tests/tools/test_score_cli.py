@@ -14,7 +14,7 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 from flan_rlhf.rewards import CompositeReward, Reward
 from flan_rlhf.tools.score import build_parser, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Rows 1, 3, 4 have text (two with newlines inside quotes, one Cyrillic with an emoji); row 2 has
 # an empty cell, row 5 only spaces, row 6 lacks the text field altogether (pandas reads it as an
