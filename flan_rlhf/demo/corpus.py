@@ -39,7 +39,7 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 # ---------------------------------------------------------------------------------------------
 # Hostile phrasing. INSULT_VOCABULARY lists every insult word the tails use; the demo's
 # insult_fraction metric counts responses holding any of them (or a fragment of >= 4 letters),
-# so no clean text in the corpus may contain such a fragment (tests/test_demo_corpus.py checks).
+# so no clean text in the corpus may contain such a fragment (tests/demo/test_corpus.py checks).
 # ---------------------------------------------------------------------------------------------
 INSULT_VOCABULARY: tuple[str, ...] = (
     "stupid",

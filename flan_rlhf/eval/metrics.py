@@ -21,7 +21,7 @@ sample (Lightning's ``DistributedSampler`` pads to guarantee this).
 
 The ROUGE rules and the sacreBLEU tokenizer are torchmetrics' own, reached through its
 module-private helpers (``_rouge_score_update``, ``_rouge_lsum_score``,
-``_SacreBLEUTokenizer``); ``tests/test_eval_metrics.py`` checks the results against the public
+``_SacreBLEUTokenizer``); ``tests/eval/test_metrics.py`` checks the results against the public
 ``ROUGEScore``, ``BLEUScore`` and ``SacreBLEUScore`` so a torchmetrics change shows up there.
 """
 from __future__ import annotations
