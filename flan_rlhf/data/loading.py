@@ -24,7 +24,8 @@ import os
 from typing import Sequence, Union
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+import datasets
+from datasets import Dataset, DatasetDict, load_from_disk
 
 from flan_rlhf.io import DATASETS_BUILDERS, TextFileError, file_format, read_utf8
 
@@ -167,7 +168,7 @@ def _load_files(builder: str, files_by_split: dict[str, list[str]], cache_dir: s
             if not _is_remote(path):
                 check_text_file(path, builder)
         try:
-            loaded = load_dataset(builder, data_files={split: files}, cache_dir=cache_dir, **extra)
+            loaded = datasets.load_dataset(builder, data_files={split: files}, cache_dir=cache_dir, **extra)
         except Exception as err:  # datasets wraps parser errors in several exception types
             cause = _root_cause(err)
             if "corresponds to no data" in str(cause):  # e.g. a CSV file with only a header
@@ -188,7 +189,7 @@ def _load_hub(
     name: str, config_name: str | None, data_files: DataFiles | None, cache_dir: str | None
 ) -> DatasetDict:
     try:
-        loaded = load_dataset(name, config_name, data_files=data_files, cache_dir=cache_dir)
+        loaded = datasets.load_dataset(name, config_name, data_files=data_files, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError, TimeoutError) as err:
         # Offline: ConnectionError "Couldn't reach '<name>' on the Hub (OfflineModeIsEnabled)";
         # online but unknown: DatasetNotFoundError (a FileNotFoundError).

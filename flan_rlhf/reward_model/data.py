@@ -13,8 +13,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from flan_rlhf.data.loading import DataConfigError, load_source
 from flan_rlhf.errors import first_line
-from flan_rlhf.io import DATASETS_BUILDERS, table_format
+from flan_rlhf.io import table_format
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # the flan_rlhf.io.FORMATS read as preference files
 
@@ -81,22 +82,25 @@ class PreferenceDataModule(L.LightningDataModule):
 
     # -- loading ---------------------------------------------------------------------------
     def _load_dataset_dict(self):
-        """The source as a ``DatasetDict`` (local files or hub), with one-line errors."""
-        from datasets import DatasetDict, load_dataset
+        """The source as a ``DatasetDict`` through :func:`flan_rlhf.data.loading.load_source` (the
+        package's one ``datasets`` loader: local files are checked for UTF-8 and JSON lines first),
+        with a local file as split ``train_split`` and one-line errors."""
+        from datasets import DatasetDict
 
         path = Path(self.dataset)
         if path.is_file():
-            builder = DATASETS_BUILDERS[table_format(path, LOCAL_SUFFIXES, what=f"preference file {path}")]
-            return load_dataset(builder, data_files={self.train_split: str(path)})
+            table_format(path, LOCAL_SUFFIXES, what=f"preference file {path}")  # names the accepted suffixes
+            return DatasetDict({self.train_split: load_source(str(path))["train"]})
         try:
-            loaded = load_dataset(self.dataset, self.dataset_config)
-        except (ConnectionError, OSError) as err:  # DatasetNotFoundError is a FileNotFoundError
+            return load_source(self.dataset, config_name=self.dataset_config)
+        except DataConfigError as err:
+            if not isinstance(err.__cause__, (ConnectionError, OSError, TimeoutError)):
+                raise
             raise ConnectionError(
-                f"cannot load preference dataset {self.dataset!r} ({first_line(err)[:200]}); offline, pass a local "
-                f"json/jsonl/csv/parquet file with '{self.chosen_column}'/'{self.rejected_column}' "
+                f"cannot load preference dataset {self.dataset!r} ({first_line(err.__cause__)[:200]}); offline, "
+                f"pass a local json/jsonl/csv/parquet file with '{self.chosen_column}'/'{self.rejected_column}' "
                 "columns as `dataset`"
             ) from err
-        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({self.train_split: loaded})
 
     def _load_splits(self):
         """``(train, val)`` datasets before column checks and cleaning."""

@@ -137,3 +137,20 @@ def test_preference_reward_rejects_a_multi_label_folder(tmp_path):
     folder = save_classifier(tmp_path / "clf", {0: "nothate", 1: "hate"}, [0.0, 0.0])
     with pytest.raises(ValueError, match="expected 1"):
         PreferenceReward(str(folder)).setup()
+
+
+def test_preference_files_go_through_the_one_datasets_loader(tmp_path):
+    """A local file is checked like a prompt file (UTF-8, one JSON object per line) and becomes ``train_split``."""
+    latin1 = tmp_path / "pairs.jsonl"
+    latin1.write_bytes('{"chosen": "caf\u00e9", "rejected": "no"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"not valid UTF-8 \(line 1.*re-save it as UTF-8"):
+        PreferenceDataModule(dataset=str(latin1)).setup("fit")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl line 2 is not valid JSON"):
+        PreferenceDataModule(dataset=str(broken)).setup("fit")
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n" for i in range(8)))
+    module = PreferenceDataModule(dataset=str(good), train_split="pairs", val_fraction=0.25, seed=0)
+    module.setup("fit")
+    assert len(module.train_data) + len(module.val_data) == 8
