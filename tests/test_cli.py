@@ -149,6 +149,8 @@ def test_fit_validate_test_predict_on_tiny_model(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
     assert len(rows) == 8  # the built-in tiny set has 8 test prompts
     assert {"prompt", "response", "reward", "non_profanity", "kl"} <= set(rows[0])
+    assert list(rows[0])[:5] == ["prompt_id", "sample", "prompt", "response", "references"]  # rollout.response_rows
+    assert len({row["prompt_id"] for row in rows}) == 8
 
 
 def test_tool_subcommands_are_dispatched(capsys):
