@@ -325,8 +325,8 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
             "guards/nonfinite_loss_skipped": float(n_skipped_nonfinite),
             "guards/early_stopped": early_stopped,
         })
-        for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/clipfrac"):
-            stats.setdefault(key, 0.0)
+        # An iteration whose minibatches were all skipped logs no loss: a 0.0 would read as a perfect
+        # step. The skips are agreed across ranks, so every rank logs the same keys.
         return stats
 
     def _optimizer_step(self, optimizer) -> None:

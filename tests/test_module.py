@@ -70,9 +70,10 @@ def test_first_ratio_is_one_and_no_clipping_when_learning_rate_is_zero():
     assert abs(row["objective/kl"]) < 1e-5  # adapters start at B=0: policy == reference
 
 
-def test_policy_loss_receives_whitened_gae_advantages(monkeypatch):
-    """Wiring: the advantages the loss sees are exactly whiten(GAE(values, KL-penalised rewards))."""
-    module = make_module(ppo_epochs=1, mini_batch_size=8)
+def test_each_minibatch_row_receives_its_own_advantage_logprob_value_and_return(monkeypatch):
+    """Wiring, row by row: the loss of every minibatch sees, for each row it selected, that row's
+    whiten(GAE(values, KL-penalised rewards)) advantage, rollout log-prob, value and GAE return."""
+    module = make_module(ppo_epochs=2, mini_batch_size=4)
     module.configure_model()
     seen = {}
     original_update = module.ppo_update
@@ -81,36 +82,52 @@ def test_policy_loss_receives_whitened_gae_advantages(monkeypatch):
         seen["rollout"], seen["advantages"], seen["returns"] = rollout, advantages, returns
         return original_update(rollout, advantages, returns, optimizer, iteration)
 
-    captured = []
-    original_loss = ppo.policy_loss
+    import flan_rlhf.module as module_lib
 
-    def spy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
-        captured.append((advantages.detach().clone(), old_logprobs.detach().clone()))
-        return original_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+    selected, policy_args, value_args = [], [], []
+    original_minibatch, original_policy_loss, original_value_loss = module_lib._minibatch, ppo.policy_loss, ppo.value_loss
+
+    def spy_minibatch(rollout, decoder_input_ids, advantages, returns, idx):
+        selected.append(idx.clone())
+        return original_minibatch(rollout, decoder_input_ids, advantages, returns, idx)
+
+    def spy_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+        policy_args.append((old_logprobs.detach().clone(), advantages.detach().clone(), mask.clone()))
+        return original_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+
+    def spy_value_loss(values, old_values, returns, mask, cliprange_value):
+        value_args.append((old_values.detach().clone(), returns.detach().clone()))
+        return original_value_loss(values, old_values, returns, mask, cliprange_value)
 
     monkeypatch.setattr(module, "ppo_update", spy_update)
-    monkeypatch.setattr("flan_rlhf.module.ppo.policy_loss", spy_loss)
+    monkeypatch.setattr(module_lib, "_minibatch", spy_minibatch)
+    monkeypatch.setattr("flan_rlhf.module.ppo.policy_loss", spy_policy_loss)
+    monkeypatch.setattr("flan_rlhf.module.ppo.value_loss", spy_value_loss)
     fit(module, steps=1, batch_size=8)
     r = seen["rollout"]
-    scores = r.scores
-    rewards, _ = ppo.kl_penalized_rewards(scores, r.logprobs, r.ref_logprobs, r.mask, 0.2)
+    rewards, _ = ppo.kl_penalized_rewards(r.scores, r.logprobs, r.ref_logprobs, r.mask, 0.2)
     expected_adv, expected_ret = ppo.gae(r.values, rewards, r.mask, 1.0, 0.95)
     expected_adv = ppo.masked_whiten(expected_adv, r.mask)
     torch.testing.assert_close(seen["advantages"], expected_adv)
     torch.testing.assert_close(seen["returns"], expected_ret)
-    # one epoch, one minibatch of all 8 rows (in a permuted order): compare as multisets of rows
-    adv_seen, old_seen = captured[0]
-    assert adv_seen.shape[0] == 8
-    assert torch.allclose(adv_seen.sum(), (expected_adv * r.mask)[:, : adv_seen.shape[1]].sum(), atol=1e-5)
-    assert torch.allclose(old_seen.sum(), (r.logprobs * r.mask)[:, : old_seen.shape[1]].sum(), atol=1e-4)
+    assert len(selected) == len(policy_args) == len(value_args) == 4  # 2 epochs x 2 minibatches of 4
+    for idx, (old_logprobs, advantages, mask), (old_values, returns) in zip(selected, policy_args, value_args):
+        length = mask.shape[1]  # trimmed to the longest response of the minibatch
+        torch.testing.assert_close(mask, r.mask[idx][:, :length])
+        torch.testing.assert_close(advantages, expected_adv[idx][:, :length])
+        torch.testing.assert_close(old_logprobs, r.logprobs[idx][:, :length])
+        torch.testing.assert_close(old_values, r.values[idx][:, :length])
+        torch.testing.assert_close(returns, expected_ret[idx][:, :length])
+    assert sorted(torch.cat(selected[:2]).tolist()) == list(range(8))  # each epoch visits every row once
 
 
 def test_nan_reward_is_skipped_counted_and_training_continues():
     recorder = MetricsRecorder()
     module = make_module(reward=ScriptedReward([float("nan"), 0.5, float("inf"), 0.3]))
-    fit(module, steps=1, callbacks=[recorder])  # build + first (NaN) iteration
+    trainer = fit(module, steps=1, callbacks=[recorder])  # build + first (NaN) iteration
     assert recorder.rows[0]["guards/nonfinite_skipped"] == 1.0
-    assert recorder.rows[0].get("ppo/updates", 0.0) == 0.0
+    assert all(not state for state in trainer.optimizers[0].state.values())  # no update ran: Adam never stepped
+    assert not [key for key in recorder.rows[0] if key.startswith(("ppo/loss", "ppo/policy", "ppo/updates"))]
 
 
 def test_nan_reward_skip_makes_no_weight_change_then_training_resumes():
@@ -139,6 +156,7 @@ def test_ratio_threshold_skips_minibatches_without_any_optimizer_step():
     initial = trainable_copy(module)
     trainer = fit(module, steps=2, callbacks=[recorder])
     assert [row["guards/ratio_skipped"] for row in recorder.rows] == [4.0, 4.0]
+    assert not [key for key in recorder.rows[0] if key.startswith("ppo/loss")]  # nothing trained: no loss logged
     assert all(not state for state in trainer.optimizers[0].state.values())  # Adam never stepped
     after = trainable_copy(module)
     assert all(torch.equal(after[k], initial[k]) for k in initial)
