@@ -122,15 +122,10 @@ class WrongShapeReward(Reward):
 # ------------------------------------------------------------------ the table
 @dataclass(frozen=True)
 class BadInput:
-    """``prepare(tmp)`` builds the input and returns the failing call (which returns the message).
-
-    ``pending`` names a proposed change the case needs; while it is not applied the case is an
-    expected failure (strict: it must start passing once the change lands).
-    """
+    """``prepare(tmp)`` builds the input and returns the failing call (which returns the message)."""
 
     prepare: Callable[[Path], Callable[[], str]]
     message: str  # regex the whole one-line message must match
-    pending: str | None = None
 
 
 def _not_seq2seq_folder(tmp: Path) -> list[str]:
@@ -203,14 +198,6 @@ def _detoxify_checkpoint_with_code(tmp: Path) -> Callable[[], str]:
     return run
 
 
-def _detoxify_scans_checkpoints() -> bool:
-    import inspect
-
-    from flan_rlhf.rewards.detoxify_reward import DetoxifyReward
-
-    return "trust_checkpoint" in inspect.signature(DetoxifyReward).parameters
-
-
 def _not_json_lines(tmp: Path) -> list[str]:
     (tmp / "p.jsonl").write_text('{"dialogue": "a", "summary": "s"}\n{"dialogue": "b", "summary": }\n', encoding="utf-8")
     return ["--data.init_args.builtin=null", f"--data.init_args.dataset={tmp / 'p.jsonl'}"]
@@ -266,8 +253,7 @@ CASES: dict[str, BadInput] = {
     "detoxify checkpoint that pickles objects": BadInput(
         _detoxify_checkpoint_with_code,
         r"Detoxify checkpoint '.*toxic.ckpt' pickles Python objects \(datetime.date\) that would run when loaded; "
-        r"set trust_checkpoint: true only if the file comes from a source you trust",
-        pending=None if _detoxify_scans_checkpoints() else "the rewards/detoxify_reward.py diff (trust_checkpoint)"),
+        r"set trust_checkpoint: true only if the file comes from a source you trust"),
     "data file not JSON lines (CLI)": BadInput(
         fit_fails(inputs=_not_json_lines),
         r".*p.jsonl line 2 is not valid JSON \(.*\).*"),
@@ -289,12 +275,7 @@ def files_under(root: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
 
 
-def _params() -> list:
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"needs {entry.pending}"))
-            if entry.pending else name for name, entry in CASES.items()]
-
-
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gets_one_clear_line_and_loses_nothing(case, tmp_path):
     entry = CASES[case]
     failing_call = entry.prepare(tmp_path)

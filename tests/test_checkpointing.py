@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 import random
 import struct
 import zipfile
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import flan_rlhf.module
 from flan_rlhf.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -200,10 +198,6 @@ def test_rng_states_in_the_old_tuple_layout_still_restore():
     assert draws() == expected
 
 
-@pytest.mark.xfail(
-    not hasattr(flan_rlhf.module, "capture_rng_states"), raises=pickle.UnpicklingError, strict=True,
-    reason="module.py still pickles np.random.get_state(); proposed diff: store RNG states with capture_rng_states()",
-)
 def test_ppo_module_checkpoint_needs_no_allow_list(tmp_path):
     """``on_save_checkpoint`` output of :class:`PPOModule` loads with plain ``weights_only=True``."""
     from flan_rlhf.module import PPOModule

@@ -1,10 +1,14 @@
 """Before/after evaluation of a tiny trained policy, offline, end to end (JSON, Markdown, PNG)."""
 from __future__ import annotations
 
+import contextlib
 import json
 
+import pytest
 import torch
 
+from flan_rlhf.evaluation_step import EVAL_SEED_OFFSET
+from flan_rlhf.ppo import sequence_kl
 from flan_rlhf.tools.compare import compare_before_after
 from flan_rlhf.rewards import ProfanityReward, VaderReward
 from tests.test_module import fit, make_module
@@ -29,9 +33,19 @@ def test_before_after_report_on_a_tiny_trained_policy(tmp_path):
     assert len(before) == len(after) == 9
     # same prompts and sample indices on both sides
     assert [(r["prompt_id"], r["sample"]) for r in before] == [(r["prompt_id"], r["sample"]) for r in after]
-    # the reference side has KL 0 by definition; the trained side has been moved by 2 PPO iterations
-    assert all(r["kl"] == 0.0 for r in before)
-    assert any(abs(r["kl"]) > 0 for r in after)
+    # "before" is the reference (adapters off), "after" the trained policy, each with the batch's seed:
+    # resampling either side by hand gives the same responses, and the trained side's KL per row
+    for side, rows in (("before", before), ("after", after)):
+        module.seed_iteration(EVAL_SEED_OFFSET + 0)
+        context = module.actor.reference_context() if side == "before" else contextlib.nullcontext()
+        with torch.no_grad(), context:
+            rollout = module.rollout(batches[0]["prompt"], module.eval_generation, with_reference=side == "after",
+                                     scored=False)
+        assert [r["response"] for r in rows[:6]] == rollout.texts, side
+        if side == "after":
+            kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask)
+            assert [r["kl"] for r in rows[:6]] == pytest.approx(kl.tolist(), abs=1e-5)
+    assert any(abs(r["kl"]) > 0 for r in after)  # 2 PPO iterations moved the policy
     # JSON means agree with the per-sample rows written beside them
     for side, rows in (("before", before), ("after", after)):
         mean_toxicity = sum(r["toxicity"] for r in rows) / len(rows)
