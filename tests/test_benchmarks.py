@@ -33,3 +33,14 @@ def test_ppo_throughput_prints_one_json_line_with_the_issue_keys(lora):
     assert row["impl"] == "flan-rlhf" and row["samples_per_s"] > 0 and row["config"]["lora"] is lora
     assert row["ppo_updates_per_step"] == [2]  # 4 prompts / minibatches of 2, one epoch
     assert row["first_minibatch_max_abs_ratio_minus_1"] < 1e-4  # old log-probs from the sampling pass
+
+
+def test_host_syncs_counts_conversions_per_minibatch_with_their_sites():
+    out = _run("host_syncs.py", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2",
+               "--batch-size", "8", "--mini-batch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "4",
+               "--steps", "2", "--threads", "1")
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["minibatches"] == 8  # 2 iterations x 2 epochs x (8 prompts / 4)
+    assert sum(row["sites"].values()) * row["minibatches"] == pytest.approx(row["syncs_in_minibatch_loop"])
+    assert row["syncs_per_minibatch"] == pytest.approx(row["syncs_in_minibatch_loop"] / 8)
+    assert all(site.split(":")[0].endswith(".py") for site in row["sites"])
