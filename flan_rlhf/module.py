@@ -277,16 +277,21 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         s = self.settings
         batch_size = rollout.responses.shape[0]
         generator = torch.Generator().manual_seed(self.seed_iteration(iteration, salt=1))
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}  # summed on the device, read once per iteration (no sync per minibatch)
         n_updates = n_skipped_ratio = n_skipped_nonfinite = pending = 0
+        # row lengths read once per iteration, so trimming a minibatch's padding needs no device read
+        prompt_lengths = rollout.attention_mask.sum(1).long().tolist()
+        response_lengths = rollout.mask.sum(1).long().tolist()
         early_stopped = 0.0
         decoder_input_ids = shift_right(rollout.responses, self._decoder_start)
         optimizer.zero_grad()
         for _epoch in range(s.ppo_epochs):
-            order = torch.randperm(batch_size, generator=generator)
+            order = torch.randperm(batch_size, generator=generator).tolist()  # a CPU generator: no device read
             for start in range(0, batch_size, s.mini_batch_size):
-                idx = order[start:start + s.mini_batch_size].to(self.device)
-                mb = _minibatch(rollout, decoder_input_ids, advantages, returns, idx)
+                rows = order[start:start + s.mini_batch_size]
+                lengths = (max(prompt_lengths[i] for i in rows), max(response_lengths[i] for i in rows))
+                idx = torch.tensor(rows, device=self.device)
+                mb = _minibatch(rollout, decoder_input_ids, advantages, returns, idx, lengths)
                 logits, vpred = self.actor(mb["input_ids"], mb["attention_mask"], mb["decoder_input_ids"])
                 logprobs = ppo.logprobs_from_logits(logits / self.generation.temperature, mb["responses"])
                 pg_loss, clipfrac, approx_kl = ppo.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], s.cliprange)
@@ -310,7 +315,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
                 for key, value in (("ppo/loss/policy", pg_loss), ("ppo/loss/value", vf_loss), ("ppo/loss/total", loss),
                                    ("ppo/policy/approxkl", approx_kl), ("ppo/policy/clipfrac", clipfrac),
                                    ("ppo/val/clipfrac", vf_clipfrac), ("ppo/policy/ratio_mean", ratio_mean)):
-                    totals[key] = totals.get(key, 0.0) + float(value.detach())
+                    totals[key] = totals[key] + value.detach() if key in totals else value.detach()
                 if s.target_kl is not None and self._any_rank(float(approx_kl) > s.target_kl):
                     early_stopped = 1.0
                     break
@@ -318,7 +323,8 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
                 break
         if pending:
             self._optimizer_step(optimizer)
-        stats = {key: value / max(n_updates, 1) for key, value in totals.items()}
+        means = torch.stack([value.float() for value in totals.values()]).div(max(n_updates, 1)).tolist() if totals else []
+        stats = dict(zip(totals, means))
         stats.update({
             "ppo/updates": float(n_updates),
             "guards/ratio_skipped": float(n_skipped_ratio),
@@ -445,13 +451,15 @@ def _make_kl_controller(settings: PPOSettings):
     return ppo.FixedKLController(settings.init_kl_coef)
 
 
-def _minibatch(rollout: Rollout, decoder_input_ids, advantages, returns, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+def _minibatch(rollout: Rollout, decoder_input_ids, advantages, returns, idx: torch.Tensor,
+               lengths: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Select rows ``idx`` and trim right padding (dynamic padding per minibatch).
 
+    ``lengths``: the longest prompt and response among those rows, ``(prompt_len', response_len')``
+    (host integers, so trimming reads nothing from the device).
     Returns tensors of shape ``(mb, prompt_len')`` and ``(mb, response_len')``.
     """
-    prompt_len = int(rollout.attention_mask[idx].sum(1).max())
-    response_len = int(rollout.mask[idx].sum(1).max())
+    prompt_len, response_len = lengths
     p = slice(0, prompt_len)
     r = slice(0, response_len)
     return {

@@ -87,9 +87,9 @@ def test_each_minibatch_row_receives_its_own_advantage_logprob_value_and_return(
     selected, policy_args, value_args = [], [], []
     original_minibatch, original_policy_loss, original_value_loss = module_lib._minibatch, ppo.policy_loss, ppo.value_loss
 
-    def spy_minibatch(rollout, decoder_input_ids, advantages, returns, idx):
+    def spy_minibatch(rollout, decoder_input_ids, advantages, returns, idx, lengths):
         selected.append(idx.clone())
-        return original_minibatch(rollout, decoder_input_ids, advantages, returns, idx)
+        return original_minibatch(rollout, decoder_input_ids, advantages, returns, idx, lengths)
 
     def spy_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
         policy_args.append((old_logprobs.detach().clone(), advantages.detach().clone(), mask.clone()))
