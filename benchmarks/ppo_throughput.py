@@ -191,11 +191,11 @@ def main(argv=None) -> None:
     # a teacher-forced forward or from the sampling pass. Record max |ratio - 1| there.
     masked_ratio_mean = ppo_lib.masked_ratio_mean
 
-    def recording_ratio_mean(logprobs, old_logprobs, mask):
+    def recording_ratio_mean(logprobs, old_logprobs, mask, **kwargs):
         if "first_ratio_dev" not in current:
             keep = mask.bool()
             current["first_ratio_dev"] = float((torch.exp(logprobs - old_logprobs)[keep] - 1).abs().max())
-        return masked_ratio_mean(logprobs, old_logprobs, mask)
+        return masked_ratio_mean(logprobs, old_logprobs, mask, **kwargs)
 
     ppo_lib.masked_ratio_mean = recording_ratio_mean
     iteration_stats: list[dict[str, float]] = []

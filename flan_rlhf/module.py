@@ -283,6 +283,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         prompt_lengths = rollout.attention_mask.sum(1).long().tolist()
         response_lengths = rollout.mask.sum(1).long().tolist()
         early_stopped = 0.0
+        tokens_checked = False
         decoder_input_ids = shift_right(rollout.responses, self._decoder_start)
         optimizer.zero_grad()
         for _epoch in range(s.ppo_epochs):
@@ -293,11 +294,18 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
                 idx = torch.tensor(rows, device=self.device)
                 mb = _minibatch(rollout, decoder_input_ids, advantages, returns, idx, lengths)
                 logits, vpred = self.actor(mb["input_ids"], mb["attention_mask"], mb["decoder_input_ids"])
-                logprobs = ppo.logprobs_from_logits(logits / self.generation.temperature, mb["responses"])
-                pg_loss, clipfrac, approx_kl = ppo.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], s.cliprange)
-                vf_loss, vf_clipfrac = ppo.value_loss(vpred, mb["values"], mb["returns"], mb["mask"], s.cliprange_value)
+                if not tokens_checked:  # once per iteration, for every row (a device read)
+                    ppo.check_token_ids(rollout.responses, logits.shape[-1])
+                    tokens_checked = True
+                # No input checks inside the loop (each reads the device): kl_penalized_rewards has
+                # checked that every row has a response token, so no minibatch mask is empty.
+                logprobs = ppo.logprobs_from_logits(logits / self.generation.temperature, mb["responses"], check=False)
+                pg_loss, clipfrac, approx_kl = ppo.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"],
+                                                               s.cliprange, check=False)
+                vf_loss, vf_clipfrac = ppo.value_loss(vpred, mb["values"], mb["returns"], mb["mask"], s.cliprange_value,
+                                                      check=False)
                 loss = pg_loss + s.vf_coef * vf_loss
-                ratio_mean = ppo.masked_ratio_mean(logprobs.detach(), mb["logprobs"], mb["mask"])
+                ratio_mean = ppo.masked_ratio_mean(logprobs.detach(), mb["logprobs"], mb["mask"], check=False)
                 nonfinite = not bool(torch.isfinite(loss.detach()))
                 too_far = s.ratio_threshold is not None and (not nonfinite) and ratio_mean.item() > s.ratio_threshold
                 nonfinite, too_far = self._any_rank(nonfinite), self._any_rank(too_far)

@@ -90,7 +90,7 @@ def _check_non_negative(name: str, value: float) -> None:
 # --------------------------------------------------------------------- masked stats
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None, *, check: bool = True) -> torch.Tensor:
     """Mean of ``x`` over the entries where ``mask`` is nonzero.
 
     Entries where ``mask`` is 0 are ignored even if they hold NaN or inf.
@@ -106,11 +106,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) 
 
     Raises:
         ValueError: if the mask selects nothing (or, with ``dim``, nothing in some slice).
+        ``check=False`` skips this test, which reads a value from the device (a host sync on a
+        GPU); an empty selection then gives NaN.
     """
     bool_mask = _bool_mask(mask, x)
     total = _zero_masked(x, bool_mask).sum(dim=dim)
     count = bool_mask.sum(dim=dim)
-    if bool((count == 0).any()):
+    if check and bool((count == 0).any()):
         where = "anywhere" if dim is None else f"in some slice along dim={dim}"
         raise ValueError(
             f"masked_mean: mask has no nonzero entries {where}; every row needs at least one response token"
@@ -182,7 +184,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 # ---------------------------------------------------------------- logits -> tokens
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """Log-probability of each label token: ``log_softmax(logits)[..., label]``.
 
     Computed as ``logits[label] - logsumexp(logits)`` so the full ``(batch, len, vocab)``
@@ -195,6 +197,9 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
     Returns:
         ``(batch, response_len)`` in the dtype of ``logits``.
+
+    ``check=False`` skips the label-range test (it reads ``labels.min()/max()`` from the device, a
+    host sync on a GPU); use it where the labels were checked once already (:func:`check_token_ids`).
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be (batch, response_len, vocab), got shape {tuple(logits.shape)}")
@@ -205,14 +210,20 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
+    if check:
+        check_token_ids(labels, logits.shape[-1])
+    label_logits = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    return label_logits - torch.logsumexp(logits, dim=-1)
+
+
+def check_token_ids(labels: torch.Tensor, vocab_size: int) -> None:
+    """Raise ``ValueError`` unless every id in ``labels`` (any shape) lies in ``[0, vocab_size)``."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab_size):
         raise ValueError(
-            f"labels must lie in [0, {logits.shape[-1]}); "
+            f"labels must lie in [0, {vocab_size}); "
             f"got range [{int(labels.min())}, {int(labels.max())}] "
             "(replace -100 by the pad token id and rely on the mask)"
         )
-    label_logits = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
-    return label_logits - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -372,6 +383,8 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
+    *,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
 
@@ -384,6 +397,7 @@ def policy_loss(
         advantages: ``(batch, response_len)`` (treated as constant; usually whitened).
         mask: ``(batch, response_len)``.
         cliprange: ``c`` above, e.g. 0.2.
+        check: test that ``mask`` selects something (see :func:`masked_mean`).
 
     Returns:
         ``(pg_loss, clipfrac, approx_kl)``, scalars. ``clipfrac`` is the fraction of response
@@ -400,10 +414,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.maximum(unclipped, clipped), bool_mask)
+    pg_loss = masked_mean(torch.maximum(unclipped, clipped), bool_mask, check=check)
     with torch.no_grad():
-        clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), bool_mask)
-        approx_kl = 0.5 * masked_mean(log_ratio.square(), bool_mask)
+        clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), bool_mask, check=False)
+        approx_kl = 0.5 * masked_mean(log_ratio.square(), bool_mask, check=False)
     return pg_loss, clipfrac, approx_kl
 
 
@@ -413,6 +427,8 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     cliprange_value: float,
+    *,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss (TRL / OpenAI baselines PPO2).
 
@@ -425,6 +441,7 @@ def value_loss(
         returns: ``(batch, response_len)`` targets from :func:`gae` (constant).
         mask: ``(batch, response_len)``.
         cliprange_value: ``c`` above, e.g. 0.2.
+        check: test that ``mask`` selects something (see :func:`masked_mean`).
 
     Returns:
         ``(vf_loss, vf_clipfrac)``, scalars; ``vf_clipfrac`` (detached) is the fraction of
@@ -440,13 +457,14 @@ def value_loss(
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped_error = (values - returns).square()
     clipped_error = (values_clipped - returns).square()
-    vf_loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), bool_mask)
+    vf_loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), bool_mask, check=check)
     with torch.no_grad():
-        vf_clipfrac = masked_mean((clipped_error > unclipped_error).to(values.dtype), bool_mask)
+        vf_clipfrac = masked_mean((clipped_error > unclipped_error).to(values.dtype), bool_mask, check=False)
     return vf_loss, vf_clipfrac
 
 
-def masked_ratio_mean(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_ratio_mean(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                      check: bool = True) -> torch.Tensor:
     """Mean importance ratio ``exp(logprobs - old_logprobs)`` over response tokens.
 
     Used for TRL's guard that skips a minibatch whose mean ratio exceeds
@@ -457,7 +475,7 @@ def masked_ratio_mean(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: 
     bool_mask = _bool_mask(mask, logprobs, "logprobs")
     with torch.no_grad():
         log_ratio = _zero_masked(logprobs, bool_mask) - _zero_masked(old_logprobs, bool_mask)
-        return masked_mean(torch.exp(log_ratio), bool_mask)
+        return masked_mean(torch.exp(log_ratio), bool_mask, check=check)
 
 
 # ---------------------------------------------------------------------- controllers

@@ -91,13 +91,13 @@ def test_each_minibatch_row_receives_its_own_advantage_logprob_value_and_return(
         selected.append(idx.clone())
         return original_minibatch(rollout, decoder_input_ids, advantages, returns, idx, lengths)
 
-    def spy_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    def spy_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, **kwargs):
         policy_args.append((old_logprobs.detach().clone(), advantages.detach().clone(), mask.clone()))
-        return original_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+        return original_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, **kwargs)
 
-    def spy_value_loss(values, old_values, returns, mask, cliprange_value):
+    def spy_value_loss(values, old_values, returns, mask, cliprange_value, **kwargs):
         value_args.append((old_values.detach().clone(), returns.detach().clone()))
-        return original_value_loss(values, old_values, returns, mask, cliprange_value)
+        return original_value_loss(values, old_values, returns, mask, cliprange_value, **kwargs)
 
     monkeypatch.setattr(module, "ppo_update", spy_update)
     monkeypatch.setattr(module_lib, "_minibatch", spy_minibatch)

@@ -15,6 +15,7 @@ from flan_rlhf.ppo import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    check_token_ids,
     entropy_from_logits,
     gae,
     kl_penalized_rewards,
@@ -400,3 +401,27 @@ def test_sequence_kl_by_hand():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     # row 0: 0.5 - 1.0 + 0 = -0.5; row 1: 0.2 + 0 (the masked -8 does not count)
     assert torch.allclose(sequence_kl(logprobs, ref, mask), torch.tensor([-0.5, 0.2]))
+
+
+def test_checks_off_read_nothing_and_an_empty_selection_gives_nan():
+    """``check=False`` (the PPO minibatch loop, where each check would be a host sync) does not raise:
+    an empty mask gives NaN, which the module's non-finite guard then skips."""
+    x, empty = t([[1.0, 2.0]]), t([[0.0, 0.0]])
+    assert math.isnan(masked_mean(x, empty, check=False).item())
+    pg_loss, _, _ = policy_loss(x, x, x, empty, 0.2, check=False)
+    vf_loss, _ = value_loss(x, x, x, empty, 0.2, check=False)
+    assert math.isnan(pg_loss.item()) and math.isnan(vf_loss.item())
+    assert math.isnan(masked_ratio_mean(x, x, empty, check=False).item())
+    with pytest.raises(ValueError, match="no nonzero"):
+        policy_loss(x, x, x, empty, 0.2)  # checked by default
+    logits = torch.zeros(1, 2, 3, dtype=F64)
+    torch.testing.assert_close(logprobs_from_logits(logits, torch.tensor([[0, 2]]), check=False),
+                               torch.full((1, 2), -math.log(3), dtype=F64))
+
+
+def test_check_token_ids_names_the_range():
+    check_token_ids(torch.tensor([[0, 4]]), 5)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\); got range \[-100, 4\]"):
+        check_token_ids(torch.tensor([[-100, 4]]), 5)
+    with pytest.raises(ValueError, match=r"got range \[0, 5\]"):
+        check_token_ids(torch.tensor([5, 0]), 5)
