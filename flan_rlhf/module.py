@@ -306,9 +306,13 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
                                                       check=False)
                 loss = pg_loss + s.vf_coef * vf_loss
                 ratio_mean = ppo.masked_ratio_mean(logprobs.detach(), mb["logprobs"], mb["mask"], check=False)
-                nonfinite = not bool(torch.isfinite(loss.detach()))
-                too_far = s.ratio_threshold is not None and (not nonfinite) and ratio_mean.item() > s.ratio_threshold
-                nonfinite, too_far = self._any_rank(nonfinite), self._any_rank(too_far)
+                # The three decisions of this minibatch in one device read (one all-reduce under DDP).
+                never = torch.zeros((), dtype=torch.bool, device=loss.device)
+                nonfinite, too_far, kl_exceeded = self._any_rank_flags(torch.stack([
+                    ~torch.isfinite(loss.detach()),
+                    ratio_mean > s.ratio_threshold if s.ratio_threshold is not None else never,
+                    approx_kl > s.target_kl if s.target_kl is not None else never,
+                ]))
                 if nonfinite or too_far:
                     # No backward, no optimiser step: TRL zeroed the loss and still stepped Adam.
                     n_skipped_nonfinite += int(nonfinite)
@@ -324,7 +328,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
                                    ("ppo/policy/approxkl", approx_kl), ("ppo/policy/clipfrac", clipfrac),
                                    ("ppo/val/clipfrac", vf_clipfrac), ("ppo/policy/ratio_mean", ratio_mean)):
                     totals[key] = totals[key] + value.detach() if key in totals else value.detach()
-                if s.target_kl is not None and self._any_rank(float(approx_kl) > s.target_kl):
+                if kl_exceeded:
                     early_stopped = 1.0
                     break
             if early_stopped:
@@ -362,6 +366,12 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
             if self._any_rank(not bool(torch.isfinite(tensor).all())):
                 return cause
         return None
+
+    def _any_rank_flags(self, flags: torch.Tensor) -> list[bool]:
+        """``flags`` (a bool tensor ``(n,)``) OR-ed over all processes, as Python bools: one device read."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags.float(), reduce_op="max") > 0
+        return [bool(flag) for flag in flags.tolist()]
 
     def _any_rank(self, flag: bool) -> bool:
         """True if ``flag`` is True on any process."""
