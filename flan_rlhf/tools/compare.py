@@ -67,7 +67,7 @@ def sample_rows(
                 rollout = module.rollout(batch["prompt"], generation, with_reference=not reference_only, scored=False)
         kl = torch.zeros(len(rollout.texts)) if reference_only else sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask).cpu()
         columns = {"toxicity": _toxicity_of(toxicity_scorer, rollout.texts), "kl": kl}
-        columns["response_tokens"] = rollout.mask.sum(1).cpu()
+        columns["response_tokens"] = rollout.mask.sum(1).long()  # the mask is float; counts are ints
         if positivity is not None:
             columns["positivity"] = positivity(rollout.prompts, rollout.texts)
         rows.extend(response_rows(rollout, batch, columns))

@@ -53,3 +53,16 @@ def test_before_after_report_on_a_tiny_trained_policy(tmp_path):
         mean_rouge_l = sum(r["rougeL"] for r in rows) / len(rows)
         assert abs(saved[side]["rougeL"] - mean_rouge_l) < 1e-6
     assert metrics["n_test"] == 6
+
+
+def test_sample_rows_count_response_tokens_as_ints():
+    from flan_rlhf.rewards import ProfanityReward
+    from flan_rlhf.tools.compare import sample_rows
+
+    module = make_module()
+    module.configure_model()
+    batch = {"prompt": ["hi there", "yo"], "references": [["a"], ["b"]], "prompt_id": torch.tensor([0, 1]),
+             "sample": torch.tensor([0, 0])}
+    rows = sample_rows(module, [batch], "after", module.eval_generation, ProfanityReward().setup())
+    assert [type(row["response_tokens"]) for row in rows] == [int, int]
+    assert all(row["response_tokens"] >= 1 for row in rows)
