@@ -284,6 +284,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         response_lengths = rollout.mask.sum(1).long().tolist()
         early_stopped = 0.0
         tokens_checked = False
+        never = torch.zeros((), dtype=torch.bool, device=self.device)  # a guard that is switched off
         decoder_input_ids = shift_right(rollout.responses, self._decoder_start)
         optimizer.zero_grad()
         for _epoch in range(s.ppo_epochs):
@@ -307,7 +308,6 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
                 loss = pg_loss + s.vf_coef * vf_loss
                 ratio_mean = ppo.masked_ratio_mean(logprobs.detach(), mb["logprobs"], mb["mask"], check=False)
                 # The three decisions of this minibatch in one device read (one all-reduce under DDP).
-                never = torch.zeros((), dtype=torch.bool, device=loss.device)
                 nonfinite, too_far, kl_exceeded = self._any_rank_flags(torch.stack([
                     ~torch.isfinite(loss.detach()),
                     ratio_mean > s.ratio_threshold if s.ratio_threshold is not None else never,
@@ -362,23 +362,14 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
             ("policy log-probs are NaN/inf", rollout.logprobs),
             ("reference log-probs are NaN/inf", rollout.ref_logprobs),
         ]
-        for cause, tensor in checks:
-            if self._any_rank(not bool(torch.isfinite(tensor).all())):
-                return cause
-        return None
+        nonfinite = self._any_rank_flags(torch.stack([~torch.isfinite(tensor).all() for _, tensor in checks]))
+        return next((cause for (cause, _), bad in zip(checks, nonfinite) if bad), None)
 
     def _any_rank_flags(self, flags: torch.Tensor) -> list[bool]:
         """``flags`` (a bool tensor ``(n,)``) OR-ed over all processes, as Python bools: one device read."""
         if self._trainer is not None and self.trainer.world_size > 1:
             flags = self.trainer.strategy.reduce(flags.float(), reduce_op="max") > 0
         return [bool(flag) for flag in flags.tolist()]
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True if ``flag`` is True on any process."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return bool(flag)
-        value = torch.tensor(float(flag), device=self.device)
-        return bool(self.trainer.strategy.reduce(value, reduce_op="max") > 0)
 
     def _global_mean(self, values: torch.Tensor) -> float:
         """Mean of ``values`` over all processes' batches."""
