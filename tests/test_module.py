@@ -25,7 +25,7 @@ class MetricsRecorder(L.Callback):
         self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def make_module(reward=None, batch_lora=None, **ppo_overrides) -> PPOModule:
+def make_module(reward=None, batch_lora=None, truncate_prompt_tokens: int = 512, **ppo_overrides) -> PPOModule:
     settings = dict(learning_rate=1e-3, mini_batch_size=4, ppo_epochs=2)
     settings.update(ppo_overrides)
     module = PPOModule(
@@ -34,15 +34,16 @@ def make_module(reward=None, batch_lora=None, **ppo_overrides) -> PPOModule:
         lora=batch_lora or LoraSettings(r=4, alpha=8, target_modules=["q", "v"]),
         generation=GenerationSettings(max_new_tokens=8),
         ppo=PPOSettings(**settings),
+        truncate_prompt_tokens=truncate_prompt_tokens,
         log_samples_every_n_steps=0,
     )
     return module
 
 
-def fit(module: PPOModule, steps: int, batch_size: int = 8, callbacks=()) -> L.Trainer:
+def fit(module: PPOModule, steps: int, batch_size: int = 8, callbacks=(), prompts=PROMPTS) -> L.Trainer:
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
-    trainer.fit(module, torch.utils.data.DataLoader(ListPromptStream(PROMPTS, batch_size), batch_size=None))
+    trainer.fit(module, torch.utils.data.DataLoader(ListPromptStream(prompts, batch_size), batch_size=None))
     return trainer
 
 

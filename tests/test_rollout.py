@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import lightning as L
 import pytest
 import torch
 
-from flan_rlhf.module import PPOModule
-from flan_rlhf.policy import LoraSettings
 from flan_rlhf.rewards.base import Reward
 from flan_rlhf.rollout import Rollout, response_rows
-from flan_rlhf.settings import GenerationSettings, PPOSettings
-from tests.conftest import ListPromptStream, ScriptedReward, tiny_policy_spec
+from tests.conftest import ScriptedReward
+from tests.test_module import MetricsRecorder, fit, make_module
 
 
 def _hand_rollout(prompts: list[str], texts: list[str]) -> Rollout:
@@ -45,15 +42,6 @@ def test_response_rows_without_ids_or_references():
     assert rows == [{"prompt": "p", "response": "r", "references": [], "kl": 1.5}]
 
 
-def _module(reward, truncate_prompt_tokens: int = 512) -> PPOModule:
-    """A tiny PPOModule; call ``configure_model()`` to use it outside a Trainer."""
-    return PPOModule(
-        policy=tiny_policy_spec(), reward=reward, lora=LoraSettings(r=4, alpha=8, target_modules=["q", "v"]),
-        generation=GenerationSettings(max_new_tokens=6), ppo=PPOSettings(learning_rate=1e-3, mini_batch_size=4),
-        truncate_prompt_tokens=truncate_prompt_tokens, log_samples_every_n_steps=0,
-    )
-
-
 class PromptAndTextLength(Reward):
     """Score ``10 * len(prompt) + len(response)``: a different number for every row."""
 
@@ -65,7 +53,7 @@ class PromptAndTextLength(Reward):
 
 def test_rollout_is_built_scored_and_cannot_be_changed_afterwards():
     # ByT5: one token per byte plus EOS, so "abcdefgh" is 9 tokens and "ab" is 3
-    module = _module(PromptAndTextLength(), truncate_prompt_tokens=5)
+    module = make_module(PromptAndTextLength(), truncate_prompt_tokens=5)
     module.configure_model()
     prompts = ["abcdefgh", "ab", "abcdef"]
     with torch.no_grad():
@@ -82,7 +70,7 @@ def test_rollout_is_built_scored_and_cannot_be_changed_afterwards():
 
 def test_unscored_rollout_does_not_call_the_reward():
     reward = ScriptedReward([0.1, 0.2])
-    module = _module(reward)
+    module = make_module(reward)
     module.configure_model()
     with torch.no_grad():
         rollout = module.rollout(["ab", "cd"], module.generation, scored=False)
@@ -91,15 +79,8 @@ def test_unscored_rollout_does_not_call_the_reward():
 
 
 def test_truncated_prompt_count_of_the_rollout_is_the_logged_one():
-    logged = []
-
-    class Recorder(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            logged.append(float(trainer.callback_metrics["data/truncated_prompts"]))
-
-    module = _module(ScriptedReward([], fallback=0.5), truncate_prompt_tokens=5)
+    recorder = MetricsRecorder()
+    module = make_module(ScriptedReward([], fallback=0.5), truncate_prompt_tokens=5)
     prompts = ["abcdefgh", "ab", "abcdef", "abc"]  # 9, 3, 7, 4 tokens: two over 5
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Recorder()])
-    trainer.fit(module, torch.utils.data.DataLoader(ListPromptStream(prompts, 4), batch_size=None))
-    assert logged == [2.0]
+    fit(module, steps=1, batch_size=4, callbacks=[recorder], prompts=prompts)
+    assert [row["data/truncated_prompts"] for row in recorder.rows] == [2.0]
