@@ -5,9 +5,9 @@ On a GPU every ``Tensor.item()``, ``float(t)``, ``int(t)``, ``bool(t)`` (also ``
 ``t.tolist()`` waits for the device to finish its queue, so each one in the minibatch loop of
 ``PPOModule.ppo_update`` stalls training. This script runs the configuration of
 ``benchmarks/ppo_throughput.py`` (same flags) through a ``lightning.Trainer`` on CPU, counts
-those conversions while the minibatch loop runs (from the first ``_minibatch`` call of an
-update to its return) and prints the count per minibatch with the package lines that made
-them. The same conversions are the syncs on CUDA; there ``torch.cuda.set_sync_debug_mode("warn")``
+those conversions while the minibatch loop runs (``PPOModule.ppo_epoch``) and, separately, in
+the rest of the update (once per iteration), and prints the counts with the package lines that
+made them. The same conversions are the syncs on CUDA; there ``torch.cuda.set_sync_debug_mode("warn")``
 names them too. Not counted: syncs made inside a single torch call with no Python conversion
 (boolean-mask indexing, ``torch.nonzero``); CUDA's debug mode catches those.
 
@@ -38,31 +38,39 @@ def count_syncs(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model = bench.build_module(args)
-    state = {"in_loop": False, "minibatches": 0}
-    where: collections.Counter = collections.Counter()
+    state = {"window": None, "minibatches": 0, "iterations": 0}
+    where = {"loop": collections.Counter(), "update": collections.Counter()}
 
     def counting(name, original):
         def wrapper(self, *a, **kw):
-            if state["in_loop"]:
+            if state["window"] is not None:
                 frame = next((f for f in reversed(traceback.extract_stack()[:-1]) if PACKAGE in f.filename), None)
                 site = f"{frame.filename.split(PACKAGE)[-1]}:{frame.lineno}" if frame else "outside flan_rlhf"
-                where[f"{site} {name}"] += 1
+                where[state["window"]][f"{site} {name}"] += 1
             return original(self, *a, **kw)
         return wrapper
 
-    originals = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
-    minibatch, update = module_lib._minibatch, model.ppo_update
+    def marked(window, function):
+        def wrapper(*a, **kw):
+            outer, state["window"] = state["window"], window
+            try:
+                return function(*a, **kw)
+            finally:
+                state["window"] = outer
+        return wrapper
 
-    def marked_minibatch(*a, **kw):
-        state["in_loop"] = True  # the loop starts at the first minibatch of an update
+    originals = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
+    minibatch = module_lib._minibatch
+
+    def counted_minibatch(*a, **kw):
         state["minibatches"] += 1
         return minibatch(*a, **kw)
 
-    def marked_update(*a, **kw):
-        try:
-            return update(*a, **kw)
-        finally:
-            state["in_loop"] = False
+    def counted_update(*a, **kw):
+        state["iterations"] += 1
+        return update(*a, **kw)
+
+    update = marked("update", model.ppo_update)
 
     loader = DataLoader(bench.make_prompts(args.num_prompts, args.seed), batch_size=args.batch_size, shuffle=False,
                         drop_last=True, collate_fn=lambda rows: {"prompt": list(rows)})
@@ -71,20 +79,23 @@ def count_syncs(args) -> dict:
                         num_sanity_val_steps=0, limit_val_batches=0)
     for name, original in originals.items():
         setattr(torch.Tensor, name, counting(name, original))
-    module_lib._minibatch, model.ppo_update = marked_minibatch, marked_update
+    module_lib._minibatch, model.ppo_update = counted_minibatch, counted_update
+    model.ppo_epoch = marked("loop", model.ppo_epoch)
     try:
         trainer.fit(model, train_dataloaders=loader)
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
         module_lib._minibatch = minibatch
-    total = sum(where.values())
-    minibatches = max(state["minibatches"], 1)
+    minibatches, iterations = max(state["minibatches"], 1), max(state["iterations"], 1)
     return {
         "minibatches": state["minibatches"],
-        "syncs_in_minibatch_loop": total,
-        "syncs_per_minibatch": total / minibatches,
-        "sites": {site: count / minibatches for site, count in where.most_common()},
+        "iterations": state["iterations"],
+        "syncs_in_minibatch_loop": sum(where["loop"].values()),
+        "syncs_per_minibatch": sum(where["loop"].values()) / minibatches,
+        "sites": {site: count / minibatches for site, count in where["loop"].most_common()},
+        "syncs_per_iteration_outside_loop": sum(where["update"].values()) / iterations,
+        "sites_outside_loop": {site: count / iterations for site, count in where["update"].most_common()},
     }
 
 
@@ -95,6 +106,9 @@ def main(argv=None) -> None:
           f"({result['syncs_in_minibatch_loop']} in {result['minibatches']} minibatches)")
     for site, per_minibatch in result["sites"].items():
         print(f"  {per_minibatch:5.1f}  {site}")
+    print(f"host syncs per iteration in the rest of the update: {result['syncs_per_iteration_outside_loop']:.1f}")
+    for site, per_iteration in result["sites_outside_loop"].items():
+        print(f"  {per_iteration:5.1f}  {site}")
     print(json.dumps(result))
 
 

@@ -18,13 +18,14 @@ from flan_rlhf.checkpointing import CheckpointError, capture_rng_states, restore
 from flan_rlhf.reward_shaping import RewardShaper
 from flan_rlhf.evaluation_step import EvaluationMixin
 from flan_rlhf.guards import NonFiniteGuard
-from flan_rlhf.optim import adamw, lr_schedule
+from flan_rlhf.optim import adamw, lr_schedule, step_unless
 from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
 from flan_rlhf.rewards.base import Reward
 from flan_rlhf.rollout import Rollout, collect_experience, response_mask, shift_right, tokenize_prompts
 from flan_rlhf.settings import GenerationSettings, PPOSettings
 from flan_rlhf.step_counting import count_as_one_step
+from flan_rlhf.update_tally import UpdateTally
 from flan_rlhf.t5_fused import set_fused_kernels
 
 log = logging.getLogger(__name__)
@@ -270,87 +271,79 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
     def ppo_update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, optimizer, iteration: int) -> dict[str, float]:
         """``ppo_epochs`` passes of clipped PPO minibatch updates over one rollout batch.
 
-        Skip decisions (ratio threshold, non-finite loss, target-KL early stop) are agreed across
-        processes so every rank makes the same number of backward passes (DDP all-reduces in
-        backward; a rank that skipped alone would hang the others).
+        The minibatch loop (:meth:`ppo_epoch`) reads nothing from the device: its guard decisions
+        (non-finite loss, ratio threshold, target KL) stay tensors and skip an optimiser step on
+        the device (:func:`flan_rlhf.optim.step_unless`). Everything the host needs is read here,
+        once per iteration, plus one read per epoch when ``ppo.target_kl`` is set (to stop early).
+        Decisions are OR-ed across processes, so every rank steps (or skips) alike.
         """
         s = self.settings
         batch_size = rollout.responses.shape[0]
         generator = torch.Generator().manual_seed(self.seed_iteration(iteration, salt=1))
-        totals: dict[str, torch.Tensor] = {}  # summed on the device, read once per iteration (no sync per minibatch)
-        n_updates = n_skipped_ratio = n_skipped_nonfinite = pending = 0
+        # a CPU generator, every epoch's order in one conversion
+        orders = torch.stack([torch.randperm(batch_size, generator=generator) for _ in range(s.ppo_epochs)]).tolist()
         # row lengths read once per iteration, so trimming a minibatch's padding needs no device read
-        prompt_lengths = rollout.attention_mask.sum(1).long().tolist()
-        response_lengths = rollout.mask.sum(1).long().tolist()
-        early_stopped = 0.0
-        tokens_checked = False
-        never = torch.zeros((), dtype=torch.bool, device=self.device)  # a guard that is switched off
+        lengths = (rollout.attention_mask.sum(1).long().tolist(), rollout.mask.sum(1).long().tolist())
+        ppo.check_token_ids(rollout.responses, self.actor.vocab_size)
         decoder_input_ids = shift_right(rollout.responses, self._decoder_start)
+        tally = UpdateTally(self.device)
         optimizer.zero_grad()
-        for _epoch in range(s.ppo_epochs):
-            order = torch.randperm(batch_size, generator=generator).tolist()  # a CPU generator: no device read
-            for start in range(0, batch_size, s.mini_batch_size):
-                rows = order[start:start + s.mini_batch_size]
-                lengths = (max(prompt_lengths[i] for i in rows), max(response_lengths[i] for i in rows))
-                idx = torch.tensor(rows, device=self.device)
-                mb = _minibatch(rollout, decoder_input_ids, advantages, returns, idx, lengths)
-                logits, vpred = self.actor(mb["input_ids"], mb["attention_mask"], mb["decoder_input_ids"])
-                if not tokens_checked:  # once per iteration, for every row (a device read)
-                    ppo.check_token_ids(rollout.responses, logits.shape[-1])
-                    tokens_checked = True
-                # No input checks inside the loop (each reads the device): kl_penalized_rewards has
-                # checked that every row has a response token, so no minibatch mask is empty.
-                logprobs = ppo.logprobs_from_logits(logits / self.generation.temperature, mb["responses"], check=False)
-                pg_loss, clipfrac, approx_kl = ppo.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"],
-                                                               s.cliprange, check=False)
-                vf_loss, vf_clipfrac = ppo.value_loss(vpred, mb["values"], mb["returns"], mb["mask"], s.cliprange_value,
-                                                      check=False)
-                loss = pg_loss + s.vf_coef * vf_loss
-                ratio_mean = ppo.masked_ratio_mean(logprobs.detach(), mb["logprobs"], mb["mask"], check=False)
-                # The three decisions of this minibatch in one device read (one all-reduce under DDP).
-                nonfinite, too_far, kl_exceeded = self._any_rank_flags(torch.stack([
-                    ~torch.isfinite(loss.detach()),
-                    ratio_mean > s.ratio_threshold if s.ratio_threshold is not None else never,
-                    approx_kl > s.target_kl if s.target_kl is not None else never,
-                ]))
-                if nonfinite or too_far:
-                    # No backward, no optimiser step: TRL zeroed the loss and still stepped Adam.
-                    n_skipped_nonfinite += int(nonfinite)
-                    n_skipped_ratio += int(too_far and not nonfinite)
-                    continue
-                self.manual_backward(loss / s.gradient_accumulation_steps)
-                pending += 1
-                if pending == s.gradient_accumulation_steps:
-                    self._optimizer_step(optimizer)
-                    pending = 0
-                n_updates += 1
-                for key, value in (("ppo/loss/policy", pg_loss), ("ppo/loss/value", vf_loss), ("ppo/loss/total", loss),
-                                   ("ppo/policy/approxkl", approx_kl), ("ppo/policy/clipfrac", clipfrac),
-                                   ("ppo/val/clipfrac", vf_clipfrac), ("ppo/policy/ratio_mean", ratio_mean)):
-                    totals[key] = totals[key] + value.detach() if key in totals else value.detach()
-                if kl_exceeded:
-                    early_stopped = 1.0
-                    break
-            if early_stopped:
+        for order in orders:
+            self.ppo_epoch(order, rollout, decoder_input_ids, advantages, returns, lengths, optimizer, tally)
+            if s.target_kl is not None and bool(tally.stopped):  # one read per epoch, only with target_kl
                 break
-        if pending:
-            self._optimizer_step(optimizer)
-        means = torch.stack([value.float() for value in totals.values()]).div(max(n_updates, 1)).tolist() if totals else []
-        stats = dict(zip(totals, means))
-        stats.update({
-            "ppo/updates": float(n_updates),
-            "guards/ratio_skipped": float(n_skipped_ratio),
-            "guards/nonfinite_loss_skipped": float(n_skipped_nonfinite),
-            "guards/early_stopped": early_stopped,
-        })
-        # An iteration whose minibatches were all skipped logs no loss: a 0.0 would read as a perfect
-        # step. The skips are agreed across ranks, so every rank logs the same keys.
-        return stats
+        if tally.group_size:
+            self._optimizer_step(optimizer, tally)
+        return tally.read()
 
-    def _optimizer_step(self, optimizer) -> None:
+    def ppo_epoch(self, order: list[int], rollout: Rollout, decoder_input_ids: torch.Tensor, advantages: torch.Tensor,
+                  returns: torch.Tensor, lengths: tuple[list[int], list[int]], optimizer, tally: "UpdateTally") -> None:
+        """One pass of minibatch updates over the rows in ``order``; no host reads (see :meth:`ppo_update`).
+
+        A skipped minibatch still runs its backward, on a zero loss, so every rank makes the same
+        passes and no branch needs a device value; its step is then skipped on the device.
+        """
+        s = self.settings
+        prompt_lengths, response_lengths = lengths
+        never = torch.zeros((), dtype=torch.bool, device=self.device)  # a guard that is switched off
+        zero = torch.zeros((), device=self.device)
+        for start in range(0, len(order), s.mini_batch_size):
+            rows = order[start:start + s.mini_batch_size]
+            longest = (max(prompt_lengths[i] for i in rows), max(response_lengths[i] for i in rows))
+            idx = torch.tensor(rows, device=self.device)
+            mb = _minibatch(rollout, decoder_input_ids, advantages, returns, idx, longest)
+            logits, vpred = self.actor(mb["input_ids"], mb["attention_mask"], mb["decoder_input_ids"])
+            # No input checks in the loop (each reads the device): ppo_update checked the token ids and
+            # kl_penalized_rewards that every row has a response token, so no minibatch mask is empty.
+            logprobs = ppo.logprobs_from_logits(logits / self.generation.temperature, mb["responses"], check=False)
+            pg_loss, clipfrac, approx_kl = ppo.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"],
+                                                           s.cliprange, check=False)
+            vf_loss, vf_clipfrac = ppo.value_loss(vpred, mb["values"], mb["returns"], mb["mask"], s.cliprange_value,
+                                                  check=False)
+            loss = pg_loss + s.vf_coef * vf_loss
+            ratio_mean = ppo.masked_ratio_mean(logprobs.detach(), mb["logprobs"], mb["mask"], check=False)
+            nonfinite, too_far, kl_exceeded = self._any_rank(torch.stack([
+                ~torch.isfinite(loss.detach()),
+                ratio_mean > s.ratio_threshold if s.ratio_threshold is not None else never,
+                approx_kl > s.target_kl if s.target_kl is not None else never,
+            ]))
+            skip = tally.add_minibatch(nonfinite, too_far, kl_exceeded, {
+                "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
+                "ppo/policy/approxkl": approx_kl, "ppo/policy/clipfrac": clipfrac,
+                "ppo/val/clipfrac": vf_clipfrac, "ppo/policy/ratio_mean": ratio_mean,
+            })
+            # torch.where, not loss * 0: a skipped non-finite loss must not turn the zero into NaN
+            self.manual_backward(torch.where(skip, zero, loss) / s.gradient_accumulation_steps)
+            if tally.group_size == s.gradient_accumulation_steps:
+                self._optimizer_step(optimizer, tally)
+
+    def _optimizer_step(self, optimizer, tally: "UpdateTally") -> None:
+        """Clip and step unless every minibatch of the accumulation group was skipped or one was
+        non-finite (its gradients are then NaN: the whole group is dropped, as AMP's GradScaler does)."""
         if self.settings.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.settings.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        step_unless(optimizer, tally.end_group(), scaler=scaler)
         optimizer.zero_grad()
 
     # ------------------------------------------------------------------ guards & sync
@@ -362,14 +355,14 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
             ("policy log-probs are NaN/inf", rollout.logprobs),
             ("reference log-probs are NaN/inf", rollout.ref_logprobs),
         ]
-        nonfinite = self._any_rank_flags(torch.stack([~torch.isfinite(tensor).all() for _, tensor in checks]))
+        nonfinite = self._any_rank(torch.stack([~torch.isfinite(tensor).all() for _, tensor in checks])).tolist()
         return next((cause for (cause, _), bad in zip(checks, nonfinite) if bad), None)
 
-    def _any_rank_flags(self, flags: torch.Tensor) -> list[bool]:
-        """``flags`` (a bool tensor ``(n,)``) OR-ed over all processes, as Python bools: one device read."""
+    def _any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        """``flags`` (a bool tensor ``(n,)``) OR-ed over all processes, on the device (no host read)."""
         if self._trainer is not None and self.trainer.world_size > 1:
             flags = self.trainer.strategy.reduce(flags.float(), reduce_op="max") > 0
-        return [bool(flag) for flag in flags.tolist()]
+        return flags
 
     def _global_mean(self, values: torch.Tensor) -> float:
         """Mean of ``values`` over all processes' batches."""

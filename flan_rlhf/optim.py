@@ -60,3 +60,29 @@ def lr_schedule(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps, max(1, total_steps), schedule, min_lr_ratio)
     )
+
+
+def step_unless(optimizer, skip: torch.Tensor, scaler=None) -> None:
+    """``optimizer.step()`` unless ``skip`` (a 0-dim bool tensor), without reading ``skip`` on the host
+    when the optimiser can skip on the device.
+
+    torch's fused Adam/AdamW take a ``found_inf`` tensor: when it is 1 the kernel leaves the
+    parameters, moments and step count as they were (the protocol ``torch.amp.GradScaler.step``
+    uses for optimisers with ``_step_supports_amp_scaling``; pinned by
+    tests/test_private_apis.py). Other optimisers, or a run whose precision plugin has a
+    ``GradScaler`` (which sets ``found_inf`` itself), read ``skip`` once (a host sync) and step or not.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` or Lightning's ``LightningOptimizer`` around one.
+        skip: 0-dim bool tensor on the parameters' device.
+        scaler: the precision plugin's ``GradScaler``, if any.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if scaler is None and inner.defaults.get("fused") and getattr(inner, "_step_supports_amp_scaling", False):
+        inner.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skip):  # host read: this optimiser cannot skip on the device
+        optimizer.step()

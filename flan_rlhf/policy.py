@@ -269,6 +269,12 @@ class ActorCritic(nn.Module):
         """The underlying HF model (LoRA layers included, peft wrapper removed)."""
         return self.policy.get_base_model() if self.uses_lora else self.policy
 
+    @property
+    def vocab_size(self) -> int:
+        """Number of logits the policy produces per position (its output layer's width)."""
+        head = self.base_model.get_output_embeddings()
+        return head.out_features if head is not None else self.base_model.config.vocab_size
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

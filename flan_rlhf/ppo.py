@@ -218,10 +218,13 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, check: b
 
 def check_token_ids(labels: torch.Tensor, vocab_size: int) -> None:
     """Raise ``ValueError`` unless every id in ``labels`` (any shape) lies in ``[0, vocab_size)``."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab_size):
+    if not labels.numel():
+        return
+    low, high = torch.stack([labels.min(), labels.max()]).tolist()  # one device read
+    if low < 0 or high >= vocab_size:
         raise ValueError(
             f"labels must lie in [0, {vocab_size}); "
-            f"got range [{int(labels.min())}, {int(labels.max())}] "
+            f"got range [{low}, {high}] "
             "(replace -100 by the pad token id and rely on the mask)"
         )
 

@@ -52,10 +52,11 @@ class PPOSettings:
         kl_horizon: horizon of the adaptive controller, in samples (TRL: 10000).
         kl_estimator: per-token KL penalty estimator: ``kl`` (logp - ref), ``abs`` or ``mse``.
         max_grad_norm: global gradient-norm clip; ``None`` disables (not recommended).
-        ratio_threshold: skip a minibatch (no optimiser step) whose mean importance ratio over
-            response tokens exceeds this (TRL: 10). ``None`` disables.
-        target_kl: stop this iteration's remaining PPO epochs once a minibatch's approximate KL
-            exceeds it. ``None`` disables.
+        ratio_threshold: skip a minibatch (no gradient; no optimiser step if nothing else in its
+            accumulation group counts) whose mean importance ratio over response tokens exceeds
+            this (TRL: 10). ``None`` disables.
+        target_kl: once a minibatch's approximate KL exceeds this, the iteration's later
+            minibatches add nothing and no further epoch starts. ``None`` disables.
         kl_stop: stop the run when the rollout KL (``objective/kl``) exceeds this. ``None`` disables.
         max_nonfinite_in_a_row: consecutive iterations with NaN/inf in rewards, values or loss
             (each skipped) before the run stops with an error naming the cause.

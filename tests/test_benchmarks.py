@@ -35,16 +35,41 @@ def test_ppo_throughput_prints_one_json_line_with_the_issue_keys(lora):
     assert row["first_minibatch_max_abs_ratio_minus_1"] < 1e-4  # old log-probs from the sampling pass
 
 
-def test_host_syncs_counts_conversions_per_minibatch_with_their_sites():
-    out = _run("host_syncs.py", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2",
-               "--batch-size", "8", "--mini-batch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "4",
-               "--steps", "2", "--threads", "1")
-    row = json.loads(out.strip().splitlines()[-1])
-    assert row["minibatches"] == 8  # 2 iterations x 2 epochs x (8 prompts / 4)
-    assert sum(row["sites"].values()) * row["minibatches"] == pytest.approx(row["syncs_in_minibatch_loop"])
-    assert row["syncs_per_minibatch"] == pytest.approx(row["syncs_in_minibatch_loop"] / 8)
-    assert all(site.split(":")[0].endswith(".py") for site in row["sites"])
-    # per minibatch: one read of the guard decisions (non-finite loss, ratio threshold, target KL);
-    # per iteration, shared by the 4 minibatches: the token-id check (2), the statistics and the
-    # epoch orders. A conversion that creeps back into the loop raises this count.
-    assert row["syncs_per_minibatch"] <= 2.0, row["sites"]
+HOST_SYNC_FLAGS = ("--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2", "--batch-size", "8",
+                   "--mini-batch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "4", "--steps", "2",
+                   "--threads", "1")
+
+
+def test_host_syncs_finds_no_conversion_in_the_minibatch_loop():
+    row = json.loads(_run("host_syncs.py", *HOST_SYNC_FLAGS).strip().splitlines()[-1])
+    assert row["minibatches"] == 8 and row["iterations"] == 2  # 2 iterations x 2 epochs x (8 prompts / 4)
+    assert row["syncs_per_minibatch"] == 0.0 and row["sites"] == {}, row["sites"]
+    # the counter works: the reads the update makes once per iteration are found, with their sites
+    assert row["sites_outside_loop"].get("update_tally.py:%d tolist" % _line_of("flan_rlhf/update_tally.py",
+                                                                                "values = torch.stack")) == 1.0
+    assert all(site.split(":")[0].endswith(".py") for site in row["sites_outside_loop"])
+
+
+def test_host_syncs_counts_a_conversion_planted_in_the_minibatch_loop(monkeypatch):
+    """With an ``.item()`` added to ``ppo.policy_loss`` (called once per minibatch) the count is 1.0."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    monkeypatch.setattr(sys, "path", sys.path)
+    import host_syncs
+    from flan_rlhf import ppo
+
+    policy_loss = ppo.policy_loss
+
+    def policy_loss_with_a_sync(*args, **kwargs):
+        result = policy_loss(*args, **kwargs)
+        result[0].item()
+        return result
+
+    monkeypatch.setattr(ppo, "policy_loss", policy_loss_with_a_sync)
+    row = host_syncs.count_syncs(host_syncs.bench.parse_args(list(HOST_SYNC_FLAGS)))
+    assert row["syncs_per_minibatch"] == 1.0
+    assert list(row["sites"]) == ["module.py:%d item" % _line_of("flan_rlhf/module.py", "pg_loss, clipfrac, approx_kl =")]
+
+
+def _line_of(path: str, text: str) -> int:
+    with open(os.path.join(REPO, path), encoding="utf-8") as handle:
+        return next(number for number, line in enumerate(handle, 1) if text in line)

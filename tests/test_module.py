@@ -150,6 +150,11 @@ def test_nonfinite_rewards_in_a_row_stop_the_run_with_the_cause():
         fit(module, steps=5)
 
 
+def adam_steps(optimizer) -> set[float]:
+    """The step counts of Adam's per-parameter states (an empty set: no state was ever made)."""
+    return {float(state["step"]) for state in optimizer.state.values()}
+
+
 def test_ratio_threshold_skips_minibatches_without_any_optimizer_step():
     recorder = MetricsRecorder()
     module = make_module(ratio_threshold=0.5)  # every ratio is ~1 > 0.5: everything is skipped
@@ -158,10 +163,67 @@ def test_ratio_threshold_skips_minibatches_without_any_optimizer_step():
     trainer = fit(module, steps=2, callbacks=[recorder])
     assert [row["guards/ratio_skipped"] for row in recorder.rows] == [4.0, 4.0]
     assert not [key for key in recorder.rows[0] if key.startswith("ppo/loss")]  # nothing trained: no loss logged
-    assert all(not state for state in trainer.optimizers[0].state.values())  # Adam never stepped
+    assert adam_steps(trainer.optimizers[0]) == {0.0}  # every step skipped on the device (found_inf)
+    assert all(not state["exp_avg"].any() for state in trainer.optimizers[0].state.values())
     after = trainable_copy(module)
     assert all(torch.equal(after[k], initial[k]) for k in initial)
     assert trainer.global_step == 2
+
+
+def _nan_value_loss_on_call(monkeypatch, bad_calls: set[int]):
+    """Make ``ppo.value_loss`` return a NaN loss on the listed calls (0-based), one call per minibatch."""
+    value_loss, calls = ppo.value_loss, []
+
+    def planted(*args, **kwargs):
+        loss, clipfrac = value_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) - 1 in bad_calls else loss), clipfrac
+
+    monkeypatch.setattr(ppo, "value_loss", planted)
+
+
+def test_a_nonfinite_minibatch_loss_skips_that_step_only(monkeypatch):
+    _nan_value_loss_on_call(monkeypatch, {0})
+    recorder = MetricsRecorder()
+    module = make_module(mini_batch_size=4, ppo_epochs=1)
+    trainer = fit(module, steps=1, callbacks=[recorder])  # 8 prompts: minibatches 0 (NaN) and 1
+    row = recorder.rows[0]
+    assert row["guards/nonfinite_loss_skipped"] == 1.0 and row["ppo/updates"] == 1.0
+    assert math.isfinite(row["ppo/loss/total"])  # the mean of the applied minibatch, not NaN
+    assert adam_steps(trainer.optimizers[0]) == {1.0}
+    assert all(torch.isfinite(value).all() for value in module.actor.trainable_state_dict().values())
+
+
+def test_a_nonfinite_minibatch_loss_drops_its_whole_accumulation_group(monkeypatch):
+    _nan_value_loss_on_call(monkeypatch, {1})
+    recorder = MetricsRecorder()
+    module = make_module(mini_batch_size=2, ppo_epochs=1, gradient_accumulation_steps=2)
+    module.configure_model()
+    initial = trainable_copy(module)
+    trainer = fit(module, steps=1, batch_size=4, callbacks=[recorder])  # one group: minibatches 0 and 1 (NaN)
+    row = recorder.rows[0]
+    assert row["guards/nonfinite_loss_skipped"] == 1.0 and row["ppo/updates"] == 0.0
+    assert adam_steps(trainer.optimizers[0]) == {0.0}
+    after = trainable_copy(module)
+    assert all(torch.equal(after[k], initial[k]) for k in initial)
+
+
+def test_a_minibatch_skipped_inside_an_accumulation_group_adds_no_gradient():
+    """target_kl=-1 stops after minibatch 0; minibatch 1 shares its accumulation group and must add
+    nothing, so the step equals the one-minibatch step of an unaccumulated run (Adam divides out the
+    loss's 1/2 scale, up to eps)."""
+    def trained(**overrides):
+        torch.manual_seed(0)
+        module = make_module(mini_batch_size=2, ppo_epochs=1, target_kl=-1.0, **overrides)
+        module.configure_model()
+        initial = trainable_copy(module)
+        fit(module, steps=1, batch_size=4)
+        return {k: v - initial[k] for k, v in trainable_copy(module).items()}
+
+    alone, grouped = trained(gradient_accumulation_steps=1), trained(gradient_accumulation_steps=2)
+    assert any(delta.abs().max() > 1e-4 for delta in alone.values())  # the step did move the weights
+    for key in alone:
+        torch.testing.assert_close(grouped[key], alone[key], atol=2e-5, rtol=0)  # the bug: 2e-3
 
 
 def test_target_kl_stops_remaining_epochs_early():
