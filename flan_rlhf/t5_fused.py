@@ -29,6 +29,16 @@ import torch
 import torch.nn.functional as F
 
 
+# Private or undocumented APIs (pinned by tests/test_private_apis.py; values by tests/test_t5_fused.py):
+# - ``Tensor._version``: the in-place version counter, part of the cache key of stacked frozen
+#   weights (``load_state_dict`` bumps it; a fused AdamW step and a write through ``.data`` do not,
+#   so trainable weights are never cached).
+# - transformers' T5 module layout: ``T5Block.layer[i]`` with ``SelfAttention`` / ``EncDecAttention``
+#   (``q k v o``, ``n_heads``, ``key_value_proj_dim``, ``has_relative_attention_bias``,
+#   ``compute_bias(query_length, key_length, device=)``), ``DenseReluDense`` (``wi``/``wi_0``/``wi_1``,
+#   ``wo``, ``act``), ``T5LayerNorm.variance_epsilon``. :func:`is_fused_t5` checks the layout and
+#   falls back to the model's own ``forward`` when it differs.
+
 _SWITCH = "_flan_rlhf_fused_kernels"
 
 
@@ -169,16 +179,16 @@ _CAT_CACHE = "_flan_rlhf_cat_cache"
 
 
 def _frozen_cat(owner: torch.nn.Module, weights: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(weights)``, kept on ``owner`` while every input is an unchanged parameter.
+    """``torch.cat(weights)``, kept on ``owner`` while every input is an unchanged frozen parameter.
 
     Frozen base weights (LoRA training) are concatenated once instead of once per minibatch.
-    The key holds each parameter's identity, version counter (bumped by every in-place update:
-    optimiser step, ``load_state_dict``) and storage address (changed by ``.to(device/dtype)``);
-    anything that needs a gradient or is not a parameter is concatenated afresh. Costs one extra
-    copy of the stacked weights.
+    The key holds each parameter's identity, version counter (bumped by in-place updates such as
+    ``load_state_dict``) and storage address (changed by ``.to(device/dtype)``). A trainable weight
+    is never cached, even under ``no_grad``: torch's fused AdamW kernel updates it without bumping
+    its version (tests/test_private_apis.py), so a rollout after a step would see the old weight.
+    Costs one extra copy of the stacked weights.
     """
-    cacheable = all(isinstance(w, torch.nn.Parameter) and not (w.requires_grad and torch.is_grad_enabled())
-                    for w in weights)
+    cacheable = all(isinstance(w, torch.nn.Parameter) and not w.requires_grad for w in weights)
     if not cacheable:
         return torch.cat(weights)
     # data_ptr: ``module.to(device/dtype)`` swaps a parameter's storage without bumping its version

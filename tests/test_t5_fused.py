@@ -135,6 +135,26 @@ def test_cached_stacked_weights_follow_in_place_updates(tokenizer):
     assert (second - hf).abs().max() < 1e-4
 
 
+def test_sampling_after_a_fused_adamw_step_sees_the_new_weights(tokenizer):
+    """Full fine-tuning with the optimiser flan-rlhf builds (fused AdamW, whose kernel does not bump
+    ``Tensor._version``): the no-grad pass after a step must use the stepped weights."""
+    from flan_rlhf.optim import adamw
+
+    actor = _actor(tokenizer, lora=False)
+    ids, mask, decoder_input_ids, _ = _batch(tokenizer)
+    optimizer = adamw([p for p in actor.parameters() if p.requires_grad], lr=0.05, weight_decay=0.0)
+    assert optimizer.defaults["fused"]
+    with torch.no_grad():
+        first = t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)[1]  # as a rollout does
+    t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)[1].logsumexp(-1).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        second = t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)[1]
+        hf = _hf_forward(actor, ids, mask, decoder_input_ids)[1]
+    assert (first - hf).abs().max() > 1e-2  # the step moved the model
+    assert (second - hf).abs().max() < 1e-4
+
+
 def test_float16_models_keep_hf_forward_for_its_overflow_clamps(tokenizer):
     actor = _actor(tokenizer, lora=False)
     ids, mask, decoder_input_ids, _ = _batch(tokenizer)
