@@ -62,6 +62,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(unsafe_checkpoint_message(str(path), err)) from err
 
 
+# Private API (pinned by tests/test_private_apis.py):
+# - ``numpy._core.multiarray._reconstruct`` (``numpy.core`` before numpy 2): the global numpy arrays
+#   unpickle through; allowed in ``weights_only`` loads as PyTorch's serialization notes suggest.
+
+
 def numpy_array_globals() -> list[Any]:
     """The globals numpy arrays pickle through, allowed in ``weights_only`` loads.
 

@@ -6,6 +6,11 @@ from typing import Literal
 
 import torch
 
+# Private API (pinned by tests/test_private_apis.py):
+# - fused ``torch.optim.Adam``/``AdamW``: ``_step_supports_amp_scaling`` and the ``found_inf``
+#   attribute their ``step`` reads (set by ``torch.amp.GradScaler.step``); :func:`step_unless`
+#   uses them to skip a step on the device. Without them it falls back to one host read per step.
+
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel when every parameter is a plain floating-point CPU or CUDA

@@ -11,6 +11,11 @@ still counts: ``max_steps`` must terminate).
 """
 from __future__ import annotations
 
+# Private API (pinned by tests/test_private_apis.py):
+# - ``LightningOptimizer._on_before_step`` / ``_on_after_step`` (lightning 2.6): the hooks through
+#   which manual optimisation advances ``global_step`` (``_ManualOptimization``). No public way to
+#   count several optimiser steps as one exists.
+
 from contextlib import contextmanager
 from typing import Iterator
 

@@ -44,6 +44,13 @@ from torchmetrics.functional.text.rouge import (
 )
 from torchmetrics.functional.text.sacre_bleu import _SacreBLEUTokenizer
 
+# Private APIs (pinned by tests/test_private_apis.py; results by tests/eval/test_metrics.py against
+# the public ROUGEScore / BLEUScore / SacreBLEUScore). Per-sample scores and BLEU statistics that the
+# public metrics only give as corpus totals:
+# - ``torchmetrics.functional.text.rouge._rouge_score_update(preds, target, rouge_keys_values,
+#   accumulate=, stemmer=)``, ``_rouge_lsum_score(pred, target)``, ``_normalize_and_tokenize_text``;
+# - ``torchmetrics.functional.text.sacre_bleu._SacreBLEUTokenizer(tokenize, lowercase)``.
+
 References = Union[Sequence[str], Sequence[Sequence[str]]]
 
 #: The nltk data folder shipped inside the package. It holds an *untrained* Punkt sentence

@@ -115,7 +115,7 @@ def int8_state(quantized: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     for name, module in quantized.named_modules():
         if not isinstance(module, qlinear_cls):
             continue
-        qweight, bias = module._packed_params._weight_bias()
+        qweight, bias = module.weight(), module.bias()
         scheme = _qscheme_name(qweight)
         tensors[name + _WEIGHT_INT8] = qweight.int_repr().contiguous()
         if scheme == "per_tensor_affine":
@@ -189,14 +189,32 @@ def _read_marker(folder: str) -> dict[str, Any]:
     return marker
 
 
+def _requantize(int_repr: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qscheme: str,
+                axis: int | None) -> torch.Tensor:
+    """The qint8 tensor with integer values ``int_repr`` (int8) through the public quantize functions.
+
+    ``(q - zero_point) * scale`` is re-quantised with the same scale and zero point: ``|q - zp| <= 255``,
+    so ``x / scale`` lands within float rounding of an integer and rounds back to ``q`` exactly.
+    ``scale``/``zero_point``: 0-dim (per tensor) or ``(out,)`` (per channel along ``axis``).
+    """
+    integers = int_repr.to(torch.float64)
+    if qscheme == "per_tensor_affine":
+        floats = ((integers - float(zero_point)) * float(scale)).float()
+        return torch.quantize_per_tensor(floats, float(scale), int(zero_point), torch.qint8)
+    shape = [1] * int_repr.dim()
+    shape[int(axis)] = -1
+    floats = ((integers - zero_point.view(shape).to(torch.float64)) * scale.view(shape)).float()
+    return torch.quantize_per_channel(floats, scale.to(torch.float64), zero_point.to(torch.int64), int(axis), torch.qint8)
+
+
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Replace the parameter or buffer ``name`` (e.g. ``encoder.block.0.layer.0.layer_norm.weight``)."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    elif leaf in module._buffers:
-        module._buffers[leaf] = tensor
+    if leaf in dict(module.named_parameters(recurse=False)):
+        setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
+    elif leaf in dict(module.named_buffers(recurse=False)):
+        setattr(module, leaf, tensor)  # nn.Module.__setattr__ keeps a registered buffer a buffer
     else:
         raise ValueError(f"int8 weights name '{name}', which this model config does not have - the folder's config.json and weights disagree")
 
@@ -229,10 +247,7 @@ def load_int8(folder: str) -> nn.Module:
             scale = tensors.pop(name + _WEIGHT_SCALE)
             zero_point = tensors.pop(name + _WEIGHT_ZERO_POINT)
             bias = tensors.pop(name + _BIAS) if spec["bias"] else None
-            if spec["qscheme"] == "per_tensor_affine":
-                qweight = torch._make_per_tensor_quantized_tensor(int_repr, float(scale), int(zero_point))
-            else:
-                qweight = torch._make_per_channel_quantized_tensor(int_repr, scale, zero_point, int(spec["axis"]))
+            qweight = _requantize(int_repr, scale, zero_point, spec["qscheme"], spec.get("axis"))
             module = qlinear_cls(spec["in_features"], spec["out_features"], bias_=spec["bias"], dtype=torch.qint8)
             module.set_weight_bias(qweight, bias)
             parent_name, _, child = name.rpartition(".")
