@@ -38,6 +38,9 @@ import torch.nn.functional as F
 #   ``compute_bias(query_length, key_length, device=)``), ``DenseReluDense`` (``wi``/``wi_0``/``wi_1``,
 #   ``wo``, ``act``), ``T5LayerNorm.variance_epsilon``. :func:`is_fused_t5` checks the layout and
 #   falls back to the model's own ``forward`` when it differs.
+# - peft's LoRA ``Linear`` (``peft.tuners.lora.layer``): ``get_base_layer()``, ``merged``,
+#   ``disable_adapters``, ``fan_in_fan_out``, ``active_adapters``, ``lora_A``/``lora_B`` (ModuleDicts
+#   by adapter), ``scaling``, ``lora_variant``, ``lora_bias`` - read by :func:`_linear_parts`.
 
 _SWITCH = "_flan_rlhf_fused_kernels"
 

@@ -10,6 +10,7 @@ comment block). Public replacements were taken where they exist (quantize: ``Lin
 | fused AdamW ``found_inf`` / ``_step_supports_amp_scaling`` | optim.py | skipping a step on the device |
 | ``Tensor._version`` | t5_fused.py | cache key of stacked weights |
 | transformers' T5 module layout | t5_fused.py | the fused kernels read T5's weights directly |
+| peft LoRA ``Linear`` internals (``lora_A``, ``lora_B``, ``scaling``, ...) | t5_fused.py | folding LoRA into fused projections |
 | ``numpy._core.multiarray._reconstruct`` | checkpointing.py | numpy arrays in ``weights_only`` loads |
 | torchmetrics ``_rouge_score_update``, ``_rouge_lsum_score``, ``_normalize_and_tokenize_text``, ``_SacreBLEUTokenizer`` | eval/metrics.py | per-sample scores and BLEU statistics |
 """
@@ -144,6 +145,29 @@ def test_transformers_t5_layout_is_the_one_the_fused_kernels_read():
     bias = attention.compute_bias(3, 5, device=torch.device("cpu"))
     pinned(tuple(bias.shape) == (1, attention.n_heads, 3, 5), "T5Attention.compute_bias(query_length, key_length, device=)",
            "t5_fused.py", f"returned shape {tuple(bias.shape)}, expected (1, heads, 3, 5)")
+
+
+def test_peft_lora_linear_exposes_the_factors_the_fused_kernels_fold():
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from flan_rlhf.t5_fused import _linear_parts
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False)),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    pinned(isinstance(layer, LoraLinear), "peft.tuners.lora.layer.Linear", "t5_fused.py", f"got {type(layer)}")
+    for name in ("merged", "disable_adapters", "fan_in_fan_out", "active_adapters", "lora_A", "lora_B", "scaling"):
+        pinned(hasattr(layer, name), f"peft LoRA Linear.{name}", "t5_fused.py", "attribute gone")
+    parts = _linear_parts(layer)
+    pinned(parts is not None and len(parts[1]) == 1, "peft LoRA Linear", "t5_fused.py", "_linear_parts no longer folds it")
+    weight, [(a, scaled_b)] = parts
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        folded, expected = x @ weight.T + x @ a.T @ scaled_b.T, layer(x)
+    pinned(torch.allclose(folded, expected, atol=1e-6), "peft LoRA Linear lora_A/lora_B/scaling", "t5_fused.py",
+           f"x W^T + x A^T (sB)^T differs from the layer's output by {(folded - expected).abs().max():.2e}")
 
 
 # ----------------------------------------------------------------------------- numpy
