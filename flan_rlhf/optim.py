@@ -83,7 +83,7 @@ def step_unless(optimizer, skip: torch.Tensor, scaler=None) -> None:
         scaler: the precision plugin's ``GradScaler``, if any.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
-    if scaler is None and inner.defaults.get("fused") and getattr(inner, "_step_supports_amp_scaling", False):
+    if scaler is None and getattr(inner, "defaults", {}).get("fused") and getattr(inner, "_step_supports_amp_scaling", False):
         inner.found_inf = skip.float()
         try:
             optimizer.step()

@@ -99,3 +99,18 @@ def test_step_unless_reads_the_flag_when_a_grad_scaler_owns_found_inf(monkeypatc
     parameter.grad = torch.ones(3)
     step_unless(optimizer, T, scaler=object())
     assert reads == [1] and float(optimizer.state[parameter]["step"]) == 1.0
+
+
+def test_step_unless_reads_the_flag_for_an_optimizer_without_torch_defaults():
+    """A wrapper optimiser (DeepSpeed's, say) without ``defaults``: one host read, then step or not."""
+    class Wrapped:
+        def __init__(self):
+            self.steps = 0
+
+        def step(self):
+            self.steps += 1
+
+    optimizer = Wrapped()
+    step_unless(optimizer, T)
+    step_unless(optimizer, F)
+    assert optimizer.steps == 1
