@@ -8,8 +8,9 @@
 * One real kill: a tiny ``python -m flan_rlhf.cli fit`` SIGKILLs itself right after iteration 3's
   checkpoint (:class:`tests.resume_helpers.KillAfterStep` in its YAML: no race with the test
   process), its newest checkpoints are then cut short, and ``--ckpt_path last`` must report
-  them, fall back, and end bit-for-bit like an uninterrupted subprocess run. The subprocesses
-  run this checkout (``PYTHONPATH``), not whatever the virtualenv's editable install points at.
+  them, fall back, and end bit-for-bit like an uninterrupted run. The uninterrupted run and the
+  resume go through ``cli.main`` in this process; the victim subprocess runs this checkout
+  (``PYTHONPATH``), not whatever the virtualenv's editable install points at.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from flan_rlhf.data import PromptDataModule
 from flan_rlhf.module import PPOModule
 from tests.conftest import TokenFractionReward, run_command, shrunk_tiny_config
 from tests.resume_helpers import CrashAt, SimulatedCrash
+from tests.test_checkpointing import cut_in_half  # what a non-atomic save killed midway would leave
 from tests.test_module import MetricsRecorder, make_module, trainable_copy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -101,13 +103,19 @@ def train(ckpt_dir: Path, callbacks=(), reward=None, ckpt_path: str | None = Non
     return module, trainer, recorder
 
 
+def optimizer_tensors(optimizer_state: dict) -> dict[str, torch.Tensor]:
+    """AdamW moments and step counts of every parameter, keyed ``param/moment``, from an optimiser
+    ``state_dict()`` (live, or a checkpoint's ``optimizer_states[i]``)."""
+    state = optimizer_state["state"]
+    return {f"{p}/{k}": v.clone() for p, moments in state.items() for k, v in moments.items() if torch.is_tensor(v)}
+
+
 def final_state(module: PPOModule, trainer: L.Trainer) -> dict:
     """What a resume must carry over, read from the live objects after ``fit``."""
-    adam = trainer.optimizers[0].state_dict()["state"]
     return {
         "global_step": trainer.global_step,
         "weights": trainable_copy(module),
-        "adam": {f"{p}/{k}": v.clone() for p, moments in adam.items() for k, v in moments.items()},
+        "adam": optimizer_tensors(trainer.optimizers[0].state_dict()),
         "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
         "kl_controller": module.kl_controller.state_dict(),
         "shaper": module.shaper.state_dict(),
@@ -221,18 +229,6 @@ def output_of(run_dir: Path, tag: str) -> str:
     return (run_dir / f"{tag}.out").read_text() + (run_dir / f"{tag}.err").read_text()
 
 
-def optimizer_tensors(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """AdamW moments of every parameter, keyed ``param/moment``."""
-    state = checkpoint["optimizer_states"][0]["state"]
-    return {f"{p}/{k}": v for p, moments in state.items() for k, v in moments.items() if torch.is_tensor(v)}
-
-
-def cut_in_half(path: Path) -> None:
-    """What a non-atomic save killed midway would leave."""
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
 def fit_in_process(run_dir: Path, monkeypatch, *extra: str) -> tuple[str, str]:
     """``flan-rlhf fit --config run_dir/tiny.yaml ...`` in this process (``cli.main``, from ``run_dir``):
     ``(stdout, stderr)``, failing the test with them if it failed."""
@@ -293,7 +289,7 @@ def test_sigkill_mid_run_then_resume_last_matches_uninterrupted_run(tmp_path, mo
     a, b = read(straight / "ckpt" / "last.ckpt"), read(ckpt_dir / "last.ckpt")
     assert a["global_step"] == b["global_step"] == MAX_STEPS
     assert max_abs_difference(a["state_dict"], b["state_dict"]) <= TOLERANCE
-    assert max_abs_difference(optimizer_tensors(a), optimizer_tensors(b)) <= TOLERANCE
+    assert max_abs_difference(optimizer_tensors(a["optimizer_states"][0]), optimizer_tensors(b["optimizer_states"][0])) <= TOLERANCE
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == MAX_STEPS
     assert a["flan_rlhf"]["kl_controller"] == b["flan_rlhf"]["kl_controller"]
     assert a["flan_rlhf"]["shaper"] == b["flan_rlhf"]["shaper"]
