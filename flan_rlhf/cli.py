@@ -1,43 +1,95 @@
-"""``flan-rlhf``: the Lightning subcommands (fit / validate / test / predict) and the tool subcommands.
+"""``flan-rlhf``: one command, every job a subcommand listed in :data:`COMMANDS`.
 
-``fit`` and friends run :mod:`flan_rlhf.lightning_cli`; the tools (own argument parsers,
-``flan-rlhf <cmd> --help``) are listed in ``TOOLS``.
+``flan-rlhf --help`` lists them from this table without importing torch or Lightning (a
+command's module is imported only when it runs). Every subcommand parses with jsonargparse in
+one style: ``--group.name value`` flags, ``--config`` files that compose (later wins, then
+flags), ``--print_config`` whose output is accepted back as ``--config``, and ``--help`` showing
+each option's type, default and meaning. ``fit``/``validate``/``test``/``predict``/``compare``
+are LightningCLI parsers (:mod:`flan_rlhf.lightning_cli`), so a training YAML works for each.
 """
 from __future__ import annotations
 
+import difflib
+import importlib
 import logging
 import os
 import sys
-from typing import Callable
+from dataclasses import dataclass
 
-from flan_rlhf.checkpointing import CheckpointError
-from flan_rlhf.errors import first_line
-from flan_rlhf.lightning_cli import run_lightning_cli, say
+from flan_rlhf import __version__
+from flan_rlhf.errors import first_line, say
 
 log = logging.getLogger(__name__)
 
-TOOLS = ("score", "export", "generate", "compare", "demo")
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its ``--help`` line and the ``module:function`` that runs it.
+
+    The function takes the arguments after the subcommand name and returns the exit code;
+    ``lightning`` functions also take the subcommand name first (one LightningCLI serves several).
+    """
+
+    summary: str
+    entry: str
+    lightning: bool = False
 
 
-def tool_main(name: str) -> Callable[[list[str]], int]:
-    """The ``main(argv) -> exit code`` of a tool subcommand, imported on use (``fit`` does not pay for them)."""
-    if name == "score":
-        from flan_rlhf.tools.score import main
-    elif name == "export":
-        from flan_rlhf.tools.export import main
-    elif name == "generate":
-        from flan_rlhf.tools.generate import main
-    elif name == "compare":
-        from flan_rlhf.tools.compare import main
-    elif name == "demo":
-        from flan_rlhf.demo.pipeline import main
-    else:
-        raise KeyError(f"no tool {name!r}; the tools are {', '.join(TOOLS)}")
-    return main
+COMMANDS: dict[str, Command] = {
+    "fit": Command("train a stage from a YAML: PPO (PPOModule), supervised fine-tuning (SFTModule) or a reward model",
+                   "flan_rlhf.lightning_cli:lightning_main", lightning=True),
+    "validate": Command("score a checkpoint on the validation split (reward, KL, ROUGE, BLEU)",
+                        "flan_rlhf.lightning_cli:lightning_main", lightning=True),
+    "test": Command("score a checkpoint on the test split (reward, KL, ROUGE, BLEU)",
+                    "flan_rlhf.lightning_cli:lightning_main", lightning=True),
+    "predict": Command("write one row per test prompt (prompt, response, reward, KL) with a checkpoint",
+                       "flan_rlhf.lightning_cli:lightning_main", lightning=True),
+    "compare": Command("before/after report: the reference and the trained policy on the same prompts and seeds",
+                       "flan_rlhf.tools.compare:main"),
+    "score": Command("score every text of a .jsonl/.json/.csv/.parquet file with any reward",
+                     "flan_rlhf.tools.score:main"),
+    "generate": Command("responses for a file of prompts from an export, a base model or an adapter",
+                        "flan_rlhf.tools.generate:main"),
+    "export": Command("turn a checkpoint or adapter into a merged, int8 or adapter-only model folder",
+                      "flan_rlhf.tools.export:main"),
+    "demo": Command("the whole pipeline offline: corpus, tokenizer, SFT, PPO, before/after report",
+                    "flan_rlhf.demo.pipeline:main"),
+}
+
+
+def command_function(name: str):
+    """The function that runs subcommand ``name``, imported on use (``--help`` pays for none of them)."""
+    module_name, function_name = COMMANDS[name].entry.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def top_level_parser():
+    """The ``flan-rlhf`` parser: ``--help``, ``--version`` and the list of subcommands with their summaries.
+
+    Subcommands are listed here with empty parsers; each one's own parser is built only when it runs.
+    """
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="flan-rlhf", exit_on_error=False,
+                            description="RLHF for FLAN-T5 and any Hugging Face encoder-decoder, with LoRA, on Lightning. "
+                                        "`flan-rlhf <command> --help` shows a command's options.")
+    parser.add_argument("--version", action="version", version=f"flan-rlhf {__version__}")
+    subcommands = parser.add_subcommands(required=True, dest="command")
+    for name, command in COMMANDS.items():
+        subcommands.add_subcommand(name, ArgumentParser(description=command.summary), help=command.summary)
+    return parser
+
+
+def unknown_command_message(name: str) -> str:
+    """One line for a subcommand that does not exist, with the nearest real one if there is one."""
+    close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown command {name!r}{hint} - the commands are {', '.join(COMMANDS)}; `flan-rlhf --help` says what each does"
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already names the problem and the fix: shown as one line, exit code 2."""
+    from flan_rlhf.checkpointing import CheckpointError
     from flan_rlhf.data import DataConfigError
     from flan_rlhf.guards import NonFiniteError
     from flan_rlhf.output_dirs import OutputDirError
@@ -53,23 +105,34 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         0 on success; 2 with one ``error: <message>`` line on stderr for a known problem
-        (:func:`known_errors`: bad data, model, checkpoint or reward, a run stopped by a guard).
-        Argument errors exit through ``SystemExit(2)`` from the parser, naming the key.
+        (:func:`known_errors`: bad data, model, checkpoint or reward, a run stopped by a guard)
+        or an unknown command. Argument errors exit through ``SystemExit(2)`` from the
+        command's parser, naming the key.
     """
-    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv:
+        top_level_parser().print_help(sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "--version"):
+        top_level_parser().parse_args(argv[:1])  # prints, then SystemExit(0)
+    if argv[0].startswith("-"):
+        say(f"error: {argv[0]} is not an option of flan-rlhf itself - put it after a command: "
+            f"flan-rlhf <command> {argv[0]} (`flan-rlhf --help` lists the commands)")
+        return 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        say(f"error: {unknown_command_message(name)}")
+        return 2
+    function = command_function(name)
     try:
-        if argv and argv[0] in TOOLS:
-            return int(tool_main(argv[0])(argv[1:]) or 0)
-        run_lightning_cli(None if from_command_line else argv)
+        return int((function(name, rest) if COMMANDS[name].lightning else function(rest)) or 0)
     except Exception as err:  # noqa: BLE001 - only known_errors() are turned into one line
         if not isinstance(err, known_errors()):
             raise
         log.debug("known error", exc_info=True)
         say(f"error: {first_line(err)}")
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Training stages are LightningModules chosen in YAML (``model: class_path: ...``)
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Any
 
@@ -21,6 +20,7 @@ from flan_rlhf.checkpointing import (
     read_checkpoint_file,
     resolve_ckpt_path,
 )
+from flan_rlhf.errors import say
 from flan_rlhf.resume_settings import conflict_message, difference_line, split_differences
 from flan_rlhf.rewards.base import Reward, set_up_reward
 
@@ -169,10 +169,6 @@ class FlanRLHFCLI(LightningCLI):
             set_up_reward(reward, "cpu")  # idempotent; the module moves it to its device later
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
     """Run the LightningCLI with ``args`` (``None``: ``sys.argv``).
 
@@ -186,6 +182,9 @@ def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
     # is the one AFTER optimisation. A PPO checkpoint is taken after a whole iteration, so that is
     # exactly the state to resume from; the 15-line warning per save would only bury real messages.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # flan_rlhf.cli always passes the arguments explicitly (the subcommand's part of sys.argv, or a
+    # stage's arguments inside `flan-rlhf demo`), which Lightning warns about whenever sys.argv is not empty.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     raise_parse_errors = {"exit_on_error": False}
     try:
         return FlanRLHFCLI(
@@ -194,6 +193,7 @@ def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=SaveResolvedConfig,
+            auto_configure_optimizers=False,  # each module builds its own optimiser from its settings (ppo.learning_rate, ...)
             parser_kwargs={**raise_parse_errors, **{name: dict(raise_parse_errors) for name in LightningCLI.subcommands()}},
             args=args,
         )
@@ -201,6 +201,12 @@ def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
         say(f"error: {condense_parser_error(str(err))} - fix the config or flag (`flan-rlhf <subcommand> --help` "
              "lists every valid key and type)")
         raise SystemExit(2) from None
+
+
+def lightning_main(subcommand: str, argv: list[str]) -> int:
+    """``flan-rlhf fit|validate|test|predict ARGS``: the LightningCLI subcommand ``subcommand``; returns 0."""
+    run_lightning_cli([subcommand, *argv])
+    return 0
 
 
 def condense_parser_error(message: str) -> str:
@@ -227,6 +233,7 @@ def build_from_config(config: str, extra_args: list[str] | None = None):
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=None,
+        auto_configure_optimizers=False,
         run=False,
         args=["--config", config, "--trainer.logger=false", *(extra_args or [])],
     )

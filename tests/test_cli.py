@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import yaml
 
-from flan_rlhf.cli import TOOLS, main
+from flan_rlhf.cli import COMMANDS, main
 from flan_rlhf.lightning_cli import FlanRLHFCLI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +154,7 @@ def test_fit_validate_test_predict_on_tiny_model(tmp_path):
 
 
 def test_tool_subcommands_are_dispatched(capsys):
-    for name in TOOLS:
+    for name in COMMANDS:
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
         assert exit_info.value.code == 0
