@@ -85,6 +85,15 @@ class FlanRLHFCLI(LightningCLI):
     fails before any training.
     """
 
+    def __init__(self, *args: Any, extra_options: type | None = None, **kwargs: Any) -> None:
+        """``extra_options``: a dataclass whose fields become root options of the parser (``compare`` uses it)."""
+        self.extra_options = extra_options
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        if self.extra_options is not None:
+            parser.add_class_arguments(self.extra_options, nested_key=None, sub_configs=True)
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
         strategy = trainer_config.get("strategy")
@@ -131,18 +140,35 @@ class FlanRLHFCLI(LightningCLI):
         checkpoint_dir = self._checkpoint_dir()
         requested = config.get("ckpt_path")
         if requested:
-            resolution = resolve_ckpt_path(requested, checkpoint_dir, fresh_start_allowed=subcommand == "fit")
-            for message in resolution.messages:
-                say(message)
-            config["ckpt_path"] = resolution.path
-            if resolution.path is not None and os.path.isfile(resolution.path):  # keywords, URLs, DeepSpeed folders: Lightning's
-                self._check_checkpoint_settings(resolution.path, trusted=config.get("weights_only") is False)
-            elif resolution.path is not None:
-                return False
+            config["ckpt_path"] = self._resolve(requested, fresh_start_allowed=subcommand == "fit",
+                                                trusted=config.get("weights_only") is False)
+            if config["ckpt_path"] is not None and not os.path.isfile(config["ckpt_path"]):
+                return False  # keywords, URLs, DeepSpeed folders: read by Lightning later
         if subcommand == "fit" and not requested and checkpoint_dir and checkpoints_newest_first(checkpoint_dir):
             say(f"warning: {checkpoint_dir} already holds checkpoints and this run starts from scratch, so it will "
                  "overwrite same-named ones - to continue the earlier run, stop and pass --ckpt_path last")
         return True
+
+    def resolve_ckpt_path_option(self, requested: str) -> str:
+        """A checkpoint file a tool reads (``compare``): ``last`` or a path, resolved and checked like ``validate``'s.
+
+        Raises:
+            CheckpointError: no such checkpoint, a corrupt one, or one whose settings conflict with the config's.
+        """
+        path = self._resolve(requested, fresh_start_allowed=False, trusted=False)
+        if path is None or not os.path.isfile(path):
+            raise CheckpointError(f"--ckpt_path {requested} is not a checkpoint file - pass a .ckpt file, or `last` "
+                                  "with the config's ModelCheckpoint folder")
+        return path
+
+    def _resolve(self, requested: str, fresh_start_allowed: bool, trusted: bool) -> str | None:
+        """``requested`` (``last``, ``best``, a path) -> the file to read, its notes said, its settings checked."""
+        resolution = resolve_ckpt_path(requested, self._checkpoint_dir(), fresh_start_allowed=fresh_start_allowed)
+        for message in resolution.messages:
+            say(message)
+        if resolution.path is not None and os.path.isfile(resolution.path):
+            self._check_checkpoint_settings(resolution.path, trusted=trusted)
+        return resolution.path
 
     def _check_checkpoint_settings(self, path: str, trusted: bool) -> None:
         """Stop on a stored setting the weights depend on that this run changes; note the others.
@@ -169,8 +195,11 @@ class FlanRLHFCLI(LightningCLI):
             set_up_reward(reward, "cpu")  # idempotent; the module moves it to its device later
 
 
-def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
+def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_options: type | None = None) -> FlanRLHFCLI:
     """Run the LightningCLI with ``args`` (``None``: ``sys.argv``).
+
+    ``run=False``: no subcommand; parse and build the model, data module and trainer only
+    (with ``extra_options``' fields as further root options), for a tool that drives them itself.
 
     Raises:
         SystemExit(2): a config key that does not exist or has the wrong type, after one
@@ -194,8 +223,11 @@ def run_lightning_cli(args: list[str] | None = None) -> FlanRLHFCLI:
             subclass_mode_data=True,
             save_config_callback=SaveResolvedConfig,
             auto_configure_optimizers=False,  # each module builds its own optimiser from its settings (ppo.learning_rate, ...)
-            parser_kwargs={**raise_parse_errors, **{name: dict(raise_parse_errors) for name in LightningCLI.subcommands()}},
+            parser_kwargs=raise_parse_errors if not run else {
+                **raise_parse_errors, **{name: dict(raise_parse_errors) for name in LightningCLI.subcommands()}},
             args=args,
+            run=run,
+            extra_options=extra_options,
         )
     except ArgumentError as err:
         say(f"error: {condense_parser_error(str(err))} - fix the config or flag (`flan-rlhf <subcommand> --help` "

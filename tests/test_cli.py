@@ -142,15 +142,24 @@ def test_fit_validate_test_predict_on_tiny_model(tmp_path):
     base = build_t5_from_config(vocab_size=384, d_model=64, d_ff=128, num_layers=2, num_heads=4)
     PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
 
-    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
-    main(["validate", "--config", config, "--ckpt_path", ckpt])
-    main(["test", "--config", config, "--ckpt_path", ckpt])
-    main(["predict", "--config", config, "--ckpt_path", ckpt])
+    # every command that reads a checkpoint: two composed configs (the later wins), a flag (wins over both), `last`
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"init_args": {"max_eval_prompts": 6, "samples_per_prompt": 2}}}))
+    composed = ["--config", config, "--config", str(overlay), "--data.max_eval_prompts", "5", "--ckpt_path", "last"]
+    for subcommand in ("validate", "test"):
+        assert main([subcommand, *composed]) == 0
+    assert main(["predict", *composed]) == 0
     rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
-    assert len(rows) == 8  # the built-in tiny set has 8 test prompts
+    assert len(rows) == 5 * 2  # max_eval_prompts from the flag, samples_per_prompt from the overlay
     assert {"prompt", "response", "reward", "non_profanity", "kl"} <= set(rows[0])
     assert list(rows[0])[:5] == ["prompt_id", "sample", "prompt", "response", "references"]  # rollout.response_rows
-    assert len({row["prompt_id"] for row in rows}) == 8
+    assert len({row["prompt_id"] for row in rows}) == 5
+
+    report = tmp_path / "report"
+    assert main(["compare", *composed, "--out", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert (metrics["n_prompts"], metrics["samples_per_prompt"]) == (5, 2)
+    assert metrics["checkpoint"] == str(tmp_path / "ckpt" / "last.ckpt")
 
 
 def test_tool_subcommands_are_dispatched(capsys):

@@ -61,3 +61,21 @@ def test_optimizer_flags_are_not_offered(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unrecognized arguments: --optimizer" in err
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "compare"])
+def test_print_config_is_accepted_back_as_config(subcommand, tmp_path, capsys):
+    """What ``--print_config`` writes, passed back as ``--config``, prints the same config again."""
+    from tests.test_cli import tiny_config
+
+    config = tiny_config(tmp_path)
+    extra = ["--ckpt_path", "last"] if subcommand == "compare" else []
+    printed = []
+    for source in (config, str(tmp_path / "printed.yaml")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([subcommand, "--config", source, *extra, "--data.max_eval_prompts", "3", "--print_config"])
+        assert exit_info.value.code == 0
+        printed.append(capsys.readouterr().out)
+        (tmp_path / "printed.yaml").write_text(printed[-1])
+    assert printed[0] == printed[1]
+    assert "max_eval_prompts: 3" in printed[0]

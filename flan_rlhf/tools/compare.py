@@ -9,20 +9,23 @@ into ``metrics.json``, ``report.md`` and figures with bootstrap confidence inter
 
 Command line::
 
-    flan-rlhf compare --config configs/flan_t5_base_dialogsum.yaml --ckpt_path checkpoints/.../last.ckpt \\
-        --out reports/compare --samples_per_prompt 25
+    flan-rlhf compare --config configs/flan_t5_base_dialogsum.yaml --ckpt_path last \\
+        --out reports/compare --data.samples_per_prompt 25
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import torch
 
 from flan_rlhf.evaluation_step import EVAL_SEED_OFFSET
+from flan_rlhf.output_dirs import OutputDirError
 from flan_rlhf.ppo import sequence_kl
-from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rewards.base import Reward, set_up_reward
 from flan_rlhf.rollout import Rollout, response_rows
 from flan_rlhf.settings import GenerationSettings
 
@@ -123,50 +126,72 @@ def compare_before_after(
                         insult_vocabulary=insult_vocabulary, n_resamples=n_resamples)
 
 
+@dataclass
+class CompareOptions:
+    """What ``flan-rlhf compare`` evaluates and where it writes (the model, data and trainer come from the training YAML).
+
+    Args:
+        ckpt_path: Lightning checkpoint of the trained policy, or ``last`` for the newest complete
+            checkpoint in the config's ModelCheckpoint folder.
+        out: report folder (metrics.json, report.md, per-sample rows, figures).
+        overwrite: replace the report files of an existing, non-empty ``out`` folder.
+        split: evaluation split of the data module: test or validation. Prompts per side and samples per
+            prompt are the data module's (``--data.max_eval_prompts``, ``--data.samples_per_prompt``).
+        greedy: greedy decoding instead of the config's seeded sampling.
+        toxicity: toxicity scorer with a ``toxicity(texts)`` method (null: ProfanityReward).
+        positivity: optional positivity scorer, e.g. VaderReward.
+    """
+
+    ckpt_path: str
+    out: str = "reports/compare"
+    overwrite: bool = False
+    split: Literal["test", "validation"] = "test"
+    greedy: bool = False
+    toxicity: Optional[Reward] = None
+    positivity: Optional[Reward] = None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``flan-rlhf compare``: before/after report for a PPO config and checkpoint."""
-    from jsonargparse import ArgumentParser
+    """``flan-rlhf compare``: before/after report for a training YAML and a checkpoint; returns 0.
 
-    from flan_rlhf.lightning_cli import build_from_config
-    from flan_rlhf.eval.report import format_table
+    Parsed by the same LightningCLI as ``fit`` (so ``--config`` files compose, ``--data.*``/``--model.*``
+    override and ``--print_config`` round-trips), plus :class:`CompareOptions`.
+    """
+    from flan_rlhf.lightning_cli import run_lightning_cli
 
-    parser = ArgumentParser(prog="flan-rlhf compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="the PPO training YAML (model + data)")
-    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint of the trained policy")
-    parser.add_argument("--out", default="reports/compare", help="output folder of the report")
-    parser.add_argument("--split", default="test", choices=["test", "validation"], help="evaluation split of the data module")
-    parser.add_argument("--samples_per_prompt", type=int, default=1, help="k samples per prompt (25 for RealToxicityPrompts metrics)")
-    parser.add_argument("--max_prompts", type=int | None, default=None, help="evaluate only the first N prompts")
-    parser.add_argument("--greedy", type=bool, default=False, help="greedy decoding instead of seeded sampling")
-    parser.add_argument("--toxicity", type=Reward | None, default=None,
-                        help="toxicity scorer with toxicity(texts) (default: ProfanityReward)")
-    parser.add_argument("--positivity", type=Reward | None, default=None, help="optional positivity scorer, e.g. VaderReward")
-    args = parser.parse_args(argv)
-    init = parser.instantiate_classes(args)
-
-    module, datamodule = build_from_config(args.config, [
-        f"--data.init_args.samples_per_prompt={args.samples_per_prompt}",
-        *( [f"--data.init_args.max_eval_prompts={args.max_prompts}"] if args.max_prompts else []),
-    ])
-    load_trained_weights(module, args.ckpt_path)
-    datamodule.setup("test" if args.split == "test" else "validate")
-    loader = datamodule.test_dataloader() if args.split == "test" else datamodule.val_dataloader()
+    cli = run_lightning_cli(list(argv or []), run=False, extra_options=CompareOptions)
+    options = {name: cli.config_init.get(name) for name in CompareOptions.__dataclass_fields__}
+    out = Path(options["out"])
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not options["overwrite"]):
+        raise OutputDirError(f"--out {out} already exists and is not an empty folder - choose another --out, "
+                             "or pass --overwrite true to replace its report files")
+    ckpt_path = cli.resolve_ckpt_path_option(options["ckpt_path"])
+    module, datamodule = cli.model, cli.datamodule
+    load_trained_weights(module, ckpt_path)
+    module.to(cli.trainer.strategy.root_device)
+    stage = "test" if options["split"] == "test" else "validate"
+    datamodule.setup(stage)
+    loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
     generation = module.eval_generation
-    if args.greedy:
-        generation = GenerationSettings(**{**vars(generation), "do_sample": False})
-    if init.toxicity is None:
+    if options["greedy"]:
+        generation = replace(generation, do_sample=False)
+    toxicity = options["toxicity"]
+    if toxicity is None:
         from flan_rlhf.rewards import ProfanityReward
 
         toxicity = ProfanityReward()
-    else:
-        toxicity = init.toxicity
-    toxicity.setup(module.device)
-    if init.positivity is not None:
-        init.positivity.setup(module.device)
-    metrics = compare_before_after(module, list(loader), args.out, toxicity, init.positivity, generation,
-                                   meta={"checkpoint": args.ckpt_path, "config": args.config})
+    set_up_reward(toxicity, module.device)
+    if options["positivity"] is not None:
+        set_up_reward(options["positivity"], module.device)
+    batches = list(loader)
+    metrics = compare_before_after(module, batches, str(out), toxicity, options["positivity"], generation,
+                                   meta={"checkpoint": ckpt_path, "split": options["split"]})
+    from flan_rlhf.eval.report import format_table
+
     print(format_table(metrics))
-    print(f"report written to {args.out}")
+    print(f"compare: {metrics['n_prompts']} prompts x {metrics['samples_per_prompt']} samples on the {options['split']} "
+          f"split, reference vs {ckpt_path}; report: {out / 'report.md'}, metrics: {out / 'metrics.json'}, "
+          f"rows: {out / 'samples_before.jsonl'} and {out / 'samples_after.jsonl'}", flush=True)
     return 0
 
 

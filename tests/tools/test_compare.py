@@ -66,3 +66,25 @@ def test_sample_rows_count_response_tokens_as_ints():
     rows = sample_rows(module, [batch], "after", module.eval_generation, ProfanityReward().setup())
     assert [type(row["response_tokens"]) for row in rows] == [int, int]
     assert all(row["response_tokens"] >= 1 for row in rows)
+
+
+@pytest.mark.parametrize("case", ["out holds files", "no checkpoint"])
+def test_compare_refuses_bad_input_in_one_line(case, tmp_path, capsys):
+    """A non-empty --out is kept (exit 2 before any work); a checkpoint that is not there is named."""
+    from flan_rlhf.cli import main
+    from tests.test_cli import tiny_config
+
+    config = tiny_config(tmp_path)
+    out = tmp_path / "report"
+    out.mkdir()
+    kept = out / "metrics.json"
+    kept.write_text("{}")
+    if case == "out holds files":
+        argv, expected = ["--ckpt_path", "last"], "--out " + str(out) + " already exists"
+    else:
+        out = tmp_path / "fresh"
+        argv, expected = ["--ckpt_path", str(tmp_path / "missing.ckpt")], "missing.ckpt"
+    assert main(["compare", "--config", config, "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert kept.read_text() == "{}"
