@@ -125,9 +125,13 @@ def read_scalars(logdir: str) -> dict[str, list[float]]:
     return values
 
 
-def test_fit_validate_test_predict_on_tiny_model(tmp_path):
+def test_fit_validate_test_predict_compare_on_tiny_model(tmp_path, capsys):
+    """Each Lightning command and compare, on two composed configs (the later wins) and a flag (wins over both)."""
     config = tiny_config(tmp_path)
-    main(["fit", "--config", config])
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"max_steps": 6},
+                                       "data": {"init_args": {"max_eval_prompts": 6, "samples_per_prompt": 2}}}))
+    assert main(["fit", "--config", config, "--config", str(overlay), "--trainer.max_steps", "4"]) == 0
     scalars = read_scalars(str(tmp_path / "logs"))
     missing = [tag for tag in TRAINING_TAGS if tag not in scalars]
     assert not missing, missing
@@ -142,9 +146,6 @@ def test_fit_validate_test_predict_on_tiny_model(tmp_path):
     base = build_t5_from_config(vocab_size=384, d_model=64, d_ff=128, num_layers=2, num_heads=4)
     PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
 
-    # every command that reads a checkpoint: two composed configs (the later wins), a flag (wins over both), `last`
-    overlay = tmp_path / "overlay.yaml"
-    overlay.write_text(yaml.safe_dump({"data": {"init_args": {"max_eval_prompts": 6, "samples_per_prompt": 2}}}))
     composed = ["--config", config, "--config", str(overlay), "--data.max_eval_prompts", "5", "--ckpt_path", "last"]
     for subcommand in ("validate", "test"):
         assert main([subcommand, *composed]) == 0
@@ -156,7 +157,11 @@ def test_fit_validate_test_predict_on_tiny_model(tmp_path):
     assert len({row["prompt_id"] for row in rows}) == 5
 
     report = tmp_path / "report"
+    capsys.readouterr()
     assert main(["compare", *composed, "--out", str(report)]) == 0
+    captured = capsys.readouterr()
+    assert "[compare] 4/4 batches (100%)" in captured.err  # 10 rows in batches of 8, reference side then trained side
+    assert f"report: {report / 'report.md'}" in captured.out.splitlines()[-1]
     metrics = json.loads((report / "metrics.json").read_text())
     assert (metrics["n_prompts"], metrics["samples_per_prompt"]) == (5, 2)
     assert metrics["checkpoint"] == str(tmp_path / "ckpt" / "last.ckpt")

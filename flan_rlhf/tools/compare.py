@@ -25,6 +25,7 @@ import torch
 from flan_rlhf.evaluation_step import EVAL_SEED_OFFSET
 from flan_rlhf.output_dirs import OutputDirError
 from flan_rlhf.ppo import sequence_kl
+from flan_rlhf.progress import RowProgress
 from flan_rlhf.rewards.base import Reward, set_up_reward
 from flan_rlhf.rollout import Rollout, response_rows
 from flan_rlhf.settings import GenerationSettings
@@ -47,8 +48,11 @@ def sample_rows(
     generation: GenerationSettings,
     toxicity_scorer: Any,
     positivity: Reward | None = None,
+    progress: RowProgress | None = None,
 ) -> list[dict[str, Any]]:
     """Per-sample rows for one side (``"before"`` = reference, ``"after"`` = trained policy).
+
+    ``progress`` is advanced by one per batch.
 
     Returns:
         one dict per response: ``prompt_id``, ``sample``, ``prompt``, ``response``, ``references``,
@@ -74,6 +78,8 @@ def sample_rows(
         if positivity is not None:
             columns["positivity"] = positivity(rollout.prompts, rollout.texts)
         rows.extend(response_rows(rollout, batch, columns))
+        if progress is not None:
+            progress.update(1)
     return rows
 
 
@@ -106,8 +112,9 @@ def compare_before_after(
     generation = generation or module.eval_generation
     module.eval()
     started = time.perf_counter()
-    before = sample_rows(module, batches, "before", generation, toxicity_scorer, positivity)
-    after = sample_rows(module, batches, "after", generation, toxicity_scorer, positivity)
+    with RowProgress(2 * len(batches), "compare", unit="batches") as progress:  # reference side, then trained side
+        before = sample_rows(module, batches, "before", generation, toxicity_scorer, positivity, progress)
+        after = sample_rows(module, batches, "after", generation, toxicity_scorer, positivity, progress)
     samples = max((row["sample"] for row in before), default=0) + 1
     info = {
         "decoding": {
