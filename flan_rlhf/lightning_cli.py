@@ -195,11 +195,13 @@ class FlanRLHFCLI(LightningCLI):
             set_up_reward(reward, "cpu")  # idempotent; the module moves it to its device later
 
 
-def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_options: type | None = None) -> FlanRLHFCLI:
+def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_options: type | None = None,
+                      prog: str = "flan-rlhf", description: str | None = None) -> FlanRLHFCLI:
     """Run the LightningCLI with ``args`` (``None``: ``sys.argv``).
 
     ``run=False``: no subcommand; parse and build the model, data module and trainer only
     (with ``extra_options``' fields as further root options), for a tool that drives them itself.
+    ``prog`` and ``description`` head its ``--help``.
 
     Raises:
         SystemExit(2): a config key that does not exist or has the wrong type, after one
@@ -215,6 +217,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_opt
     # stage's arguments inside `flan-rlhf demo`), which Lightning warns about whenever sys.argv is not empty.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     raise_parse_errors = {"exit_on_error": False}
+    titled = {**raise_parse_errors, "prog": prog, **({"description": description} if description else {})}
     try:
         return FlanRLHFCLI(
             L.LightningModule,
@@ -223,8 +226,8 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_opt
             subclass_mode_data=True,
             save_config_callback=SaveResolvedConfig,
             auto_configure_optimizers=False,  # each module builds its own optimiser from its settings (ppo.learning_rate, ...)
-            parser_kwargs=raise_parse_errors if not run else {
-                **raise_parse_errors, **{name: dict(raise_parse_errors) for name in LightningCLI.subcommands()}},
+            parser_kwargs=titled if not run else {
+                **titled, **{name: dict(raise_parse_errors) for name in LightningCLI.subcommands()}},
             args=args,
             run=run,
             extra_options=extra_options,

@@ -79,3 +79,13 @@ def test_print_config_is_accepted_back_as_config(subcommand, tmp_path, capsys):
         (tmp_path / "printed.yaml").write_text(printed[-1])
     assert printed[0] == printed[1]
     assert "max_eval_prompts: 3" in printed[0]
+
+
+def test_compare_help_is_titled_as_compare(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: flan-rlhf compare ")
+    assert "Lightning Trainer command line tool" not in help_text
+    assert "(required, type: str)" in " ".join(help_text.split())  # --ckpt_path, with its type and meaning

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     from flan_rlhf.lightning_cli import run_lightning_cli
 
-    cli = run_lightning_cli(list(argv or []), run=False, extra_options=CompareOptions)
+    cli = run_lightning_cli(list(argv or []), run=False, extra_options=CompareOptions, prog="flan-rlhf compare",
+                            description=__doc__.split("\n\n")[0])
     options = {name: cli.config_init.get(name) for name in CompareOptions.__dataclass_fields__}
     out = Path(options["out"])
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not options["overwrite"]):
