@@ -6,6 +6,7 @@ Training stages are LightningModules chosen in YAML (``model: class_path: ...``)
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any
@@ -99,7 +100,25 @@ class FlanRLHFCLI(LightningCLI):
         strategy = trainer_config.get("strategy")
         if not trainer_config.get("plugins") and (strategy is None or isinstance(strategy, str)) and strategy in _ATOMIC_IO_STRATEGIES:
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        added = self._added_callbacks(trainer_config)
+        if added:
+            given = trainer_config.get("callbacks") or []
+            kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *added]
         return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def _added_callbacks(trainer_config: dict[str, Any]) -> list[L.Callback]:
+        """Callbacks every command gets unless the config gives its own kind: :class:`ParameterSummary`."""
+        from lightning.pytorch.callbacks import ModelSummary
+
+        from flan_rlhf.model_summary import ParameterSummary
+
+        given = trainer_config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        added: list[L.Callback] = []
+        if trainer_config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+            added.append(ParameterSummary())
+        return added
 
     def _parse_ckpt_path(self) -> None:
         """Lightning 2.6 reads ``hyper_parameters`` from ``--ckpt_path`` over the config here, so a
@@ -195,6 +214,16 @@ class FlanRLHFCLI(LightningCLI):
             set_up_reward(reward, "cpu")  # idempotent; the module moves it to its device later
 
 
+# Lightning's start-up lines that are not facts about this run: an advert for its hosted logger, and
+# the note that the config's ModelSummary (flan_rlhf.model_summary.ParameterSummary) replaces the default.
+_NOTICES = ("💡 Tip: For seamless cloud logging", "Trainer already configured with model summary callbacks")
+
+
+def _drop_notices(record: logging.LogRecord) -> bool:
+    """``logging`` filter: False for the records :data:`_NOTICES` starts."""
+    return not str(record.msg).startswith(_NOTICES)
+
+
 def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_options: type | None = None,
                       prog: str = "flan-rlhf", description: str | None = None) -> FlanRLHFCLI:
     """Run the LightningCLI with ``args`` (``None``: ``sys.argv``).
@@ -216,6 +245,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_opt
     # flan_rlhf.cli always passes the arguments explicitly (the subcommand's part of sys.argv, or a
     # stage's arguments inside `flan-rlhf demo`), which Lightning warns about whenever sys.argv is not empty.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_notices)
     raise_parse_errors = {"exit_on_error": False}
     titled = {**raise_parse_errors, "prog": prog, **({"description": description} if description else {})}
     try:
