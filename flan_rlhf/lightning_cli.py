@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from typing import Any
 
@@ -22,6 +23,8 @@ from flan_rlhf.checkpointing import (
     resolve_ckpt_path,
 )
 from flan_rlhf.errors import say
+from flan_rlhf.progress import interactive_terminal
+from flan_rlhf.progress_callbacks import choose_progress
 from flan_rlhf.resume_settings import conflict_message, difference_line, split_differences
 from flan_rlhf.rewards.base import Reward, set_up_reward
 
@@ -100,25 +103,25 @@ class FlanRLHFCLI(LightningCLI):
         strategy = trainer_config.get("strategy")
         if not trainer_config.get("plugins") and (strategy is None or isinstance(strategy, str)) and strategy in _ATOMIC_IO_STRATEGIES:
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-        added = self._added_callbacks(trainer_config)
+        given = trainer_config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        progress = choose_progress(trainer_config.get("enable_progress_bar"), interactive_terminal(), given)
+        kwargs.setdefault("enable_progress_bar", progress.enable_progress_bar)
+        added = [*progress.callbacks, *self._summary_callbacks(trainer_config, given)]
         if added:
-            given = trainer_config.get("callbacks") or []
-            kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *added]
+            kwargs["callbacks"] = [*given, *added]
         return super().instantiate_trainer(**kwargs)
 
     @staticmethod
-    def _added_callbacks(trainer_config: dict[str, Any]) -> list[L.Callback]:
-        """Callbacks every command gets unless the config gives its own kind: :class:`ParameterSummary`."""
+    def _summary_callbacks(trainer_config: dict[str, Any], given: list[L.Callback]) -> list[L.Callback]:
+        """:class:`ParameterSummary`, unless the config turns summaries off or gives its own ModelSummary."""
         from lightning.pytorch.callbacks import ModelSummary
 
         from flan_rlhf.model_summary import ParameterSummary
 
-        given = trainer_config.get("callbacks") or []
-        given = given if isinstance(given, list) else [given]
-        added: list[L.Callback] = []
-        if trainer_config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
-            added.append(ParameterSummary())
-        return added
+        if trainer_config.get("enable_model_summary") is False or any(isinstance(c, ModelSummary) for c in given):
+            return []
+        return [ParameterSummary()]
 
     def _parse_ckpt_path(self) -> None:
         """Lightning 2.6 reads ``hyper_parameters`` from ``--ckpt_path`` over the config here, so a
@@ -269,8 +272,14 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_opt
 
 
 def lightning_main(subcommand: str, argv: list[str]) -> int:
-    """``flan-rlhf fit|validate|test|predict ARGS``: the LightningCLI subcommand ``subcommand``; returns 0."""
-    run_lightning_cli([subcommand, *argv])
+    """``flan-rlhf fit|validate|test|predict ARGS``: the LightningCLI subcommand ``subcommand``, then its
+    :func:`flan_rlhf.run_summary.run_summary` lines on stdout (process 0); returns 0."""
+    from flan_rlhf.run_summary import run_summary
+
+    started = time.perf_counter()
+    cli = run_lightning_cli([subcommand, *argv])
+    if cli.trainer.is_global_zero:
+        print("\n".join(run_summary(cli.trainer, cli.model, subcommand, time.perf_counter() - started)), flush=True)
     return 0
 
 

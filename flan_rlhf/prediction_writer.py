@@ -22,6 +22,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self.output_path = output_path
         self.overwrite = overwrite
         self._path: str | None = None
+        self.rows_written = 0
 
     def _resolve(self, trainer) -> str:
         if trainer.world_size == 1:
@@ -37,9 +38,15 @@ class JsonlPredictionWriter(BasePredictionWriter):
             )
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         open(path, "w", encoding="utf-8").close()
-        self._path = path
+        self._path, self.rows_written = path, 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Sequence[dict[str, Any]], batch_indices, batch, batch_idx, dataloader_idx) -> None:
         with open(self._path, "a", encoding="utf-8") as handle:
             for row in prediction:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.rows_written += len(prediction)
+
+    @property
+    def path(self) -> str | None:
+        """The file this process wrote in its last ``predict`` (None before one)."""
+        return self._path

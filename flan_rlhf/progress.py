@@ -34,6 +34,11 @@ def line_interval(total: int | None, lines: int = 10) -> int:
     return max(1, -(-total // lines))
 
 
+def seconds(elapsed: float) -> str:
+    """A duration for a progress line: ``"0.4 s"``, ``"9.9 s"``, ``"18 s"`` (tenths under ten seconds)."""
+    return f"{elapsed:.1f} s" if elapsed < 9.95 else f"{elapsed:.0f} s"
+
+
 class RowProgress:
     """Progress of a loop over ``total`` items (rows, batches): a tqdm bar in a terminal, else a line
     ``[label] 120/400 rows (30%) 12 s`` every :func:`line_interval` items and at the end.
@@ -79,4 +84,4 @@ class RowProgress:
     def _write(self) -> None:
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         elapsed = time.perf_counter() - self._started
-        print(f"[{self.label}] {self.done}/{self.total} {self.unit}{share} {elapsed:.0f} s", file=self.stream, flush=True)
+        print(f"[{self.label}] {self.done}/{self.total} {self.unit}{share} {seconds(elapsed)}", file=self.stream, flush=True)

@@ -132,6 +132,13 @@ def test_fit_validate_test_predict_compare_on_tiny_model(tmp_path, capsys):
     overlay.write_text(yaml.safe_dump({"trainer": {"max_steps": 6},
                                        "data": {"init_args": {"max_eval_prompts": 6, "samples_per_prompt": 2}}}))
     assert main(["fit", "--config", config, "--config", str(overlay), "--trainer.max_steps", "4"]) == 0
+    captured = capsys.readouterr()
+    progress = [line for line in captured.err.splitlines() if line.startswith("[fit]")]
+    assert [line.split(" (")[0] for line in progress] == [f"[fit] step {step}/4" for step in (1, 2, 3, 4)]
+    summary = captured.out.splitlines()[-4:]  # run_summary: what ran, then each output that exists
+    assert summary[0].startswith("fit: 4/4 steps in ")
+    assert summary[1:] == [f"  checkpoints: {tmp_path / 'ckpt'} (newest: {tmp_path / 'ckpt' / 'last.ckpt'})",
+                           f"  export: {tmp_path / 'adapter'}", f"  logs: {tmp_path / 'logs' / 'tiny' / 'version_0'}"]
     scalars = read_scalars(str(tmp_path / "logs"))
     missing = [tag for tag in TRAINING_TAGS if tag not in scalars]
     assert not missing, missing
@@ -149,7 +156,12 @@ def test_fit_validate_test_predict_compare_on_tiny_model(tmp_path, capsys):
     composed = ["--config", config, "--config", str(overlay), "--data.max_eval_prompts", "5", "--ckpt_path", "last"]
     for subcommand in ("validate", "test"):
         assert main([subcommand, *composed]) == 0
+    capsys.readouterr()
     assert main(["predict", *composed]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert summary[-1] == f"  rows: 10 in {tmp_path / 'pred.jsonl'}"
+    assert summary[-2].startswith(f"  logs: {tmp_path / 'logs' / 'tiny' / 'version_'}")
+    assert summary[-3].startswith(f"predict: 2 batches from {tmp_path / 'ckpt' / 'last.ckpt'} in ")
     rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
     assert len(rows) == 5 * 2  # max_eval_prompts from the flag, samples_per_prompt from the overlay
     assert {"prompt", "response", "reward", "non_profanity", "kl"} <= set(rows[0])

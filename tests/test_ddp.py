@@ -39,3 +39,6 @@ def test_tiny_fit_with_two_ddp_processes(tmp_path):
     assert len(event_files) == 1
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch=0-step=2.ckpt", "last.ckpt"]
     assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
+    # one closing summary, from process 0
+    assert result.stdout.count("fit: 3/3 steps in ") == 1, result.stdout[-2000:]
+    assert f"  checkpoints: {tmp_path / 'ckpt'} (newest: {tmp_path / 'ckpt' / 'last.ckpt'})" in result.stdout
