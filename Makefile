@@ -28,7 +28,7 @@ demo: install
 	$(OFFLINE) $(BIN)/flan-rlhf demo $(DEMO_ARGS)
 
 demo-rebuild: install
-	$(OFFLINE) $(BIN)/flan-rlhf demo --rebuild $(DEMO_ARGS)
+	$(OFFLINE) $(BIN)/flan-rlhf demo --rebuild true $(DEMO_ARGS)
 
 tiny: install
 	$(OFFLINE) $(BIN)/flan-rlhf fit --config configs/tiny.yaml

@@ -64,7 +64,7 @@ import torch
 
 VARIANTS = ("base", "adapter", "merged", "bf16", "int8", "merged-fused")
 FUSED_SUFFIX = "-fused"  # the export decoded by ``flan-rlhf generate``'s default fused T5 decoder
-EXPORT_FLAGS = {"merged": [], "bf16": ["--dtype", "bf16"], "int8": ["--int8"]}
+EXPORT_FLAGS = {"merged": [], "bf16": ["--dtype", "bf16"], "int8": ["--format", "int8"]}
 
 
 def log(*parts) -> None:
@@ -179,7 +179,7 @@ def export_variants(args, base_dir: str, adapter_dir: str, workdir: str) -> dict
             continue
         out = os.path.join(workdir, f"export-{variant}")
         with contextlib.redirect_stdout(sys.stderr):
-            code = export_cli.main(["--adapter", adapter_dir, "--base", base_dir, "--out", out, "--overwrite", *flags])
+            code = export_cli.main(["--adapter", adapter_dir, "--base", base_dir, "--out", out, "--overwrite", "true", *flags])
         if code != 0:
             raise SystemExit(f"error: export of {variant} failed")
         sources[variant] = (out, None)

@@ -13,3 +13,19 @@ def say(message: str) -> None:
     import sys
 
     print(message, file=sys.stderr, flush=True)
+
+
+def condense_parser_error(message: str) -> str:
+    """jsonargparse's nested, multi-line report -> one line that keeps the key path and the reason.
+
+    Example: ``Parser key "model": Problem with given class_path 'flan_rlhf.module.PPOModule':
+    Group 'ppo' does not accept option 'learnin_rate'``.
+    """
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+             "Expected a <class 'NoneType'>")
+    kept = []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ").strip()
+        if text and not text.startswith(noise):
+            kept.append(text)
+    return " ".join(kept) if kept else message.strip()

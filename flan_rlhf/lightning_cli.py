@@ -22,7 +22,7 @@ from flan_rlhf.checkpointing import (
     read_checkpoint_file,
     resolve_ckpt_path,
 )
-from flan_rlhf.errors import say
+from flan_rlhf.errors import condense_parser_error, say
 from flan_rlhf.progress import interactive_terminal
 from flan_rlhf.progress_callbacks import choose_progress
 from flan_rlhf.resume_settings import conflict_message, difference_line, split_differences
@@ -281,22 +281,6 @@ def lightning_main(subcommand: str, argv: list[str]) -> int:
     if cli.trainer.is_global_zero:
         print("\n".join(run_summary(cli.trainer, cli.model, subcommand, time.perf_counter() - started)), flush=True)
     return 0
-
-
-def condense_parser_error(message: str) -> str:
-    """jsonargparse's nested, multi-line report -> one line that keeps the key path and the reason.
-
-    Example: ``Parser key "model": Problem with given class_path 'flan_rlhf.module.PPOModule':
-    Group 'ppo' does not accept option 'learnin_rate'``.
-    """
-    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
-             "Expected a <class 'NoneType'>")
-    kept = []
-    for line in message.splitlines():
-        text = line.strip().removeprefix("- ").strip()
-        if text and not text.startswith(noise):
-            kept.append(text)
-    return " ".join(kept) if kept else message.strip()
 
 
 def build_from_config(config: str, extra_args: list[str] | None = None):

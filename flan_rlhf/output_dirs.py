@@ -76,7 +76,7 @@ def replacement_problem(
     Args:
         folder: the output folder.
         overwrite: the user opted in to replacing an earlier flan-rlhf folder.
-        opt_in: how the user opts in, for the message (``--overwrite``).
+        opt_in: how the user opts in, for the message (``--overwrite true``).
         what: how the user named the folder, for the message (``--out 'x'``).
         run_id: this run's id: an earlier export of the same run is replaced without opting in.
         inputs: files or folders this command reads; a folder holding one is never replaced.

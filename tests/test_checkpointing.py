@@ -218,13 +218,14 @@ def test_trust_remote_code_is_off_unless_the_user_turns_it_on():
     import inspect
     import re
 
-    from flan_rlhf.tools.generate import build_parser
+    from flan_rlhf.tools.command import tool_parser
+    from flan_rlhf.tools.generate import generate
     from flan_rlhf.policy import PolicySpec, load_seq2seq_model, load_tokenizer
 
     assert PolicySpec().trust_remote_code is False
     for loader in (load_tokenizer, load_seq2seq_model):
         assert inspect.signature(loader).parameters["trust_remote_code"].default is False
-    assert build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o"]).trust_remote_code is False
+    assert tool_parser("generate", generate).parse_args(["--model", "m", "--input", "i", "--output", "o"]).trust_remote_code is False
     root = Path(__file__).resolve().parent.parent
     switched_on = [str(p) for p in [*root.joinpath("flan_rlhf").rglob("*.py"), *root.joinpath("configs").rglob("*.yaml")]
                    if re.search(r"trust_remote_code\s*[=:]\s*(True|true)", p.read_text(encoding="utf-8"))]

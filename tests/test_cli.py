@@ -177,6 +177,58 @@ def test_fit_validate_test_predict_compare_on_tiny_model(tmp_path, capsys):
     metrics = json.loads((report / "metrics.json").read_text())
     assert (metrics["n_prompts"], metrics["samples_per_prompt"]) == (5, 2)
     assert metrics["checkpoint"] == str(tmp_path / "ckpt" / "last.ckpt")
+    walk_export_generate_score(tmp_path, capsys)
+
+
+def _two_configs(tmp_path, name: str, first: dict, second: dict) -> list[str]:
+    """``--config A --config B`` with A and B written from ``first`` and ``second``."""
+    paths = [tmp_path / f"{name}_{i}.yaml" for i in (1, 2)]
+    for path, content in zip(paths, (first, second)):
+        path.write_text(yaml.safe_dump(content))
+    return ["--config", str(paths[0]), "--config", str(paths[1])]
+
+
+def walk_export_generate_score(tmp_path, capsys) -> None:
+    """export (the checkpoint folder: its newest complete file) -> generate -> score, each on two
+    composed configs (the later wins) and a flag (wins over both); generate's rows pipe into score."""
+    from profanity_check import predict_prob
+
+    merged = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(["export", *_two_configs(tmp_path, "export", {"ckpt_path": "nowhere.ckpt", "out": str(merged)},
+                                         {"ckpt_path": str(tmp_path / "ckpt")}), "--dtype", "fp32"]) == 0
+    summary = capsys.readouterr().out.splitlines()[-2:]
+    assert summary[0].startswith(f"export: merged fp32 model from {tmp_path / 'ckpt' / 'last.ckpt'} in ")
+    assert summary[1].startswith(f"  folder: {merged} (") and summary[1].endswith(" MB)")
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "text": f"prompt number {i}"}) + "\n" for i in range(5)))
+    responses = tmp_path / "responses.jsonl"
+    assert main(["generate", *_two_configs(tmp_path, "generate",
+                                           {"model": str(merged), "input": str(prompts), "output": str(responses),
+                                            "max_new_tokens": 30, "batch_size": 4},
+                                           {"prompt_column": "text", "max_new_tokens": 8}), "--batch_size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "[generate] 5/5 rows (100%)" in captured.err  # batches of 2 from the flag: lines at 2 and 4 rows, then the end
+    assert captured.out.splitlines()[-1] == f"  rows: 5 in {responses}"
+    rows = [json.loads(line) for line in responses.read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == [f"prompt number {i}" for i in range(5)]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    assert max(len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) for row in rows) <= 8
+
+    scored = tmp_path / "scored.jsonl"
+    assert main(["score", *_two_configs(tmp_path, "score",
+                                        {"reward": "VaderReward", "input": str(responses), "output": str(scored)},
+                                        {"reward": "ProfanityReward", "batch_size": 1}), "--batch_size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "[score] 5/5 rows (100%)" in captured.err
+    assert captured.out.splitlines()[-1] == f"  rows: 5 in {scored}"
+    scored_rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert [row["response"] for row in scored_rows] == [row["response"] for row in rows]  # the default columns pipe
+    expected = 1.0 - predict_prob([row["response"] for row in rows])
+    assert all(abs(row["reward"] - value) < 1e-6 for row, value in zip(scored_rows, expected))
 
 
 def test_tool_subcommands_are_dispatched(capsys):

@@ -91,7 +91,7 @@ def test_2_export_overwrite_never_removes_its_input_or_a_checkpoint_folder(earli
     folder = copy_of(earlier_run, tmp_path)
     before = snapshot(folder)
 
-    code, _, err = run("export", "--ckpt", str(folder / "ckpt" / "last.ckpt"), "--out", str(tmp_path / out), "--overwrite")
+    code, _, err = run("export", "--ckpt_path", str(folder / "ckpt" / "last.ckpt"), "--out", str(tmp_path / out), "--overwrite", "true")
 
     assert code == 2 and len(error_lines(err)) == 1 and "holds the input" in error_lines(err)[0], err[-2000:]
     assert snapshot(folder) == before
@@ -102,7 +102,7 @@ def test_2_export_overwrite_never_removes_a_folder_of_other_checkpoints(earlier_
     other.mkdir()
     shutil.copy(earlier_run / "ckpt" / "last.ckpt", other / "step=5.ckpt")
 
-    code, _, err = run("export", "--ckpt", str(earlier_run / "ckpt" / "last.ckpt"), "--out", str(other), "--overwrite")
+    code, _, err = run("export", "--ckpt_path", str(earlier_run / "ckpt" / "last.ckpt"), "--out", str(other), "--overwrite", "true")
 
     assert code == 2 and len(error_lines(err)) == 1 and "step=5.ckpt" in error_lines(err)[0]
     assert (other / "step=5.ckpt").read_bytes() == (earlier_run / "ckpt" / "last.ckpt").read_bytes()
@@ -216,19 +216,19 @@ class NaNOnSecondText(Reward):
 
 def test_7_nan_scores_are_counted_and_fail_unless_accepted(tmp_path):
     source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one", "two", "three"]))
+    source.write_text("".join(json.dumps({"response": t}) + "\n" for t in ["one", "two", "three"]))
     output = tmp_path / "scored.jsonl"
     reward = f"{__name__}.NaNOnSecondText"
 
     code, out, err = run("score", "--reward", reward, "--input", str(source), "--output", str(output))
 
     assert code == 2, err[-2000:]
-    assert "1 not finite" in out.strip().splitlines()[-1]
-    assert len(error_lines(err)) == 1 and "--allow-nonfinite" in error_lines(err)[0] and "rows 1" in error_lines(err)[0]
+    assert "1 not finite" in out.strip().splitlines()[-2] and out.strip().splitlines()[-1] == f"  rows: 3 in {output}"
+    assert len(error_lines(err)) == 1 and "--allow_nonfinite true" in error_lines(err)[0] and "rows 1" in error_lines(err)[0]
     assert [json.loads(line)["reward"] for line in output.read_text().splitlines()] == [0.5, None, 0.5]
 
-    code, out, err = run("score", "--reward", reward, "--input", str(source), "--output", str(output), "--overwrite",
-                         "--allow-nonfinite")
+    code, out, err = run("score", "--reward", reward, "--input", str(source), "--output", str(output), "--overwrite", "true",
+                         "--allow_nonfinite", "true")
     assert code == 0 and "1 not finite" in out, err[-2000:]
 
 
@@ -242,7 +242,7 @@ def test_8_detoxify_offline_is_one_line(tmp_path, monkeypatch, command):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached checkpoint
     monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)  # no network, here or anywhere
     source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps({"text": "hello"}) + "\n")
+    source.write_text(json.dumps({"response": "hello"}) + "\n")
     if command == "score":
         argv = ["score", "--reward", "DetoxifyReward", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]
     else:

@@ -13,14 +13,16 @@ order and the sampling. Seed 0 writes to ``artifacts/demo`` and ``reports/demo``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from jsonargparse.typing import PositiveInt
+
 from flan_rlhf.io import atomic_file
+from flan_rlhf.tools.command import FinishedWithProblem, run_tool
 
 # the demo's own output folders under --root, replaced by --rebuild (and, when they hold an earlier
 # demo export, by every run: the stages pass the overwrite opt-in)
@@ -61,7 +63,7 @@ def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bo
     key = {"tokenizer": json.loads((root / "tokenizer" / "manifest.json").read_text()), "seed": seed, "steps": steps}
     key_file = root / "sft_model.key.json"
     if not rebuild and (target / "config.json").exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
-        print(f"[demo] SFT model cached at {target} (use --rebuild to retrain)", flush=True)
+        print(f"[demo] SFT model cached at {target} (use --rebuild true to retrain)", flush=True)
         return target
     args = ["fit", "--config", str(configs / "demo_sft.yaml"), *_stage_overrides(root, seed),
             f"--model.init_args.policy.tokenizer={root / 'tokenizer'}",
@@ -117,62 +119,80 @@ def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_
                                 insult_vocabulary=INSULT_VOCABULARY)
 
 
-def main(argv: list[str] | None = None) -> int:
+def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild: bool = False,
+         sft_steps: PositiveInt | None = None, ppo_steps: PositiveInt | None = None, n_train: PositiveInt = 4000,
+         n_test: PositiveInt = 400, configs: str | None = None) -> str:
+    """The whole pipeline offline: corpus, tokenizer, SFT, PPO, before/after report.
+
+    Args:
+        seed: the seed of the whole pipeline (corpus, initialisation, data order, sampling).
+        root: the artefact folder (default: artifacts/demo, or artifacts/demo-seedS).
+        out: the report folder (default: reports/demo, or reports/demo-seedS).
+        rebuild: rebuild the corpus, tokenizer and SFT model instead of reusing them; replaces the
+            root's sft_model and ppo_adapter folders whatever they hold.
+        sft_steps: SFT optimiser steps (default: configs/demo_sft.yaml's).
+        ppo_steps: PPO iterations (default: configs/demo_ppo.yaml's).
+        n_train: generated training dialogues.
+        n_test: held-out test dialogues (the report's n_test).
+        configs: the folder holding demo_sft.yaml and demo_ppo.yaml (default: the checkout's configs/).
+
+    Returns:
+        the closing summary: the run's size and time, then the report, metrics, adapter,
+        checkpoint and log folders.
+    """
     from flan_rlhf.demo.prepare import prepare_demo_assets
     from flan_rlhf.eval.report import format_table
 
-    parser = argparse.ArgumentParser(prog="flan-rlhf demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the whole pipeline (corpus, init, order, sampling)")
-    parser.add_argument("--root", default=None, help="artefact folder (default artifacts/demo[-seedS])")
-    parser.add_argument("--out", default=None, help="report folder (default reports/demo[-seedS])")
-    parser.add_argument("--rebuild", action="store_true",
-                        help="rebuild corpus, tokenizer and SFT model instead of reusing them; replaces --root's "
-                             f"{' and '.join(DEMO_OUTPUTS)} folders whatever they hold")
-    parser.add_argument("--sft-steps", type=int, default=None, help="override SFT optimiser steps (default: configs/demo_sft.yaml)")
-    parser.add_argument("--ppo-steps", type=int, default=None, help="override PPO iterations (default: configs/demo_ppo.yaml)")
-    parser.add_argument("--n-train", type=int, default=4000, help="generated training dialogues")
-    parser.add_argument("--n-test", type=int, default=400, help="held-out test dialogues (the report's n_test)")
-    parser.add_argument("--configs", default=None, help="folder holding demo_sft.yaml and demo_ppo.yaml")
-    args = parser.parse_args(argv)
-
     started = time.perf_counter()
-    root, out = _paths(args.seed, args.root, args.out)
-    configs = Path(args.configs) if args.configs else _configs_dir()
-    if args.rebuild:
+    root_dir, out_dir = _paths(seed, root, out)
+    configs_dir = Path(configs) if configs else _configs_dir()
+    if rebuild:
         for name in DEMO_OUTPUTS:
-            shutil.rmtree(root / name, ignore_errors=True)
-    print(f"[demo] 1/4 corpus and tokenizer -> {root}", flush=True)
-    prepare_demo_assets(root, seed=args.seed, rebuild=args.rebuild, n_train=args.n_train, n_test=args.n_test)
+            shutil.rmtree(root_dir / name, ignore_errors=True)
+    print(f"[demo] 1/4 corpus and tokenizer -> {root_dir}", flush=True)
+    prepare_demo_assets(root_dir, seed=seed, rebuild=rebuild, n_train=n_train, n_test=n_test)
     print("[demo] 2/4 supervised fine-tuning (SFT)", flush=True)
     t_sft = time.perf_counter()
     from flan_rlhf.output_dirs import OutputDirError
 
     try:
-        run_sft(root, args.seed, configs, args.sft_steps, rebuild=args.rebuild)
+        run_sft(root_dir, seed, configs_dir, sft_steps, rebuild=rebuild)
         t_ppo = time.perf_counter()
         print("[demo] 3/4 PPO with LoRA against the toxicity reward", flush=True)
-        ckpt, tb_logdir = run_ppo(root, args.seed, configs, args.ppo_steps)
+        ckpt, tb_logdir = run_ppo(root_dir, seed, configs_dir, ppo_steps)
     except OutputDirError as err:  # e.g. artefacts of an older flan-rlhf that wrote no manifest
-        raise OutputDirError(f"{err}; or rebuild the demo's own artefacts in {root} with `flan-rlhf demo --rebuild` "
+        raise OutputDirError(f"{err}; or rebuild the demo's own artefacts in {root_dir} with `flan-rlhf demo --rebuild true` "
                              "(`make demo-rebuild`)") from None
     t_eval = time.perf_counter()
     print("[demo] 4/4 before/after evaluation on the test split", flush=True)
     from flan_rlhf.checkpointing import read_checkpoint_file
 
-    ppo_steps = int(read_checkpoint_file(str(ckpt), mmap=True)["global_step"])
-    meta = {"ppo_steps": ppo_steps, "seed": args.seed, "sft_s": round(t_ppo - t_sft, 1), "ppo_s": round(t_eval - t_ppo, 1)}
-    metrics = run_compare(root, args.seed, configs, ckpt, out, tb_logdir, meta)
+    steps_done = int(read_checkpoint_file(str(ckpt), mmap=True)["global_step"])
+    meta = {"ppo_steps": steps_done, "seed": seed, "sft_s": round(t_ppo - t_sft, 1), "ppo_s": round(t_eval - t_ppo, 1)}
+    metrics = run_compare(root_dir, seed, configs_dir, ckpt, out_dir, tb_logdir, meta)
     metrics["wall_s"] = round(time.perf_counter() - started, 1)
     metrics["eval_s"] = round(time.perf_counter() - t_eval, 1)
-    with atomic_file(out / "metrics.json") as handle:
+    with atomic_file(out_dir / "metrics.json") as handle:
         json.dump(metrics, handle, indent=2, default=str)
     print(format_table(metrics))
-    print(f"[demo] n_test={metrics.get('n_test')} ppo_steps={ppo_steps} wall_s={metrics['wall_s']} report: {out / 'report.md'}")
+    summary = "\n".join([
+        f"demo: n_test={metrics.get('n_test')} ppo_steps={steps_done} wall_s={metrics['wall_s']}",
+        f"  report: {out_dir / 'report.md'}",
+        f"  metrics: {out_dir / 'metrics.json'}",
+        f"  adapter: {root_dir / 'ppo_adapter'}",
+        f"  sft model: {root_dir / 'sft_model'}",
+        f"  checkpoints: {ckpt.parent} (newest: {ckpt})",
+        f"  logs: {tb_logdir}",
+    ])
     missing = [key for key in REQUIRED_KEYS if key not in metrics["before"] or key not in metrics["after"]]
     if missing:
-        print(f"[demo] error: metrics.json lacks {missing}", file=sys.stderr)
-        return 1
-    return 0
+        raise FinishedWithProblem(summary, f"metrics.json lacks {missing}: the report is incomplete")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``flan-rlhf demo ...``; returns 0 on success, 2 on bad input (one line on stderr)."""
+    return run_tool("demo", argv, demo)
 
 
 if __name__ == "__main__":

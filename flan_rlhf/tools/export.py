@@ -1,68 +1,50 @@
 """``flan-rlhf export``: turn a trained policy into something to serve.
 
 Inputs (one of):
-  ``--ckpt PATH.ckpt``  a PPOModule Lightning checkpoint. The actor-critic is rebuilt from the
-                        checkpoint's ``hyper_parameters`` (``policy``, ``lora``) and its state dict
-                        loaded; the reward is not needed. Read with ``torch.load(weights_only=True)``
-                        and an allow-list of the package's settings dataclasses (no arbitrary
-                        code runs); ``--trust-checkpoint`` lifts that for files you made yourself.
+  ``--ckpt_path PATH``  a PPOModule Lightning checkpoint, or a folder of them (its newest complete
+                        one). The actor-critic is rebuilt from the checkpoint's ``hyper_parameters``
+                        (``policy``, ``lora``) and its state dict loaded; the reward is not needed.
+                        Read with ``torch.load(weights_only=True)`` and an allow-list of the
+                        package's settings dataclasses (no arbitrary code runs);
+                        ``--trust_checkpoint true`` lifts that for files you made yourself.
   ``--adapter DIR``     a LoRA adapter folder (``PPOModule(export_dir=...)`` or
-                        ``export --adapter-only``) plus its base (``--base`` or the adapter's
+                        ``export --format adapter``) plus its base (``--base`` or the adapter's
                         ``base_model_name_or_path``).
 
 Outputs (one per call, written to a temporary sibling folder and renamed into place). An
 existing ``--out`` is replaced only with ``--overwrite`` and only if it is an earlier flan-rlhf
 export holding nothing else; a folder of checkpoints, the input itself or anything the user made
 is never replaced (:mod:`flan_rlhf.output_dirs`).
-  default           a plain Hugging Face model folder with LoRA merged into the base weights
+  ``--format merged``  (default) a plain Hugging Face model folder with LoRA merged into the base weights
                     (safetensors), fp32 or ``--dtype bf16``, plus the tokenizer. Plain
                     ``AutoModelForSeq2SeqLM.from_pretrained(out)`` loads it.
-  ``--int8``        int8 dynamic quantisation of the merged fp32 model's Linear layers
+  ``--format int8``  int8 dynamic quantisation of the merged fp32 model's Linear layers
                     (:mod:`flan_rlhf.tools.quantize`); ``flan-rlhf generate --model out`` loads it,
                     plain transformers cannot.
-  ``--adapter-only``  the LoRA adapter (peft format) + value head + tokenizer
+  ``--format adapter``  the LoRA adapter (peft format) + value head + tokenizer
                     (:func:`flan_rlhf.policy.save_adapter`).
 
 Every output also holds the manifest ``flan_rlhf_export.json``: source, format and files written.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, is_dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from flan_rlhf.checkpointing import read_checkpoint_file, state_dict_mismatch
-from flan_rlhf.output_dirs import atomic_output_dir, check_replaceable
+from flan_rlhf.checkpointing import CheckpointError, newest_complete_checkpoint, read_checkpoint_file, state_dict_mismatch
+from flan_rlhf.errors import say
+from flan_rlhf.output_dirs import OutputDirError, atomic_output_dir, check_replaceable
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
-from flan_rlhf.tools.command import CommandParser, UsageError, run_tool
+from flan_rlhf.progress import seconds
+from flan_rlhf.tools.command import UsageError, run_tool
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="flan-rlhf export", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="PPOModule Lightning checkpoint (.ckpt)")
-    source.add_argument("--adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--base", help="base model (hub id or folder): overrides the checkpoint's policy.name_or_path "
-                                       "or the adapter's base_model_name_or_path")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype of the merged export (default fp32)")
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--int8", action="store_true", help="write an int8 dynamic quantisation (CPU serving; read by flan-rlhf generate)")
-    kind.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter + value head + tokenizer only")
-    parser.add_argument("--per-channel", action="store_true", help="with --int8: one scale per output row instead of per matrix")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out if it is an earlier flan-rlhf export (nothing else is ever replaced)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load the checkpoint with full pickle (runs code stored in the file): only for files you made")
-    return parser
 
 
 # ----------------------------------------------------------------------------- loading
@@ -75,7 +57,7 @@ def settings_globals() -> list[Any]:
 
 def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
     """``torch.load`` a Lightning checkpoint on CPU, by default without running pickled code."""
-    return read_checkpoint_file(path, trusted=trust, allowed_globals=settings_globals(), trust_flag="--trust-checkpoint")
+    return read_checkpoint_file(path, trusted=trust, allowed_globals=settings_globals(), trust_flag="--trust_checkpoint true")
 
 
 def _as_dataclass(value: Any, cls: type, what: str):
@@ -169,10 +151,30 @@ def prepare_for_inference(model, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------- writing
-def output_check(args: argparse.Namespace) -> dict[str, Any]:
-    """What :func:`flan_rlhf.output_dirs.check_replaceable` needs to guard ``--out``."""
-    inputs = [args.ckpt, args.adapter, args.base if args.base and os.path.exists(args.base) else None]
-    return {"overwrite": args.overwrite, "opt_in": "--overwrite", "what": f"--out '{args.out}'", "inputs": inputs}
+def output_check(out: str, overwrite: bool, inputs: list[str | None]) -> dict[str, Any]:
+    """What :func:`flan_rlhf.output_dirs.check_replaceable` needs to guard ``--out`` (``inputs`` are never replaced)."""
+    return {"overwrite": overwrite, "opt_in": "--overwrite true", "what": f"--out '{out}'",
+            "inputs": [path for path in inputs if path and os.path.exists(path)]}
+
+
+def checkpoint_file(requested: str) -> str:
+    """``--ckpt_path``: a ``.ckpt`` file as given, or a folder's newest complete checkpoint.
+
+    Raises:
+        CheckpointError: ``last`` (export reads no config to find the run's folder) or a folder
+            holding no complete checkpoint.
+    """
+    if requested == "last":
+        raise CheckpointError("--ckpt_path last needs the run's checkpoint folder: pass --ckpt_path CKPT_FOLDER "
+                              "(its newest complete checkpoint) or a .ckpt file")
+    if not os.path.isdir(requested):
+        return requested
+    path, messages = newest_complete_checkpoint(requested)
+    for message in messages:
+        say(f"note: {message}")
+    if path is None:
+        raise CheckpointError(f"--ckpt_path {requested} holds no complete .ckpt file - train first or pass a .ckpt file")
+    return path
 
 
 def write_merged(model, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any]) -> str:
@@ -206,58 +208,89 @@ def _folder_mb(folder: str) -> float:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
 
 
-def export(args: argparse.Namespace) -> str:
-    """Run one export as described by parsed ``args``; returns the one-line summary."""
+def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, base: str | None = None,
+           format: Literal["merged", "int8", "adapter"] = "merged", dtype: Literal["fp32", "bf16"] = "fp32",
+           per_channel: bool = False, overwrite: bool = False, trust_checkpoint: bool = False) -> str:
+    """Turn a checkpoint or adapter into a merged, int8 or adapter-only model folder.
+
+    Args:
+        out: the folder to write (written beside, then renamed into place).
+        ckpt_path: a PPOModule checkpoint (.ckpt), or a folder of them (its newest complete one).
+        adapter: a LoRA adapter folder (adapter_config.json + adapter_model.safetensors); instead of ``ckpt_path``.
+        base: the base model (hub id or folder), replacing the checkpoint's policy.name_or_path or
+            the adapter's base_model_name_or_path.
+        format: ``merged``: a plain Hugging Face folder with LoRA merged in; ``int8``: int8 dynamic
+            quantisation for CPU serving (read by flan-rlhf generate); ``adapter``: the LoRA adapter
+            + value head + tokenizer.
+        dtype: the weights dtype of a merged export.
+        per_channel: with ``--format int8``, one scale per output row instead of per matrix.
+        overwrite: replace ``out`` if it is an earlier flan-rlhf export (nothing else is ever replaced).
+        trust_checkpoint: load the checkpoint with full pickle (runs code stored in the file): only
+            for files you made.
+
+    Returns:
+        the closing summary: what was written from what, and where.
+    """
     from flan_rlhf import __version__
 
-    if args.int8 and args.dtype != "fp32":
-        raise UsageError("--int8 quantises the fp32 weights: drop --dtype bf16")
-    if args.adapter_only and args.adapter:
-        raise UsageError("--adapter-only with --adapter: the input already is an adapter folder - copy it instead")
-    if args.adapter_only and args.dtype != "fp32":
+    started = time.perf_counter()
+    if (ckpt_path is None) == (adapter is None):
+        raise UsageError("pass exactly one of --ckpt_path (a .ckpt file or checkpoint folder) and --adapter (an adapter folder)")
+    if format == "int8" and dtype != "fp32":
+        raise UsageError("--format int8 quantises the fp32 weights: drop --dtype bf16")
+    if format == "adapter" and adapter:
+        raise UsageError("--format adapter with --adapter: the input already is an adapter folder - copy it instead")
+    if format == "adapter" and dtype != "fp32":
         raise UsageError("--dtype applies to merged exports; the adapter is written in its training dtype")
-    if args.per_channel and not args.int8:
-        raise UsageError("--per-channel only applies with --int8")
-    check = output_check(args)
-    check_replaceable(args.out, **check)
-    kind = "adapter" if args.adapter_only else ("int8" if args.int8 else "merged")
-    info: dict[str, Any] = {"format": kind, "written_by": "flan-rlhf export", "dtype": "int8" if args.int8 else args.dtype,
+    if per_channel and format != "int8":
+        raise UsageError("--per_channel only applies with --format int8")
+    check = output_check(out, overwrite, [ckpt_path, adapter, base])
+    check_replaceable(out, **check)
+    info: dict[str, Any] = {"format": format, "written_by": "flan-rlhf export", "dtype": "int8" if format == "int8" else dtype,
                             "flan_rlhf_version": __version__, "torch_version": torch.__version__}
-    if args.ckpt:
-        checkpoint = read_checkpoint(args.ckpt, args.trust_checkpoint)
-        actor, tokenizer, spec = actor_from_checkpoint(checkpoint, args.base)
-        info["source"] = {"checkpoint": os.path.abspath(args.ckpt), "global_step": checkpoint.get("global_step"),
+    if ckpt_path:
+        source = checkpoint_file(ckpt_path)
+        checkpoint = read_checkpoint(source, trust_checkpoint)
+        actor, tokenizer, spec = actor_from_checkpoint(checkpoint, base)
+        info["source"] = {"checkpoint": os.path.abspath(source), "global_step": checkpoint.get("global_step"),
                           "epoch": checkpoint.get("epoch"), "policy": asdict(spec)}
         lora = policy_settings(checkpoint)[1]
         info["lora"] = asdict(lora) if lora is not None else None
         del checkpoint
-        if args.adapter_only:
+        if format == "adapter":
             if actor.uses_lora and spec.name_or_path is None:
                 raise UsageError(
                     "this policy's base was built from t5_config and exists only inside the checkpoint, so an adapter "
-                    "alone could never be loaded - export the merged model instead (drop --adapter-only)"
+                    "alone could never be loaded - export the merged model instead (drop --format adapter)"
                 )
-            write_adapter(actor, tokenizer, args.out, info, check)
-            return f"wrote {'LoRA adapter' if actor.uses_lora else 'full model'} + value head to {args.out} ({_folder_mb(args.out):.1f} MB)"
+            write_adapter(actor, tokenizer, out, info, check)
+            label = "LoRA adapter + value head" if actor.uses_lora else "full model + value head"
+            return _summary(label, source, out, started)
         from flan_rlhf.policy import merged_model
 
         model = merged_model(actor)
         del actor
     else:
-        model, tokenizer, base = merged_from_adapter(args.adapter, args.base)
-        info["source"] = {"adapter": os.path.abspath(args.adapter), "base": base}
-    model = prepare_for_inference(model, DTYPES[args.dtype])
-    if args.int8:
-        write_int8(model, tokenizer, args.out, info, check, per_channel=args.per_channel)
+        source = adapter
+        model, tokenizer, base = merged_from_adapter(adapter, base)
+        info["source"] = {"adapter": os.path.abspath(adapter), "base": base}
+    model = prepare_for_inference(model, DTYPES[dtype])
+    if format == "int8":
+        write_int8(model, tokenizer, out, info, check, per_channel=per_channel)
     else:
-        write_merged(model, tokenizer, args.out, info, check)
-    label = "int8 (dynamic quantisation)" if args.int8 else f"merged {args.dtype}"
-    return f"wrote {label} model to {args.out} ({_folder_mb(args.out):.1f} MB)"
+        write_merged(model, tokenizer, out, info, check)
+    return _summary("int8 (dynamic quantisation) model" if format == "int8" else f"merged {dtype} model", source, out, started)
+
+
+def _summary(label: str, source: str, out: str, started: float) -> str:
+    """``export: merged fp32 model from SOURCE in 1.2 s`` and ``  folder: OUT (4.2 MB)``."""
+    return (f"export: {label} from {source} in {seconds(time.perf_counter() - started)}\n"
+            f"  folder: {out} ({_folder_mb(out):.1f} MB)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``flan-rlhf export ...``; returns 0 on success, 2 on bad input (one line on stderr)."""
-    return run_tool(argv, build_parser, export)
+    return run_tool("export", argv, export, errors=(CheckpointError, OutputDirError))
 
 
 if __name__ == "__main__":

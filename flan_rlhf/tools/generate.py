@@ -1,63 +1,41 @@
 """``flan-rlhf generate``: responses for a file of prompts, from any export of a policy.
 
 ``--model`` is a plain Hugging Face folder or hub id (a merged export, a base model), or an
-int8 folder written by ``flan-rlhf export --int8``; ``--adapter DIR`` puts a LoRA adapter on
+int8 folder written by ``flan-rlhf export --format int8``; ``--adapter DIR`` puts a LoRA adapter on
 top of ``--model`` (unmerged: slower than a merged export; the README's inference figures say by how much).
 
 Prompts: ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line, the
-prompt under ``--field``, default ``prompt``); ``--template`` wraps each (e.g.
-``summarize_dialogue`` with ``--field dialogue`` for DialogSum-style rows). Output: JSONL rows
-``{"prompt", "response"}`` (plus the input row's ``id`` if it has one), in input order,
-written atomically.
+prompt under ``--prompt_column``, default ``prompt``); ``--template`` wraps each (e.g.
+``summarize_dialogue`` with ``--prompt_column dialogue`` for DialogSum-style rows). Output: JSONL
+rows ``{"prompt", "response"}`` (plus the input row's ``id`` if it has one), in input order,
+written atomically: the columns ``flan-rlhf score`` reads by default, so the two pipe::
+
+    flan-rlhf generate --model exports/merged --input prompts.txt --output responses.jsonl
+    flan-rlhf score --reward ProfanityReward --input responses.jsonl --output scored.jsonl
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import sys
-from typing import Any, Sequence
+import time
+from typing import Any, Literal, Sequence
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from flan_rlhf.io import TextFileError, atomic_file, file_format, read_utf8
-from flan_rlhf.tools.command import CommandParser, UsageError, run_tool
+from flan_rlhf.progress import RowProgress, seconds
 from flan_rlhf.rollout import fused_generate
 from flan_rlhf.settings import GenerationSettings
+from flan_rlhf.tools.command import UsageError, run_tool
 
 DTYPE_CHOICES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="flan-rlhf generate", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF model folder or hub id, or an int8 export folder")
-    parser.add_argument("--adapter", help="LoRA adapter folder to apply on --model (unmerged)")
-    parser.add_argument("--tokenizer", help="tokenizer folder/hub id or 'byt5' (default: the adapter's, else the model's)")
-    parser.add_argument("--input", required=True, help="prompts: .txt (one per line) or .jsonl")
-    parser.add_argument("--output", required=True, help="output .jsonl of {prompt, response}")
-    parser.add_argument("--field", default="prompt", help="JSONL key holding the prompt text (default: prompt)")
-    parser.add_argument("--template", default="raw", help="prompt template: raw, summarize_dialogue, continue_text, or a string with {text}")
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-prompt-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 disables nucleus sampling")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), default="auto", help="float models: cast to this dtype (auto: as saved)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
-    parser.add_argument("--hf-generate", action="store_true",
-                        help="decode with transformers' generate instead of the fused T5 decoder (same tokens, slower)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (runs with your rights)")
-    return parser
-
-
 # ----------------------------------------------------------------------------- prompts
-def read_prompts(path: str, field: str = "prompt", template: str = "raw") -> list[dict[str, Any]]:
+def read_prompts(path: str, prompt_column: str = "prompt", template: str = "raw") -> list[dict[str, Any]]:
     """Rows ``{"prompt": templated text, "id"?: ...}`` from a ``.txt`` or ``.jsonl`` file, in file order."""
     from flan_rlhf.data.templates import resolve_template
 
@@ -72,7 +50,7 @@ def read_prompts(path: str, field: str = "prompt", template: str = "raw") -> lis
     except TextFileError as err:
         raise ValueError(f"--input '{path}' is not UTF-8 text (it holds byte {err.byte:#04x}) - "
                          "pass a .txt (one prompt per line) or .jsonl file saved as UTF-8") from None
-    rows = _read_prompt_rows(path, text, kind, field, template)
+    rows = _read_prompt_rows(path, text, kind, prompt_column, template)
     if not rows:
         raise ValueError(f"--input '{path}' holds no prompts")
     return rows
@@ -94,7 +72,7 @@ def _read_prompt_rows(path: str, text: str, kind: str, field: str, template) -> 
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}) - write one JSON object per line") from err
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise ValueError(f"{path}:{line_no} has no string '{field}' - pass --field with the key holding the prompt")
+            raise ValueError(f"{path}:{line_no} has no string '{field}' - pass --prompt_column with the key holding the prompt")
         row = {"prompt": apply_template(template, record[field])}
         if "id" in record:
             row["id"] = record["id"]
@@ -116,7 +94,7 @@ def load_generation_model(model: str, adapter: str | None = None, tokenizer: str
     if os.path.isdir(model) and os.path.isfile(os.path.join(model, "adapter_config.json")):
         raise UsageError(f"--model '{model}' is a LoRA adapter folder - pass its base as --model and this folder as --adapter")
     if adapter is not None and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise FileNotFoundError(f"--adapter '{adapter}' has no adapter_config.json - pass a folder written by `flan-rlhf export --adapter-only`")
+        raise FileNotFoundError(f"--adapter '{adapter}' has no adapter_config.json - pass a folder written by `flan-rlhf export --format adapter`")
     if tokenizer is None:
         has_own = adapter is not None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
         tokenizer = adapter if has_own else model
@@ -144,7 +122,8 @@ def load_generation_model(model: str, adapter: str | None = None, tokenizer: str
 # ----------------------------------------------------------------------------- generation
 @torch.inference_mode()
 def generate_ids(model, tokenizer, prompts: Sequence[str], generation: GenerationSettings, batch_size: int = 16,
-                 max_prompt_tokens: int = 512, fused: bool = True) -> list[list[int]]:
+                 max_prompt_tokens: int = 512, fused: bool = True,
+                 progress: RowProgress | None = None) -> list[list[int]]:
     """Response token ids for each prompt, in input order.
 
     Args:
@@ -156,6 +135,7 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], generation: Generatio
         fused: T5-family float models decode through the package's fused decoder
             (:func:`flan_rlhf.rollout.fused_generate`: the same tokens as ``generate``, LoRA folded
             into the weights once per batch); ``False`` or any other model: ``model.generate``.
+        progress: advanced by the number of prompts of each batch.
 
     Prompts are batched in order of token length (less padding) and put back in input order.
     Each response runs up to and including its first EOS (the decoder start token and the
@@ -188,6 +168,8 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], generation: Generatio
             responses = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, 1:]  # no start token
         for row, index in zip(responses.tolist(), batch):
             results[index] = row[: row.index(eos_id) + 1] if eos_id in row else row
+        if progress is not None:
+            progress.update(len(batch))
     return results
 
 
@@ -201,35 +183,71 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: str, overwrite: bool = Fal
     if os.path.isdir(path):
         raise IsADirectoryError(f"--output '{path}' is a folder - pass a .jsonl file path")
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"--output '{path}' already exists - pass --overwrite to replace it")
+        raise FileExistsError(f"--output '{path}' already exists - pass --overwrite true to replace it")
     with atomic_file(path) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def run(args: argparse.Namespace) -> str:
-    """Run ``generate`` for parsed ``args``; returns the one-line summary."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"--output '{args.output}' already exists - pass --overwrite to replace it")
-    rows = read_prompts(args.input, args.field, args.template)
-    model, tokenizer, kind = load_generation_model(args.model, args.adapter, args.tokenizer,
-                                                   DTYPE_CHOICES[args.dtype], args.trust_remote_code)
-    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    torch.manual_seed(args.seed)
-    ids = generate_ids(model, tokenizer, [row["prompt"] for row in rows], generation, batch_size=args.batch_size,
-                       max_prompt_tokens=args.max_prompt_tokens, fused=not args.hf_generate)
+def generate(model: str, input: str, output: str, adapter: str | None = None, tokenizer: str | None = None,
+             prompt_column: str = "prompt", template: str = "raw", greedy: bool = False,
+             max_new_tokens: PositiveInt = 64, batch_size: PositiveInt = 16, max_prompt_tokens: PositiveInt = 512,
+             temperature: PositiveFloat = 1.0, top_k: NonNegativeInt = 0, top_p: PositiveFloat = 1.0, seed: int = 0,
+             dtype: Literal["auto", "fp32", "bf16"] = "auto", threads: PositiveInt | None = None,
+             hf_generate: bool = False, overwrite: bool = False, trust_remote_code: bool = False) -> str:
+    """Responses for a file of prompts from an export, a base model or an adapter.
+
+    Args:
+        model: a Hugging Face model folder or hub id (a merged export, a base model), or an int8
+            export folder.
+        input: the prompts: .txt (one per non-empty line) or .jsonl (one object per line).
+        output: the .jsonl file to write, one ``{"prompt", "response"}`` row per prompt (plus the
+            input's ``id``), in input order.
+        adapter: a LoRA adapter folder to apply on ``model`` (unmerged).
+        tokenizer: a tokenizer folder or hub id, or ``byt5``; default: the adapter's, else the model's.
+        prompt_column: the .jsonl key holding each prompt.
+        template: the prompt template: raw, summarize_dialogue, continue_text, or a string with {text}.
+        greedy: greedy decoding instead of sampling.
+        max_new_tokens: the longest response, in tokens.
+        batch_size: prompts per decoding call.
+        max_prompt_tokens: prompts are truncated to this many tokens.
+        temperature: the sampling temperature.
+        top_k: sample from the k most likely tokens; 0 turns top-k off.
+        top_p: nucleus sampling mass; 1.0 turns it off.
+        seed: the sampling seed.
+        dtype: cast a float model to this dtype (auto: as saved).
+        threads: torch.set_num_threads (default: torch's choice).
+        hf_generate: decode with transformers' generate instead of the fused T5 decoder (the
+            same tokens, slower).
+        overwrite: replace ``output`` if it exists.
+        trust_remote_code: allow model code from the hub (it runs with your rights).
+
+    Returns:
+        the closing summary: how many responses, from what, and where.
+    """
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"--output '{output}' already exists - pass --overwrite true to replace it")
+    rows = read_prompts(input, prompt_column, template)
+    net, tok, kind = load_generation_model(model, adapter, tokenizer, DTYPE_CHOICES[dtype], trust_remote_code)
+    generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy,
+                                    temperature=temperature, top_k=top_k, top_p=top_p)
+    torch.manual_seed(seed)
+    with RowProgress(len(rows), "generate") as progress:
+        ids = generate_ids(net, tok, [row["prompt"] for row in rows], generation, batch_size=batch_size,
+                           max_prompt_tokens=max_prompt_tokens, fused=not hf_generate, progress=progress)
     out_rows = [{**({"id": row["id"]} if "id" in row else {}), "prompt": row["prompt"], "response": text}
-                for row, text in zip(rows, decode(tokenizer, ids))]
-    write_jsonl(out_rows, args.output, args.overwrite)
-    return f"wrote {len(out_rows)} responses ({kind} model, {'greedy' if args.greedy else 'sampled'}) to {args.output}"
+                for row, text in zip(rows, decode(tok, ids))]
+    write_jsonl(out_rows, output, overwrite)
+    return (f"generate: {len(out_rows)} responses ({kind} model, {'greedy' if greedy else 'sampled'}) "
+            f"in {seconds(time.perf_counter() - started)}\n  rows: {len(out_rows)} in {output}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``flan-rlhf generate ...``; returns 0 on success, 2 on bad input (one line on stderr)."""
-    return run_tool(argv, build_parser, run)
+    return run_tool("generate", argv, generate)
 
 
 if __name__ == "__main__":

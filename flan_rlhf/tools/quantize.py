@@ -175,12 +175,12 @@ def save_int8(quantized: nn.Module, folder: str, tokenizer=None, info: dict[str,
 def _read_marker(folder: str) -> dict[str, Any]:
     marker_path = os.path.join(folder, INT8_MARKER)
     if not os.path.isfile(marker_path):
-        raise FileNotFoundError(f"'{folder}' is not an int8 export (no {INT8_MARKER}) - write one with `flan-rlhf export --int8`")
+        raise FileNotFoundError(f"'{folder}' is not an int8 export (no {INT8_MARKER}) - write one with `flan-rlhf export --format int8`")
     with open(marker_path, encoding="utf-8") as handle:
         try:
             marker = json.load(handle)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{marker_path} is not valid JSON ({err}) - re-run `flan-rlhf export --int8`") from err
+            raise ValueError(f"{marker_path} is not valid JSON ({err}) - re-run `flan-rlhf export --format int8`") from err
     if marker.get("format") != INT8_FORMAT or marker.get("version") != INT8_FORMAT_VERSION:
         raise ValueError(
             f"{marker_path} holds format {marker.get('format')!r} v{marker.get('version')}, this flan-rlhf reads "
@@ -220,7 +220,7 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_int8(folder: str) -> nn.Module:
-    """Load an int8 export written by :func:`save_int8` (``flan-rlhf export --int8``).
+    """Load an int8 export written by :func:`save_int8` (``flan-rlhf export --format int8``).
 
     Returns:
         The quantised HF encoder-decoder in eval mode, ready for ``generate``.
@@ -235,7 +235,7 @@ def load_int8(folder: str) -> nn.Module:
     marker = _read_marker(folder)
     weights_path = os.path.join(folder, marker.get("weights", INT8_WEIGHTS))
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"int8 export '{folder}' has no {os.path.basename(weights_path)} - re-run `flan-rlhf export --int8`")
+        raise FileNotFoundError(f"int8 export '{folder}' has no {os.path.basename(weights_path)} - re-run `flan-rlhf export --format int8`")
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):  # the structure only; every tensor is filled from the file below
         model = AutoModelForSeq2SeqLM.from_config(config)
@@ -259,7 +259,7 @@ def load_int8(folder: str) -> nn.Module:
         _set_tensor(model, alias, tensors[source])
     left_on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left_on_meta:
-        raise ValueError(f"int8 export '{folder}' lacks {len(left_on_meta)} tensors (e.g. {left_on_meta[:2]}) - re-run `flan-rlhf export --int8`")
+        raise ValueError(f"int8 export '{folder}' lacks {len(left_on_meta)} tensors (e.g. {left_on_meta[:2]}) - re-run `flan-rlhf export --format int8`")
     if os.path.isfile(os.path.join(folder, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()

@@ -2,17 +2,20 @@
 
 For auditing a dataset or another system's outputs::
 
-    flan-rlhf score --reward ProfanityReward --input texts.csv --text-column response --output scored.jsonl
+    flan-rlhf score --reward ProfanityReward --input responses.jsonl --output scored.jsonl
     flan-rlhf score --reward configs/rewards/composite_nontoxic_positive.yaml --input outputs.parquet ...
-    flan-rlhf score --reward ClassifierReward --reward.label nothate --input texts.jsonl ...
+    flan-rlhf score --reward ClassifierReward --reward.label nothate --input texts.csv --text_column text ...
+
+The defaults read what ``flan-rlhf generate`` writes: texts from ``response``, prompts from
+``prompt`` when the file has that column.
 
 Input (by suffix): ``.jsonl``, ``.json`` (a list of records, or JSON lines), ``.csv``
 (quoted newlines inside fields are fine), ``.parquet``. Output: JSON lines, each the input
 row plus one column per reward component plus ``reward``. Rows whose text is missing or blank
-are not scored; the final line says how many were scored and how many skipped, and why.
+are not scored; the closing summary says how many were scored and how many skipped, and why.
 
 A score that is NaN or infinite (a reward that failed on a text) is written as ``null``, counted
-on the final line, and makes the exit status 2 unless ``--allow-nonfinite`` is given. Bad input
+in the summary, and makes the exit status 2 unless ``--allow_nonfinite true`` is given. Bad input
 (a missing, binary or unparseable file, a reward that cannot load) is one ``error:`` line, exit 2.
 """
 from __future__ import annotations
@@ -20,48 +23,24 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from jsonargparse import ArgumentParser
-from tqdm import tqdm
+from jsonargparse.typing import PositiveInt
 
 import flan_rlhf.rewards  # noqa: F401 - registers every Reward subclass for --reward NAME
 from flan_rlhf.errors import first_line
+from flan_rlhf.progress import RowProgress, seconds
 from flan_rlhf.io import TextFileError, atomic_file, file_format, refuse_binary, suffix_choices, table_format
 from flan_rlhf.rewards.base import Reward, RewardSetupError, set_up_reward
 from flan_rlhf.rewards.text_batches import batched
+from flan_rlhf.tools.command import FinishedWithProblem, UsageError, run_tool
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # formats of flan_rlhf.io.FORMATS this reads
 REWARD_COLUMN = "reward"
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="flan-rlhf score", description="Score the texts of a file with a reward.")
-    parser.add_argument(
-        "--reward",
-        type=Reward,
-        required=True,
-        sub_configs=True,  # lets --reward take a YAML file path (jsonargparse >= 4.49)
-        help="a Reward class name with its options (--reward ProfanityReward --reward.name x), "
-        "or a YAML file with class_path/init_args",
-    )
-    parser.add_argument("--input", type=str, required=True, help="file: .jsonl, .json, .csv or .parquet")
-    parser.add_argument("--text-column", type=str, default="text", help="column holding the texts to score")
-    parser.add_argument(
-        "--prompt-column",
-        type=str | None,
-        default=None,
-        help="optional column of prompts, passed to the reward (used by rewards with score_prompt)",
-    )
-    parser.add_argument("--output", type=str, required=True, help="JSON lines file to write")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per reward call")
-    parser.add_argument("--device", type=str, default="cpu", help="device for model rewards, e.g. cuda:0")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--allow-nonfinite", action="store_true",
-                        help="exit 0 even when some scores are NaN/inf (they are written as null either way)")
-    return parser
+TEXT_COLUMN, PROMPT_COLUMN = "response", "prompt"  # what flan-rlhf generate writes
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -144,19 +123,22 @@ def score_rows(
     texts: list[str],
     prompts: list[str],
     batch_size: int,
-    progress: bool = True,
+    progress: RowProgress | None = None,
 ) -> tuple[list[float], dict[str, list[float]]]:
-    """Score ``texts`` in batches; returns ``(reward per text, {component: per text})``."""
+    """Score ``texts`` in batches; returns ``(reward per text, {component: per text})``.
+
+    ``progress`` is advanced by the number of texts of each batch.
+    """
     totals: list[float] = []
     parts: dict[str, list[float]] = {}
     index = list(range(len(texts)))
-    with tqdm(total=len(texts), desc="scoring", unit="text", disable=not progress or not sys.stderr.isatty(), file=sys.stderr) as bar:
-        for chunk in batched(index, batch_size):
-            total, components = reward.score([prompts[i] for i in chunk], [texts[i] for i in chunk])
-            totals.extend(total.tolist())
-            for name, values in components.items():
-                parts.setdefault(name, []).extend(values.tolist())
-            bar.update(len(chunk))
+    for chunk in batched(index, batch_size):
+        total, components = reward.score([prompts[i] for i in chunk], [texts[i] for i in chunk])
+        totals.extend(total.tolist())
+        for name, values in components.items():
+            parts.setdefault(name, []).extend(values.tolist())
+        if progress is not None:
+            progress.update(len(chunk))
     return totals, parts
 
 
@@ -166,58 +148,68 @@ def nonfinite_rows(totals: list[float], components: dict[str, list[float]]) -> l
     return [i for i in range(len(totals)) if not all(math.isfinite(column[i]) for column in columns)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``flan-rlhf score``; returns 0 on success, 2 on bad input or non-finite scores (one line on stderr)."""
-    try:
-        return _score(argv)
-    except (OSError, ValueError, RewardSetupError) as err:  # RewardOutputError is a ValueError
-        print(f"error: {first_line(err)}", file=sys.stderr, flush=True)
-        return 2
+def score(input: str, output: str, reward: Reward, text_column: str = TEXT_COLUMN, prompt_column: str | None = None,
+          batch_size: PositiveInt = 64, device: str = "cpu", overwrite: bool = False,
+          allow_nonfinite: bool = False) -> str:
+    """Score the texts of a file with a reward; one output row per scored input row.
 
+    Args:
+        input: the file to read: .jsonl, .json, .csv or .parquet.
+        output: the JSON lines file to write: each scored input row plus one column per reward
+            component and ``reward``.
+        reward: a Reward class name with its options (``--reward ProfanityReward --reward.name x``),
+            or a YAML file with class_path/init_args (configs/rewards/).
+        text_column: the column holding the texts to score.
+        prompt_column: the column of prompts passed to the reward (rewards with score_prompt use
+            them); default: ``prompt`` when the file has that column, else none.
+        batch_size: texts per reward call.
+        device: where model rewards run, e.g. cuda:0.
+        overwrite: replace ``output`` if it exists.
+        allow_nonfinite: exit 0 even when some scores are NaN/inf (they are written as null either way).
 
-def _score(argv: list[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        parser.error(f"output {output} exists: pass --overwrite to replace it or choose another --output")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    table = read_table(args.input)
-    for option, column in (("--text-column", args.text_column), ("--prompt-column", args.prompt_column)):
-        if column is not None and column not in table.columns:
-            parser.error(
-                f"{option} {column!r} is not a column of {args.input}; columns: {list(table.columns)}"
-            )
-
-    reward: Reward = parser.instantiate(args).reward
-    set_up_reward(reward, torch.device(args.device))
+    Returns:
+        the closing summary: what was scored and skipped, and where the rows are.
+    """
+    started = time.perf_counter()
+    target = Path(output)
+    if target.is_dir():
+        raise UsageError(f"--output {target} is a folder: pass a .jsonl file path")
+    if target.exists() and not overwrite:
+        raise UsageError(f"--output {target} exists: pass --overwrite true to replace it or choose another --output")
+    table = read_table(input)
+    if text_column not in table.columns:
+        raise UsageError(f"--text_column {text_column!r} is not a column of {input}; its columns: {list(table.columns)} - "
+                         "pass --text_column with the one holding the texts")
+    if prompt_column is None:
+        prompt_column = PROMPT_COLUMN if PROMPT_COLUMN in table.columns else None
+    elif prompt_column not in table.columns:
+        raise UsageError(f"--prompt_column {prompt_column!r} is not a column of {input}; its columns: {list(table.columns)}")
+    set_up_reward(reward, torch.device(device))
 
     kept_rows: list[int] = []
     texts: list[str] = []
     skipped: dict[str, int] = {}
-    for row_number, value in enumerate(table[args.text_column].tolist()):
+    for row_number, value in enumerate(table[text_column].tolist()):
         text, reason = classify_text(value)
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
         kept_rows.append(row_number)
         texts.append(text)
-    if args.prompt_column is None:
+    if prompt_column is None:
         prompts = [""] * len(texts)
     else:
-        prompt_values = table[args.prompt_column].tolist()
+        prompt_values = table[prompt_column].tolist()
         prompts = [classify_text(prompt_values[row])[0] or "" for row in kept_rows]
 
-    totals, components = score_rows(reward, texts, prompts, args.batch_size, progress=True)
+    with RowProgress(len(texts), "score") as progress:
+        totals, components = score_rows(reward, texts, prompts, batch_size, progress)
     clashes = [name for name in [*components, REWARD_COLUMN] if name in table.columns]
     if clashes:
-        parser.error(
-            f"input already has column(s) {clashes} that the scores would overwrite: rename them first"
-        )
+        raise UsageError(f"input already has column(s) {clashes} that the scores would overwrite: rename them first")
 
     records = table.iloc[kept_rows].to_dict(orient="records")
-    with atomic_file(output) as handle:  # no half-written output on a crash
+    with atomic_file(target) as handle:  # no half-written output on a crash
         for position, record in enumerate(records):
             row = {key: _json_value(value) for key, value in record.items()}
             for name, values in components.items():
@@ -227,17 +219,22 @@ def _score(argv: list[str] | None) -> int:
 
     skipped_total = sum(skipped.values())
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
-    why = f" ({reasons} text in '{args.text_column}')" if skipped_total else ""
+    why = f" ({reasons} text in '{text_column}')" if skipped_total else ""
     bad = nonfinite_rows(totals, components)
     nonfinite = f", {len(bad)} not finite (NaN/inf, written as null)" if bad else ""
-    print(f"scored {len(texts)} rows, skipped {skipped_total}{why}{nonfinite}; wrote {output}")
-    if bad and not args.allow_nonfinite:
+    summary = (f"score: {len(texts)} rows scored with '{reward.name}', {skipped_total} skipped{why}{nonfinite} "
+               f"in {seconds(time.perf_counter() - started)}\n  rows: {len(texts)} in {target}")
+    if bad and not allow_nonfinite:
         rows = ", ".join(str(kept_rows[i]) for i in bad[:5])
-        print(f"error: reward '{reward.name}' gave NaN/inf for {len(bad)} of {len(texts)} texts (input rows {rows}"
-              f"{', ...' if len(bad) > 5 else ''}; 0-based) - fix the reward, or pass --allow-nonfinite to accept them",
-              file=sys.stderr, flush=True)
-        return 2
-    return 0
+        raise FinishedWithProblem(summary, f"reward '{reward.name}' gave NaN/inf for {len(bad)} of {len(texts)} texts "
+                                           f"(input rows {rows}{', ...' if len(bad) > 5 else ''}; 0-based) - fix the "
+                                           "reward, or pass --allow_nonfinite true to accept them")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``flan-rlhf score ...``; returns 0 on success, 2 on bad input or non-finite scores (one line on stderr)."""
+    return run_tool("score", argv, score, errors=(RewardSetupError,))
 
 
 if __name__ == "__main__":

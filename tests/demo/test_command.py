@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from flan_rlhf.output_dirs import MANIFEST
 from tests.conftest import error_lines, run_command
 
-TINY = ["--sft-steps", "2", "--ppo-steps", "1", "--n-train", "64", "--n-test", "8"]
+TINY = ["--sft_steps", "2", "--ppo_steps", "1", "--n_train", "64", "--n_test", "8"]
 
 
 def test_demo_runs_reruns_and_refuses_a_folder_it_did_not_write(tmp_path):
     root, out = tmp_path / "artifacts", tmp_path / "reports"
     argv = ["demo", "--root", str(root), "--out", str(out), *TINY]
+    first, second = tmp_path / "demo_1.yaml", tmp_path / "demo_2.yaml"  # two composed configs, then a flag
+    first.write_text(yaml.safe_dump({"root": str(root), "out": str(out), "sft_steps": 2, "ppo_steps": 3, "n_test": 16}))
+    second.write_text(yaml.safe_dump({"ppo_steps": 1, "n_train": 64}))
 
-    code, stdout, err = run_command(*argv)
+    code, stdout, err = run_command("demo", "--config", str(first), "--config", str(second), "--n_test", "8")
     assert code == 0, err[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_test"] == 8 and metrics["ppo_steps"] == 1 and (out / "report.md").is_file()
+    summary = stdout.strip().splitlines()[-7:]  # the closing summary names every output
+    assert summary[0].startswith("demo: n_test=8 ppo_steps=1 wall_s=")
+    assert summary[1:4] == [f"  report: {out / 'report.md'}", f"  metrics: {out / 'metrics.json'}",
+                            f"  adapter: {root / 'ppo_adapter'}"]
+    assert summary[5] == f"  checkpoints: {root / 'ppo_checkpoints'} (newest: {root / 'ppo_checkpoints' / 'last.ckpt'})"
+    assert summary[6].startswith("  logs: ") and "demo_ppo_seed0" in summary[6]
     first_adapter = json.loads((root / "ppo_adapter" / MANIFEST).read_text())
 
     code, stdout, err = run_command(*argv)  # the SFT cache is reused, the demo's own adapter replaced
@@ -28,9 +39,9 @@ def test_demo_runs_reruns_and_refuses_a_folder_it_did_not_write(tmp_path):
     (root / "ppo_adapter" / MANIFEST).unlink()  # as an older flan-rlhf (no manifest) left it
     before = {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()}
     code, _, err = run_command(*argv)
-    assert code == 2 and len(error_lines(err)) == 1 and "--rebuild" in error_lines(err)[0], err[-3000:]
+    assert code == 2 and len(error_lines(err)) == 1 and "--rebuild true" in error_lines(err)[0], err[-3000:]
     assert {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()} == before
 
-    code, _, err = run_command(*argv, "--rebuild")
+    code, _, err = run_command(*argv, "--rebuild", "true")
     assert code == 0, err[-3000:]
     assert (root / "ppo_adapter" / MANIFEST).is_file()

@@ -85,7 +85,7 @@ def trained(base_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def merged_dir(trained, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("exports") / "merged")
-    assert export_cli.main(["--ckpt", trained["ckpt"], "--out", out]) == 0
+    assert export_cli.main(["--ckpt_path", trained["ckpt"], "--out", out]) == 0
     return out
 
 
@@ -173,7 +173,7 @@ def test_int8_export_loads_with_load_int8_only_and_generates(trained, merged_dir
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     out = str(tmp_path / "int8")
-    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", out, "--int8"], capsys)
+    code, err = _run(export_cli.main, ["--ckpt_path", trained["ckpt"], "--out", out, "--format", "int8"], capsys)
     assert code == 0, err
     assert is_int8_folder(out) and not os.path.exists(os.path.join(out, "model.safetensors"))
     with pytest.raises(OSError):
@@ -202,23 +202,23 @@ def test_overwrite_replaces_only_an_earlier_export(trained, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    for extra in ([], ["--overwrite"]):
-        code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(out), *extra], capsys)
+    for extra in ([], ["--overwrite", "true"]):
+        code, err = _run(export_cli.main, ["--ckpt_path", trained["ckpt"], "--out", str(out), *extra], capsys)
         assert code == 2 and len(err) == 1 and "did not write" in err[0] and "keep.txt" in err[0]
         assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
     earlier = tmp_path / "earlier"
-    assert _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(earlier)], capsys)[0] == 0
-    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(earlier)], capsys)
+    assert _run(export_cli.main, ["--ckpt_path", trained["ckpt"], "--out", str(earlier)], capsys)[0] == 0
+    code, err = _run(export_cli.main, ["--ckpt_path", trained["ckpt"], "--out", str(earlier)], capsys)
     assert code == 2 and len(err) == 1 and "pass --overwrite" in err[0]
     (earlier / "model.safetensors").write_bytes(b"stale")
-    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(earlier), "--overwrite"], capsys)
+    code, err = _run(export_cli.main, ["--ckpt_path", trained["ckpt"], "--out", str(earlier), "--overwrite", "true"], capsys)
     assert code == 0, err
     assert (earlier / "model.safetensors").read_bytes() != b"stale"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folder left behind
 
     (earlier / "notes.md").write_text("my notes")
-    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(earlier), "--overwrite"], capsys)
+    code, err = _run(export_cli.main, ["--ckpt_path", trained["ckpt"], "--out", str(earlier), "--overwrite", "true"], capsys)
     assert code == 2 and len(err) == 1 and "notes.md" in err[0]
     assert (earlier / "notes.md").read_text() == "my notes"
 
@@ -241,16 +241,16 @@ def test_bad_inputs_give_one_clear_line(trained, adapter_dir, merged_dir, tmp_pa
     bad_jsonl = tmp_path / "p.jsonl"
     bad_jsonl.write_text('{"question": "hello"}\n')
     cases = [
-        (export_cli.main, ["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o1")], "does not exist"),
-        (export_cli.main, ["--ckpt", str(truncated), "--out", str(tmp_path / "o2")], "complete .ckpt"),
-        (export_cli.main, ["--ckpt", str(with_gadget), "--out", str(tmp_path / "o3")], "--trust-checkpoint"),
+        (export_cli.main, ["--ckpt_path", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o1")], "does not exist"),
+        (export_cli.main, ["--ckpt_path", str(truncated), "--out", str(tmp_path / "o2")], "complete .ckpt"),
+        (export_cli.main, ["--ckpt_path", str(with_gadget), "--out", str(tmp_path / "o3")], "--trust_checkpoint true"),
         (export_cli.main, ["--adapter", merged_dir, "--out", str(tmp_path / "o4")], "no adapter_config.json"),
-        (export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(tmp_path / "o5"), "--int8", "--dtype", "bf16"], "--dtype"),
-        (export_cli.main, ["--out", str(tmp_path / "o6")], "--ckpt"),
+        (export_cli.main, ["--ckpt_path", trained["ckpt"], "--out", str(tmp_path / "o5"), "--format", "int8", "--dtype", "bf16"], "--dtype"),
+        (export_cli.main, ["--out", str(tmp_path / "o6")], "--ckpt_path"),
         (generate_cli.main, ["--model", merged_dir, "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "g.jsonl")], "does not exist"),
         (generate_cli.main, ["--model", adapter_dir, "--input", str(prompts), "--output", str(tmp_path / "g.jsonl")], "--adapter"),
         (generate_cli.main, ["--model", merged_dir, "--input", str(csv), "--output", str(tmp_path / "g.jsonl")], ".txt"),
-        (generate_cli.main, ["--model", merged_dir, "--input", str(bad_jsonl), "--output", str(tmp_path / "g.jsonl")], "--field"),
+        (generate_cli.main, ["--model", merged_dir, "--input", str(bad_jsonl), "--output", str(tmp_path / "g.jsonl")], "--prompt_column"),
     ]
     for main, argv, needle in cases:
         code, err = _run(main, argv, capsys)
@@ -272,12 +272,12 @@ def test_checkpoint_of_config_built_policy_exports_its_own_base_weights(tmp_path
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "c.ckpt")
-    code, err = _run(export_cli.main, ["--ckpt", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "m")], capsys)
+    code, err = _run(export_cli.main, ["--ckpt_path", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "m")], capsys)
     assert code == 0, err
     exported = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "m"))
     torch.testing.assert_close(exported.shared.weight, module.actor.base_model.shared.weight, rtol=0, atol=0)
-    code, err = _run(export_cli.main, ["--ckpt", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "a"), "--adapter-only"], capsys)
-    assert code == 2 and "drop --adapter-only" in err[0] and not (tmp_path / "a").exists()
+    code, err = _run(export_cli.main, ["--ckpt_path", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "a"), "--format", "adapter"], capsys)
+    assert code == 2 and "drop --format adapter" in err[0] and not (tmp_path / "a").exists()
 
 
 # ----------------------------------------------------------------------------- generate
@@ -285,7 +285,7 @@ def test_generate_cli_round_trip_for_merged_adapter_and_int8(trained, merged_dir
     prompts_path = tmp_path / "prompts.jsonl"
     prompts_path.write_text("".join(json.dumps({"id": f"r{i}", "text": p}) + "\n" for i, p in enumerate(PROMPTS)))
     expected = decode(trained["tokenizer"], trained["policy_ids"])
-    common = ["--input", str(prompts_path), "--field", "text", "--greedy", "--max-new-tokens", "12", "--batch-size", "3"]
+    common = ["--input", str(prompts_path), "--prompt_column", "text", "--greedy", "true", "--max_new_tokens", "12", "--batch_size", "3"]
 
     outputs = {}
     for name, model_args in {"merged": ["--model", merged_dir], "adapter": ["--model", base_dir, "--adapter", adapter_dir]}.items():
@@ -299,7 +299,7 @@ def test_generate_cli_round_trip_for_merged_adapter_and_int8(trained, merged_dir
         assert [r["response"] for r in rows] == expected
 
     int8_dir = str(tmp_path / "int8")
-    assert export_cli.main(["--adapter", adapter_dir, "--out", int8_dir, "--int8"]) == 0
+    assert export_cli.main(["--adapter", adapter_dir, "--out", int8_dir, "--format", "int8"]) == 0
     out = tmp_path / "int8.jsonl"
     code, err = _run(generate_cli.main, ["--model", int8_dir] + common + ["--output", str(out)], capsys)
     assert code == 0, err
@@ -317,7 +317,7 @@ def test_a_base_of_another_size_is_one_line_naming_the_tensor(trained, tmp_path,
     build_t5_from_config(vocab_size=len(tokenizer), seed=0, **{**TINY_T5, "d_model": 2 * TINY_T5["d_model"]}).save_pretrained(other)
     tokenizer.save_pretrained(other)
     capsys.readouterr()  # drop the progress bars of the save above
-    code, err = _run(export_cli.main, ["--ckpt", trained["ckpt"], "--out", str(tmp_path / "out"), "--base", str(other)], capsys)
+    code, err = _run(export_cli.main, ["--ckpt_path", trained["ckpt"], "--out", str(tmp_path / "out"), "--base", str(other)], capsys)
     assert code == 2 and len(err) == 1, err
     assert "do not fit the policy" in err[0] and "in the checkpoint but" in err[0] and "--base" in err[0]
     assert not (tmp_path / "out").exists()

@@ -12,7 +12,8 @@ from tests.rewards_helpers import save_classifier
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from flan_rlhf.rewards import CompositeReward, Reward
-from flan_rlhf.tools.score import build_parser, main
+from flan_rlhf.tools.command import tool_parser
+from flan_rlhf.tools.score import main, score
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,8 @@ def test_messy_csv_gives_one_row_per_text_and_reports_skips(tmp_path, capsys):
     source = tmp_path / "messy.csv"
     source.write_text(MESSY_CSV, encoding="utf-8")
     output = tmp_path / "out" / "scored.jsonl"
-    assert main(["--reward", "ProfanityReward", "--input", str(source), "--output", str(output), "--batch-size", "2"]) == 0
+    assert main(["--reward", "ProfanityReward", "--input", str(source), "--output", str(output), "--batch_size", "2",
+                 "--text_column", "text"]) == 0
 
     rows = read_jsonl(output)
     texts = ["Thank you so much,\nmy dear friend!", "Привет, друг! Ты молодец 😊", 'You are a stupid idiot.\nShut up, "genius".']
@@ -51,8 +53,9 @@ def test_messy_csv_gives_one_row_per_text_and_reports_skips(tmp_path, capsys):
         assert row["non_profanity"] == pytest.approx(value, abs=1e-6) and row["reward"] == row["non_profanity"]
     assert rows[2]["reward"] < 0.5 < rows[0]["reward"]
 
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line.startswith("scored 3 rows, skipped 3 (3 empty text in 'text')")
+    summary = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert summary[0].startswith("score: 3 rows scored with 'non_profanity', 3 skipped (3 empty text in 'text') in ")
+    assert summary[1] == f"  rows: 3 in {output}"
 
 
 def test_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
@@ -60,11 +63,14 @@ def test_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
     source.write_text(json.dumps({"text": "hello there"}) + "\n")
     output = tmp_path / "out.jsonl"
     output.write_text("keep me\n")
-    with pytest.raises(SystemExit) as caught:
-        main(["--reward", "VaderReward", "--input", str(source), "--output", str(output)])
-    assert caught.value.code != 0 and "--overwrite" in capsys.readouterr().err
+    argv = ["--reward", "VaderReward", "--input", str(source), "--output", str(output), "--text_column", "text"]
+    assert main(argv) == 2
+    assert "pass --overwrite true to replace it" in capsys.readouterr().err
     assert output.read_text() == "keep me\n"
-    assert main(["--reward", "VaderReward", "--input", str(source), "--output", str(output), "--overwrite"]) == 0
+    assert main([*argv, "--overwrite"]) == 2  # a boolean takes a value
+    assert "booleans take a value (--flag true)" in capsys.readouterr().err
+    assert output.read_text() == "keep me\n"
+    assert main([*argv, "--overwrite", "true"]) == 0
     assert read_jsonl(output)[0]["positivity"] == pytest.approx(0.0)  # "hello there" is neutral for VADER
 
 
@@ -80,10 +86,10 @@ def test_reads_jsonl_json_and_parquet_with_a_yaml_reward(tmp_path, suffix, capsy
         frame.to_parquet(source)
     output = tmp_path / "out.jsonl"
     config = REPO / "configs" / "rewards" / "composite_offline.yaml"
-    argv = ["--reward", str(config), "--input", str(source), "--text-column", "response", "--output", str(output)]
+    argv = ["--reward", str(config), "--input", str(source), "--output", str(output)]  # reads 'response' by default
     assert main(argv) == 0
 
-    assert "scored 2 rows, skipped 1 (1 missing text in 'response')" in capsys.readouterr().out
+    assert "score: 2 rows scored with 'composite', 1 skipped (1 missing text in 'response')" in capsys.readouterr().out
     rows = read_jsonl(output)
     assert [row["k"] for row in rows] == [1, 3]
     analyzer = SentimentIntensityAnalyzer()
@@ -101,7 +107,7 @@ def test_classifier_reward_by_name_with_options_on_the_command_line(tmp_path):
     source.write_text("text\nhello world\nyou are stupid\n")
     output = tmp_path / "out.jsonl"
     argv = ["--reward", "ClassifierReward", "--reward.model", str(folder), "--reward.label", "nothate",
-            "--input", str(source), "--output", str(output)]
+            "--input", str(source), "--output", str(output), "--text_column", "text"]
     assert main(argv) == 0
     assert [row["nothate"] for row in read_jsonl(output)] == [3.0, 3.0]  # column 1 by name, not column 0
 
@@ -109,17 +115,17 @@ def test_classifier_reward_by_name_with_options_on_the_command_line(tmp_path):
 def test_unknown_text_column_is_one_clear_error(tmp_path, capsys):
     source = tmp_path / "in.csv"
     source.write_text("body\nhi\n")
-    with pytest.raises(SystemExit):
-        main(["--reward", "VaderReward", "--input", str(source), "--output", str(tmp_path / "o.jsonl")])
-    assert "--text-column 'text' is not a column" in capsys.readouterr().err
+    assert main(["--reward", "VaderReward", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--text_column 'response' is not a column" in err and "['body']" in err
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs" / "rewards").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_reward_yaml_builds_a_reward(config):
     """Construction is lazy: no model is loaded, so even download-needing configs build offline."""
-    parser = build_parser()
+    parser = tool_parser("score", score)
     args = parser.parse_args(["--reward", str(config), "--input", "x.csv", "--output", "y.jsonl"])
-    reward = parser.instantiate(args).reward
+    reward = parser.instantiate_classes(args).reward
     assert isinstance(reward, Reward)
     if isinstance(reward, CompositeReward):
         assert list(reward.weights.values()) == [1.0, 0.5]
