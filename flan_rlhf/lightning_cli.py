@@ -248,6 +248,11 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_opt
     # flan_rlhf.cli always passes the arguments explicitly (the subcommand's part of sys.argv, or a
     # stage's arguments inside `flan-rlhf demo`), which Lightning warns about whenever sys.argv is not empty.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Deprecations inside the libraries, not in anything a user wrote or can change: peft 0.21's
+    # PeftModel.__init__ reads transformers 5's deprecated `is_gradient_checkpointing`, and
+    # Lightning 2.6's CombinedLoader builds torch 2.13's deprecated `LeafSpec`. Each prints on every fit.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_notices)
     raise_parse_errors = {"exit_on_error": False}
     titled = {**raise_parse_errors, "prog": prog, **({"description": description} if description else {})}

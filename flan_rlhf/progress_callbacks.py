@@ -48,7 +48,7 @@ class StepProgressBar(TQDMProgressBar):
     def init_train_tqdm(self) -> Tqdm:
         """Lightning's training bar (same arguments as ``TQDMProgressBar.init_train_tqdm``), drawn from
         the first frame with its total and the step a resumed run starts at."""
-        return Tqdm(desc="fit", total=total_steps(self.trainer), initial=self.trainer.global_step,
+        return Tqdm(desc="fit", unit="step", total=total_steps(self.trainer), initial=self.trainer.global_step,
                     position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
                     file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
 

@@ -173,7 +173,9 @@ def test_fit_validate_test_predict_compare_on_tiny_model(tmp_path, capsys):
     assert main(["compare", *composed, "--out", str(report)]) == 0
     captured = capsys.readouterr()
     assert "[compare] 4/4 batches (100%)" in captured.err  # 10 rows in batches of 8, reference side then trained side
-    assert f"report: {report / 'report.md'}" in captured.out.splitlines()[-1]
+    summary = captured.out.splitlines()[-4:]
+    assert summary[0].startswith(f"compare: 5 prompts x 2 samples on the test split, reference vs {tmp_path / 'ckpt' / 'last.ckpt'}, in ")
+    assert summary[1:3] == [f"  report: {report / 'report.md'}", f"  metrics: {report / 'metrics.json'}"]
     metrics = json.loads((report / "metrics.json").read_text())
     assert (metrics["n_prompts"], metrics["samples_per_prompt"]) == (5, 2)
     assert metrics["checkpoint"] == str(tmp_path / "ckpt" / "last.ckpt")

@@ -25,7 +25,7 @@ import torch
 from flan_rlhf.evaluation_step import EVAL_SEED_OFFSET
 from flan_rlhf.output_dirs import OutputDirError
 from flan_rlhf.ppo import sequence_kl
-from flan_rlhf.progress import RowProgress
+from flan_rlhf.progress import RowProgress, seconds
 from flan_rlhf.rewards.base import Reward, set_up_reward
 from flan_rlhf.rollout import Rollout, response_rows
 from flan_rlhf.settings import GenerationSettings
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     from flan_rlhf.lightning_cli import run_lightning_cli
 
+    started = time.perf_counter()
     cli = run_lightning_cli(list(argv or []), run=False, extra_options=CompareOptions, prog="flan-rlhf compare",
                             description=__doc__.split("\n\n")[0])
     options = {name: cli.config_init.get(name) for name in CompareOptions.__dataclass_fields__}
@@ -198,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(format_table(metrics))
     print(f"compare: {metrics['n_prompts']} prompts x {metrics['samples_per_prompt']} samples on the {options['split']} "
-          f"split, reference vs {ckpt_path}; report: {out / 'report.md'}, metrics: {out / 'metrics.json'}, "
-          f"rows: {out / 'samples_before.jsonl'} and {out / 'samples_after.jsonl'}", flush=True)
+          f"split, reference vs {ckpt_path}, in {seconds(time.perf_counter() - started)}\n"
+          f"  report: {out / 'report.md'}\n  metrics: {out / 'metrics.json'}\n"
+          f"  rows: {out / 'samples_before.jsonl'} and {out / 'samples_after.jsonl'}", flush=True)
     return 0
 
 
