@@ -228,12 +228,14 @@ def _drop_notices(record: logging.LogRecord) -> bool:
 
 
 def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_options: type | None = None,
-                      prog: str = "flan-rlhf", description: str | None = None) -> FlanRLHFCLI:
+                      prog: str = "flan-rlhf", description: str | None = None,
+                      cli_class: type[FlanRLHFCLI] | None = None) -> FlanRLHFCLI:
     """Run the LightningCLI with ``args`` (``None``: ``sys.argv``).
 
     ``run=False``: no subcommand; parse and build the model, data module and trainer only
     (with ``extra_options``' fields as further root options), for a tool that drives them itself.
-    ``prog`` and ``description`` head its ``--help``.
+    ``prog`` and ``description`` head its ``--help``. ``cli_class``: a :class:`FlanRLHFCLI`
+    subclass to run instead (``_ParseOnlyCLI`` parses without building).
 
     Raises:
         SystemExit(2): a config key that does not exist or has the wrong type, after one
@@ -257,7 +259,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_opt
     raise_parse_errors = {"exit_on_error": False}
     titled = {**raise_parse_errors, "prog": prog, **({"description": description} if description else {})}
     try:
-        return FlanRLHFCLI(
+        return (cli_class or FlanRLHFCLI)(
             L.LightningModule,
             L.LightningDataModule,
             subclass_mode_model=True,
@@ -301,3 +303,34 @@ def build_from_config(config: str, extra_args: list[str] | None = None):
         args=["--config", config, "--trainer.logger=false", *(extra_args or [])],
     )
     return cli.model, cli.datamodule
+
+
+class _ParseOnlyCLI(FlanRLHFCLI):
+    """Parses and type-checks a training config (class paths, init_args) without building anything."""
+
+    def instantiate_classes(self) -> None:
+        return None
+
+
+def parse_training_config(configs: list[str], extra_args: list[str] | None = None):
+    """The composed configuration of training YAMLs ``configs`` (later wins, then ``extra_args``), as
+    ``fit`` would parse it; no model, data or trainer is built. Returns the jsonargparse Namespace."""
+    args = [item for path in configs for item in ("--config", path)]
+    return run_lightning_cli([*args, *(extra_args or [])], run=False, cli_class=_ParseOnlyCLI).config
+
+
+def checkpoint_dir_of(configs: list[str]) -> str | None:
+    """The ``ModelCheckpoint`` folder (``dirpath``) of the run the training YAMLs ``configs`` describe,
+    or None when they configure none (Lightning then picks a folder under the logger's version)."""
+    import importlib
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = parse_training_config(configs).get("trainer", {}).get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        module_name, _, class_name = str(callback.get("class_path", "")).rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name, None) if module_name else None
+        if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+            dirpath = (callback.get("init_args") or {}).get("dirpath")
+            return None if dirpath is None else str(dirpath)
+    return None

@@ -5,12 +5,11 @@ import glob
 import json
 import os
 
-import lightning as L
 import pytest
 import yaml
 
 from flan_rlhf.cli import COMMANDS, main
-from flan_rlhf.lightning_cli import FlanRLHFCLI
+from flan_rlhf.lightning_cli import parse_training_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -21,13 +20,6 @@ TRAINING_TAGS = [
     "ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/clipfrac",
     "ppo/returns/mean", "ppo/val/mean", "tokens/response_len_mean", "time/rollout_s", "time/update_s",
 ]
-
-
-class ParseOnlyCLI(FlanRLHFCLI):
-    """Parses and type-checks a config (class paths, init_args) without building models."""
-
-    def instantiate_classes(self) -> None:
-        return None
 
 
 def _is_overlay(path: str) -> bool:
@@ -45,21 +37,19 @@ def _plain(value):
 
 
 def parse(*configs: str):
-    args = [item for path in configs for item in ("--config", path)]
-    return ParseOnlyCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        run=False, args=args)
+    return parse_training_config(list(configs))
 
 
 @pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=os.path.basename)
 def test_every_training_config_parses(path):
     configs = (os.path.join(ROOT, "configs", "flan_t5_base_dialogsum.yaml"), path) if _is_overlay(path) else (path,)
-    cli = parse(*configs)
-    assert cli.config["model"]["class_path"].startswith("flan_rlhf.")
-    assert cli.config["data"]["class_path"].startswith("flan_rlhf.")
+    config = parse(*configs)
+    assert config["model"]["class_path"].startswith("flan_rlhf.")
+    assert config["data"]["class_path"].startswith("flan_rlhf.")
     if _is_overlay(path):
         overlay = yaml.safe_load(open(path))["trainer"]
         for key, value in overlay.items():
-            parsed = cli.config["trainer"][key]
+            parsed = config["trainer"][key]
             if isinstance(value, dict):  # strategy: class_path/init_args
                 assert parsed["class_path"] == value["class_path"]
                 for arg, arg_value in value["init_args"].items():
@@ -179,7 +169,7 @@ def test_fit_validate_test_predict_compare_on_tiny_model(tmp_path, capsys):
     metrics = json.loads((report / "metrics.json").read_text())
     assert (metrics["n_prompts"], metrics["samples_per_prompt"]) == (5, 2)
     assert metrics["checkpoint"] == str(tmp_path / "ckpt" / "last.ckpt")
-    walk_export_generate_score(tmp_path, capsys)
+    walk_export_generate_score(tmp_path, [config, str(overlay)], capsys)
 
 
 def _two_configs(tmp_path, name: str, first: dict, second: dict) -> list[str]:
@@ -190,15 +180,15 @@ def _two_configs(tmp_path, name: str, first: dict, second: dict) -> list[str]:
     return ["--config", str(paths[0]), "--config", str(paths[1])]
 
 
-def walk_export_generate_score(tmp_path, capsys) -> None:
-    """export (the checkpoint folder: its newest complete file) -> generate -> score, each on two
+def walk_export_generate_score(tmp_path, run_config: list[str], capsys) -> None:
+    """export (``--ckpt_path last`` of the run ``run_config`` fit) -> generate -> score, each on two
     composed configs (the later wins) and a flag (wins over both); generate's rows pipe into score."""
     from profanity_check import predict_prob
 
     merged = tmp_path / "merged"
     capsys.readouterr()
     assert main(["export", *_two_configs(tmp_path, "export", {"ckpt_path": "nowhere.ckpt", "out": str(merged)},
-                                         {"ckpt_path": str(tmp_path / "ckpt")}), "--dtype", "fp32"]) == 0
+                                         {"ckpt_path": "last", "run_config": run_config}), "--dtype", "fp32"]) == 0
     summary = capsys.readouterr().out.splitlines()[-2:]
     assert summary[0].startswith(f"export: merged fp32 model from {tmp_path / 'ckpt' / 'last.ckpt'} in ")
     assert summary[1].startswith(f"  folder: {merged} (") and summary[1].endswith(" MB)")

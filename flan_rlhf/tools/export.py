@@ -1,8 +1,9 @@
 """``flan-rlhf export``: turn a trained policy into something to serve.
 
 Inputs (one of):
-  ``--ckpt_path PATH``  a PPOModule Lightning checkpoint, or a folder of them (its newest complete
-                        one). The actor-critic is rebuilt from the checkpoint's ``hyper_parameters``
+  ``--ckpt_path PATH``  a PPOModule Lightning checkpoint, a folder of them (its newest complete
+                        one), or ``last`` with ``--run_config FIT.yaml`` (the newest complete one in
+                        that run's ModelCheckpoint folder). The actor-critic is rebuilt from the checkpoint's ``hyper_parameters``
                         (``policy``, ``lora``) and its state dict loaded; the reward is not needed.
                         Read with ``torch.load(weights_only=True)`` and an allow-list of the
                         package's settings dataclasses (no arbitrary code runs);
@@ -157,16 +158,25 @@ def output_check(out: str, overwrite: bool, inputs: list[str | None]) -> dict[st
             "inputs": [path for path in inputs if path and os.path.exists(path)]}
 
 
-def checkpoint_file(requested: str) -> str:
-    """``--ckpt_path``: a ``.ckpt`` file as given, or a folder's newest complete checkpoint.
+def checkpoint_file(requested: str, run_config: list[str] | None = None) -> str:
+    """``--ckpt_path``: a ``.ckpt`` file as given, a folder's newest complete checkpoint, or ``last``:
+    the newest complete checkpoint in the ``ModelCheckpoint`` folder of the training YAMLs ``run_config``.
 
     Raises:
-        CheckpointError: ``last`` (export reads no config to find the run's folder) or a folder
-            holding no complete checkpoint.
+        CheckpointError: ``last`` without ``run_config``, or with one that sets no checkpoint
+            folder; a folder holding no complete checkpoint.
     """
     if requested == "last":
-        raise CheckpointError("--ckpt_path last needs the run's checkpoint folder: pass --ckpt_path CKPT_FOLDER "
-                              "(its newest complete checkpoint) or a .ckpt file")
+        if not run_config:
+            raise CheckpointError("--ckpt_path last needs the run's training YAML to find its checkpoints: add "
+                                  "--run_config YOUR_FIT.yaml, or pass --ckpt_path CKPT_FOLDER or a .ckpt file")
+        from flan_rlhf.lightning_cli import checkpoint_dir_of
+
+        folder = checkpoint_dir_of(run_config)
+        if folder is None:
+            raise CheckpointError(f"--run_config {' '.join(run_config)} sets no ModelCheckpoint dirpath, so --ckpt_path "
+                                  "last cannot find the run's checkpoints - pass --ckpt_path CKPT_FOLDER or a .ckpt file")
+        requested = folder
     if not os.path.isdir(requested):
         return requested
     path, messages = newest_complete_checkpoint(requested)
@@ -210,12 +220,14 @@ def _folder_mb(folder: str) -> float:
 
 def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, base: str | None = None,
            format: Literal["merged", "int8", "adapter"] = "merged", dtype: Literal["fp32", "bf16"] = "fp32",
-           per_channel: bool = False, overwrite: bool = False, trust_checkpoint: bool = False) -> str:
+           per_channel: bool = False, overwrite: bool = False, trust_checkpoint: bool = False,
+           run_config: str | list[str] | None = None) -> str:
     """Turn a checkpoint or adapter into a merged, int8 or adapter-only model folder.
 
     Args:
         out: the folder to write (written beside, then renamed into place).
-        ckpt_path: a PPOModule checkpoint (.ckpt), or a folder of them (its newest complete one).
+        ckpt_path: a PPOModule checkpoint (.ckpt), a folder of them (its newest complete one), or
+            ``last``: the newest complete checkpoint of the run ``run_config`` describes.
         adapter: a LoRA adapter folder (adapter_config.json + adapter_model.safetensors); instead of ``ckpt_path``.
         base: the base model (hub id or folder), replacing the checkpoint's policy.name_or_path or
             the adapter's base_model_name_or_path.
@@ -227,6 +239,9 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         overwrite: replace ``out`` if it is an earlier flan-rlhf export (nothing else is ever replaced).
         trust_checkpoint: load the checkpoint with full pickle (runs code stored in the file): only
             for files you made.
+        run_config: the training YAML the checkpoint's run was fit with, or a list of them
+            (``[base.yaml,overlay.yaml]``, composed as fit composes them), read only to find its
+            ModelCheckpoint folder for ``--ckpt_path last``.
 
     Returns:
         the closing summary: what was written from what, and where.
@@ -244,12 +259,15 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         raise UsageError("--dtype applies to merged exports; the adapter is written in its training dtype")
     if per_channel and format != "int8":
         raise UsageError("--per_channel only applies with --format int8")
-    check = output_check(out, overwrite, [ckpt_path, adapter, base])
+    if run_config and ckpt_path != "last":
+        raise UsageError("--run_config is read only for --ckpt_path last: drop it, or pass --ckpt_path last")
+    run_config = [run_config] if isinstance(run_config, str) else run_config
+    source = checkpoint_file(ckpt_path, run_config) if ckpt_path else adapter
+    check = output_check(out, overwrite, [ckpt_path, source, base])
     check_replaceable(out, **check)
     info: dict[str, Any] = {"format": format, "written_by": "flan-rlhf export", "dtype": "int8" if format == "int8" else dtype,
                             "flan_rlhf_version": __version__, "torch_version": torch.__version__}
     if ckpt_path:
-        source = checkpoint_file(ckpt_path)
         checkpoint = read_checkpoint(source, trust_checkpoint)
         actor, tokenizer, spec = actor_from_checkpoint(checkpoint, base)
         info["source"] = {"checkpoint": os.path.abspath(source), "global_step": checkpoint.get("global_step"),
@@ -271,7 +289,6 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         model = merged_model(actor)
         del actor
     else:
-        source = adapter
         model, tokenizer, base = merged_from_adapter(adapter, base)
         info["source"] = {"adapter": os.path.abspath(adapter), "base": base}
     model = prepare_for_inference(model, DTYPES[dtype])

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
+import yaml
 
 from flan_rlhf.tools import export as export_cli, generate as generate_cli
 from flan_rlhf.policy import save_adapter
@@ -240,6 +242,13 @@ def test_bad_inputs_give_one_clear_line(trained, adapter_dir, merged_dir, tmp_pa
     csv.write_text("prompt\nhello\n")
     bad_jsonl = tmp_path / "p.jsonl"
     bad_jsonl.write_text('{"question": "hello"}\n')
+    empty = tmp_path / "no_checkpoints_here"
+    empty.mkdir()
+    no_checkpoints = tmp_path / "fit.yaml"  # a run whose config names no ModelCheckpoint folder
+    no_checkpoints.write_text(yaml.safe_dump({"model": {"class_path": "flan_rlhf.module.PPOModule",
+                                                         "init_args": {"reward": "ProfanityReward"}},
+                                               "data": {"class_path": "flan_rlhf.data.PromptDataModule",
+                                                        "init_args": {"data_files": "d.jsonl", "prompt_column": "text"}}}))
     cases = [
         (export_cli.main, ["--ckpt_path", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o1")], "does not exist"),
         (export_cli.main, ["--ckpt_path", str(truncated), "--out", str(tmp_path / "o2")], "complete .ckpt"),
@@ -247,6 +256,12 @@ def test_bad_inputs_give_one_clear_line(trained, adapter_dir, merged_dir, tmp_pa
         (export_cli.main, ["--adapter", merged_dir, "--out", str(tmp_path / "o4")], "no adapter_config.json"),
         (export_cli.main, ["--ckpt_path", trained["ckpt"], "--out", str(tmp_path / "o5"), "--format", "int8", "--dtype", "bf16"], "--dtype"),
         (export_cli.main, ["--out", str(tmp_path / "o6")], "--ckpt_path"),
+        (export_cli.main, ["--ckpt_path", "last", "--out", str(tmp_path / "o7")], "add --run_config YOUR_FIT.yaml"),
+        (export_cli.main, ["--ckpt_path", str(empty), "--out", str(tmp_path / "o8")], "holds no complete .ckpt file"),
+        (export_cli.main, ["--ckpt_path", "last", "--run_config", str(no_checkpoints), "--out", str(tmp_path / "o9")],
+         "sets no ModelCheckpoint dirpath"),
+        (export_cli.main, ["--ckpt_path", trained["ckpt"], "--run_config", str(no_checkpoints), "--out", str(tmp_path / "oa")],
+         "--run_config is read only for --ckpt_path last"),
         (generate_cli.main, ["--model", merged_dir, "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "g.jsonl")], "does not exist"),
         (generate_cli.main, ["--model", adapter_dir, "--input", str(prompts), "--output", str(tmp_path / "g.jsonl")], "--adapter"),
         (generate_cli.main, ["--model", merged_dir, "--input", str(csv), "--output", str(tmp_path / "g.jsonl")], ".txt"),
@@ -256,6 +271,19 @@ def test_bad_inputs_give_one_clear_line(trained, adapter_dir, merged_dir, tmp_pa
         code, err = _run(main, argv, capsys)
         assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], (argv, err)
     assert not any(name.startswith("o") for name in os.listdir(tmp_path))  # nothing half-written
+
+
+def test_a_checkpoint_folder_exports_its_newest_complete_checkpoint(trained, tmp_path, capsys):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    shutil.copy(trained["ckpt"], folder / "step=1.ckpt")
+    os.utime(folder / "step=1.ckpt", (1_000_000, 1_000_000))  # the older one
+    (folder / "step=2.ckpt").write_bytes(open(trained["ckpt"], "rb").read()[:2000])  # newer, cut short
+    code, err = _run(export_cli.main, ["--ckpt_path", str(folder), "--out", str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    assert len(err) == 1 and err[0].startswith(f"note: checkpoint {folder / 'step=2.ckpt'} is incomplete or corrupt")
+    source = json.load(open(tmp_path / "merged" / MANIFEST))["source"]
+    assert source["checkpoint"] == str(folder / "step=1.ckpt") and source["global_step"] == 7
 
 
 def test_checkpoint_of_config_built_policy_exports_its_own_base_weights(tmp_path, capsys):
@@ -321,3 +349,16 @@ def test_a_base_of_another_size_is_one_line_naming_the_tensor(trained, tmp_path,
     assert code == 2 and len(err) == 1, err
     assert "do not fit the policy" in err[0] and "in the checkpoint but" in err[0] and "--base" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_run_config_is_one_line_naming_the_key(tmp_path, capsys):
+    from flan_rlhf.cli import main
+
+    run_config = tmp_path / "fit.yaml"
+    run_config.write_text(yaml.safe_dump({"model": {"class_path": "flan_rlhf.module.PPOModule", "init_args": {"rewrd": "x"}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", "last", "--run_config", str(run_config), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "'rewrd' is not accepted" in err[0], err
+    assert not (tmp_path / "o").exists()
