@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from flan_rlhf.progress import line_interval, seconds
+from flan_rlhf.progress import RowProgress, line_interval, seconds
 
 
 def total_steps(trainer: L.Trainer) -> int | None:
@@ -67,11 +67,11 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class ProgressLines(L.Callback):
-    """One line on ``stream`` (stderr) every ``every`` training steps, and one per evaluation loop.
+    """One line on ``stream`` (stderr) every ``every`` training steps, and about ten per evaluation loop.
 
-    Lines: ``[fit] step 21/70 (30%) 18 s, ~42 s left`` and ``[validate] 4 batches in 2 s``
-    (validation inside ``fit`` included; the sanity check is not reported). ``every``:
-    :func:`flan_rlhf.progress.line_interval` of the total (about ten lines a run).
+    Lines: ``[fit] step 21/70 (30%) 18 s, ~42 s left`` and, through :class:`flan_rlhf.progress.RowProgress`,
+    ``[validate] n/N batches (p%) t s`` (validation inside ``fit`` included; the sanity check
+    is not reported). ``every``: :func:`flan_rlhf.progress.line_interval` of the total steps.
     Trainer wiring: ``Trainer(callbacks=[ProgressLines()], enable_progress_bar=False)``.
     """
 
@@ -81,8 +81,7 @@ class ProgressLines(L.Callback):
         self._train_started = 0.0
         self._first_step = 0
         self._interval = 1
-        self._loop_started = 0.0
-        self._loop_batches = 0
+        self._loop: RowProgress | None = None
 
     def _write(self, line: str) -> None:
         print(line, file=self.stream or sys.stderr, flush=True)
@@ -97,28 +96,35 @@ class ProgressLines(L.Callback):
         if trainer.is_global_zero and (step % self._interval == 0 or step == total):
             self._write(step_line(step, total, time.perf_counter() - self._train_started, step - self._first_step))
 
-    def _loop_start(self, trainer: L.Trainer, *_: Any) -> None:
-        self._loop_started, self._loop_batches = time.perf_counter(), 0
+    def _loop_start(self, stage: str, trainer: L.Trainer) -> None:
+        self._loop = None
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            counts = {"validate": trainer.num_val_batches, "test": trainer.num_test_batches,
+                      "predict": trainer.num_predict_batches}[stage]
+            total = int(sum(count for count in counts if count != float("inf")))
+            self._loop = RowProgress(total, stage, unit="batches", stream=self.stream or sys.stderr, interactive=False)
+            self._loop.__enter__()
 
     def _loop_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        self._loop_batches += 1
+        if self._loop is not None:
+            self._loop.update(1)
 
-    def _loop_end(self, stage: str, trainer: L.Trainer) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking:
-            batches = f"{self._loop_batches} batch{'es' if self._loop_batches != 1 else ''}"
-            self._write(f"[{stage}] {batches} in {seconds(time.perf_counter() - self._loop_started)}")
+    def _loop_end(self, trainer: L.Trainer, *_: Any) -> None:
+        if self._loop is not None:
+            self._loop.__exit__(None, None, None)
+            self._loop = None
 
-    on_validation_start = on_test_start = on_predict_start = _loop_start
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loop_start("validate", trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loop_start("test", trainer)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loop_start("predict", trainer)
+
     on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _loop_batch_end
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._loop_end("validate", trainer)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._loop_end("test", trainer)
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._loop_end("predict", trainer)
+    on_validation_end = on_test_end = on_predict_end = _loop_end
 
 
 class ProgressChoice(NamedTuple):

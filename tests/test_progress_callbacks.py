@@ -89,6 +89,19 @@ def test_progress_lines_every_n_steps_and_one_per_validation(tmp_path):
     assert lines[0].endswith(" left") and not lines[1].endswith(" left")
 
 
+def test_progress_lines_count_validation_batches_and_skip_the_sanity_check(tmp_path):
+    """Validation inside fit: ~10 lines over its batches (every line_interval(total)), none for the sanity check."""
+    stream = io.StringIO()
+    val = torch.utils.data.DataLoader(ListPromptStream(PROMPTS, 2), batch_size=None)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_model_summary=False, enable_progress_bar=False,
+                        enable_checkpointing=False, callbacks=[ProgressLines(stream=stream)], limit_val_batches=12,
+                        val_check_interval=2, num_sanity_val_steps=2, default_root_dir=str(tmp_path))
+    train = torch.utils.data.DataLoader(ListPromptStream(PROMPTS, 4), batch_size=None)
+    trainer.fit(make_module(mini_batch_size=4, ppo_epochs=1), train, val)
+    lines = [line.split(" (")[0] for line in stream.getvalue().splitlines() if line.startswith("[validate]")]
+    assert lines == [f"[validate] {n}/12 batches" for n in (2, 4, 6, 8, 10, 12)]  # line_interval(12) == 2
+
+
 @pytest.mark.parametrize("interactive, flags, expected", [
     (False, [], [ProgressLines]),
     (True, [], [StepProgressBar]),
