@@ -6,10 +6,8 @@ Training stages are LightningModules chosen in YAML (``model: class_path: ...``)
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
-import warnings
 from typing import Any
 
 import lightning as L
@@ -25,6 +23,7 @@ from flan_rlhf.checkpointing import (
 from flan_rlhf.errors import condense_parser_error, say
 from flan_rlhf.progress import interactive_terminal
 from flan_rlhf.progress_callbacks import choose_progress
+from flan_rlhf.quiet import silence_harmless
 from flan_rlhf.resume_settings import conflict_message, difference_line, split_differences
 from flan_rlhf.rewards.base import Reward, set_up_reward
 
@@ -219,14 +218,6 @@ class FlanRLHFCLI(LightningCLI):
 
 # Lightning's start-up lines that are not facts about this run: an advert for its hosted logger, and
 # the note that the config's ModelSummary (flan_rlhf.model_summary.ParameterSummary) replaces the default.
-_NOTICES = ("💡 Tip: For seamless cloud logging", "Trainer already configured with model summary callbacks")
-
-
-def _drop_notices(record: logging.LogRecord) -> bool:
-    """``logging`` filter: False for the records :data:`_NOTICES` starts."""
-    return not str(record.msg).startswith(_NOTICES)
-
-
 def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_options: type | None = None,
                       prog: str = "flan-rlhf", description: str | None = None,
                       cli_class: type[FlanRLHFCLI] | None = None) -> FlanRLHFCLI:
@@ -243,19 +234,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_opt
     """
     from jsonargparse import ArgumentError
 
-    # Lightning 2.6 warns on every checkpoint of a manual-optimisation module that the saved state
-    # is the one AFTER optimisation. A PPO checkpoint is taken after a whole iteration, so that is
-    # exactly the state to resume from; the 15-line warning per save would only bury real messages.
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    # flan_rlhf.cli always passes the arguments explicitly (the subcommand's part of sys.argv, or a
-    # stage's arguments inside `flan-rlhf demo`), which Lightning warns about whenever sys.argv is not empty.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    # Deprecations inside the libraries, not in anything a user wrote or can change: peft 0.21's
-    # PeftModel.__init__ reads transformers 5's deprecated `is_gradient_checkpointing`, and
-    # Lightning 2.6's CombinedLoader builds torch 2.13's deprecated `LeafSpec`. Each prints on every fit.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_notices)
+    silence_harmless()
     raise_parse_errors = {"exit_on_error": False}
     titled = {**raise_parse_errors, "prog": prog, **({"description": description} if description else {})}
     try:
@@ -326,7 +305,8 @@ def checkpoint_dir_of(configs: list[str]) -> str | None:
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    callbacks = parse_training_config(configs).get("trainer", {}).get("callbacks") or []
+    parsed = parse_training_config(configs, ["--seed_everything=false"])  # only read: no "Seed set" line
+    callbacks = parsed.get("trainer", {}).get("callbacks") or []
     for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
         module_name, _, class_name = str(callback.get("class_path", "")).rpartition(".")
         cls = getattr(importlib.import_module(module_name), class_name, None) if module_name else None

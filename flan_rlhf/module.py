@@ -190,10 +190,8 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
     def on_train_start(self) -> None:
         super().on_train_start()  # refuses an export folder that the end of fit would lose
         if self._resumed_from is not None:
-            msg = f"resumed from step {self.global_step} ({self._resumed_from})"
-            log.warning(msg)
-            if self.global_rank == 0:
-                print(msg, flush=True)
+            if self.global_rank == 0:  # one line, on stdout (a logging call too would print it twice)
+                print(f"resumed from step {self.global_step} ({self._resumed_from})", flush=True)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         optimizer = self.optimizers()

@@ -73,3 +73,22 @@ def test_host_syncs_counts_a_conversion_planted_in_the_minibatch_loop(monkeypatc
 def _line_of(path: str, text: str) -> int:
     with open(os.path.join(REPO, path), encoding="utf-8") as handle:
         return next(number for number, line in enumerate(handle, 1) if text in line)
+
+
+def test_count_warnings_classifies_planted_lines():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from count_warnings import foreign_lines
+
+    output = ("fit: 2/2 steps in 1.0 s\n  checkpoints: ckpt (newest: ckpt/last.ckpt)\n[fit] step 1/2 (50%) 0.5 s\n"
+              "resumed from step 2 (ckpt/last.ckpt)\nresumed from step 2 (ckpt/last.ckpt)\n"
+              "/site-packages/x.py:3: FutureWarning: `y` is deprecated\n  warnings.warn(\nGPU available: False, used: False\n")
+    assert foreign_lines(output) == ["(repeated) resumed from step 2 (ckpt/last.ckpt)",
+                                     "/site-packages/x.py:3: FutureWarning: `y` is deprecated", "  warnings.warn("]
+
+
+def test_fit_resume_validate_compare_export_generate_print_no_foreign_line():
+    """Every known-harmless third-party message is filtered (flan_rlhf.quiet) and nothing else is printed."""
+    rows = [json.loads(line) for line in _run("count_warnings.py").splitlines()]
+    assert [row["command"] for row in rows[:-1]] == ["fit", "fit --ckpt_path last", "validate", "compare", "export",
+                                                     "generate"]
+    assert rows[-1] == {"total_foreign": 0}, [row.get("foreign_lines") for row in rows[:-1]]

@@ -53,15 +53,3 @@ def test_a_summary_the_user_turned_off_or_gave_is_theirs(setting, expected, tmp_
         setting = []
     cli = run_lightning_cli(["--config", config, *setting], run=False)
     assert [type(callback) for callback in summaries(cli)] == expected
-
-
-def test_lightnings_advert_and_summary_note_are_dropped_and_run_facts_kept():
-    from flan_rlhf.lightning_cli import _drop_notices
-
-    def record(message: str) -> logging.LogRecord:
-        return logging.LogRecord("lightning.pytorch.utilities.rank_zero", logging.INFO, __file__, 1, message, None, None)
-
-    assert not _drop_notices(record("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger"))
-    assert not _drop_notices(record("Trainer already configured with model summary callbacks: [ParameterSummary]."))
-    assert _drop_notices(record("GPU available: False, used: False"))
-    assert _drop_notices(record("`Trainer.fit` stopped: `max_steps=4` reached."))

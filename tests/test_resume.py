@@ -273,7 +273,7 @@ def test_sigkill_mid_run_then_resume_last_matches_uninterrupted_run(tmp_path, mo
     fallback = ckpt_dir / f"epoch=0-step={KILL_AFTER_STEP - 1}.ckpt"
     resumed_output, resumed_err = fit_in_process(killed, monkeypatch, "--ckpt_path", "last")
 
-    said = re.findall(r"resumed from step (\d+) \((.+?)\)", resumed_output)
+    said = re.findall(r"resumed from step (\d+) \((.+?)\)", resumed_output + resumed_err)  # once, on either stream
     assert said == [(str(KILL_AFTER_STEP - 1), str(fallback))], resumed_output[-2000:]
     reported = resumed_err.splitlines()
     for path in corrupt:

@@ -1,0 +1,50 @@
+"""The filters of flan_rlhf.quiet drop exactly the messages they name; everything else still shows."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+
+from flan_rlhf.quiet import HARMLESS_LOG_RECORDS, HARMLESS_WARNINGS, silence_harmless
+
+
+@pytest.mark.parametrize("logger_name, message, dropped", [
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging and experiment tracking, try litlogger", True),
+    ("lightning.pytorch.utilities.rank_zero", "Trainer already configured with model summary callbacks: [ParameterSummary].", True),
+    ("lightning.pytorch.utilities.rank_zero", "GPU available: False, used: False", False),
+    ("lightning.pytorch.utilities.rank_zero", "`Trainer.fit` stopped: `max_steps=4` reached.", False),
+    ("transformers.modeling_utils", "The tied weights mapping and config for this model specifies to tie shared.weight to "
+     "lm_head.weight, but both are present in the checkpoints with different values, so we will NOT tie them.", True),
+    ("transformers.modeling_utils", "The tied weights mapping and config for this model specifies to tie embed.weight to "
+     "head.weight, but both are present in the checkpoints with different values, so we will NOT tie them.", False),
+    ("transformers.modeling_utils", "Some weights of T5ForConditionalGeneration were not initialized from the model checkpoint", False),
+    ("transformers.tokenization_utils_base", "Token indices sequence length is longer than the specified maximum sequence "
+     "length for this model (700 > 512). Running this sequence through the model will result in indexing errors", True),
+])
+def test_log_records(logger_name, message, dropped, caplog):
+    silence_harmless()
+    silence_harmless()  # twice: no filter is added twice
+    logger = logging.getLogger(logger_name)
+    ours = [f for f in logger.filters if type(f).__name__ == "_DropMatching"]
+    assert len(ours) == sum(1 for name, _, _ in HARMLESS_LOG_RECORDS if name == logger_name)
+    with caplog.at_level(logging.INFO, logger=logger_name):
+        logger.warning(message)
+    assert (message not in caplog.text) == dropped
+
+
+@pytest.mark.parametrize("message, category, dropped", [
+    ("Using ModelCheckpoint with manual optimization. The saved state is the one after", UserWarning, True),
+    ("Checkpoint directory /runs/ckpt exists and is not empty.", UserWarning, True),
+    ("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, True),
+    ("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`", DeprecationWarning, True),
+    ("`is_gradient_checkpointing` is deprecated and will be removed in v6.", UserWarning, False),  # another category
+    ("The dataloader does not have many workers which may be a bottleneck.", UserWarning, False),
+])
+def test_warnings(message, category, dropped):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        silence_harmless()
+        warnings.warn(message, category)
+    assert (not caught) == dropped, [str(w.message) for w in caught]
+    assert len(HARMLESS_WARNINGS) == len({pattern for pattern, _, _ in HARMLESS_WARNINGS})
