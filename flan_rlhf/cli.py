@@ -130,11 +130,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int((function(name, rest) if COMMANDS[name].lightning else function(rest)) or 0)
     except Exception as err:  # noqa: BLE001 - only known_errors() are turned into one line
-        if not isinstance(err, known_errors()):
+        known = known_cause(err)
+        if known is None:
             raise
         log.debug("known error", exc_info=True)
-        say(f"error: {first_line(err)}")
+        say(f"error: {first_line(known)}")
         return 2
+
+
+def known_cause(err: BaseException) -> BaseException | None:
+    """``err`` if it is one of :func:`known_errors`, else the first of its causes that is (jsonargparse
+    wraps an error a class raises while it is built, e.g. a DataConfigError, in a ValueError), else None."""
+    known, seen = known_errors(), set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, known):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

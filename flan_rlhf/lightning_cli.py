@@ -17,6 +17,7 @@ from flan_rlhf.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
     checkpoints_newest_first,
+    newest_complete_checkpoint,
     read_checkpoint_file,
     resolve_ckpt_path,
 )
@@ -93,6 +94,37 @@ class FlanRLHFCLI(LightningCLI):
         self.extra_options = extra_options
         super().__init__(*args, **kwargs)
 
+    def before_instantiate_classes(self) -> None:
+        """Give the logger the version of the run whose checkpoint ``--ckpt_path`` names, so a resume
+        or an evaluation of it logs into that run's folder (:mod:`flan_rlhf.log_versions`)."""
+        from flan_rlhf.log_versions import LOG_KEY, continued_version, new_log_folders
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.get("trainer", {}).get("logger")
+        self._fresh_log_version = hasattr(logger, "get") and (logger.get("init_args") or {}).get("version") is None
+        self._new_log_folders = new_log_folders(logger)
+        path = self._checkpoint_file_quietly(config.get("ckpt_path"), config.get("trainer", {}).get("callbacks"))
+        if path is None:
+            return
+        try:
+            stored = read_checkpoint_file(path, mmap=True).get(LOG_KEY)
+        except (CheckpointError, OSError, RuntimeError):
+            return  # the checkpoint is read, and any problem reported, before the stage runs
+        version = continued_version(logger, stored)
+        if version is not None:
+            logger["init_args"]["version"] = version
+            self._fresh_log_version = False
+
+    @staticmethod
+    def _checkpoint_file_quietly(requested: str | None, callbacks: Any) -> str | None:
+        """The file ``--ckpt_path`` will name (``last``: the newest complete one in the config's
+        ModelCheckpoint folder), without a word: :meth:`_resolve_ckpt_path` says what it finds later."""
+        if not requested:
+            return None
+        if requested == "last":
+            return newest_complete_checkpoint(checkpoint_dirpath_in(callbacks))[0]
+        return str(requested) if os.path.isfile(str(requested)) else None
+
     def add_arguments_to_parser(self, parser) -> None:
         if self.extra_options is not None:
             parser.add_class_arguments(self.extra_options, nested_key=None, sub_configs=True)
@@ -106,7 +138,11 @@ class FlanRLHFCLI(LightningCLI):
         given = given if isinstance(given, list) else [given]
         progress = choose_progress(trainer_config.get("enable_progress_bar"), interactive_terminal(), given)
         kwargs.setdefault("enable_progress_bar", progress.enable_progress_bar)
-        added = [*progress.callbacks, *self._summary_callbacks(trainer_config, given)]
+        from flan_rlhf.log_versions import RunLogVersion
+
+        added = [*progress.callbacks, *self._summary_callbacks(trainer_config, given),
+                 RunLogVersion(fresh=getattr(self, "_fresh_log_version", False),
+                               new_folders=getattr(self, "_new_log_folders", ()))]
         if added:
             kwargs["callbacks"] = [*given, *added]
         return super().instantiate_trainer(**kwargs)
@@ -301,13 +337,20 @@ def parse_training_config(configs: list[str], extra_args: list[str] | None = Non
 def checkpoint_dir_of(configs: list[str]) -> str | None:
     """The ``ModelCheckpoint`` folder (``dirpath``) of the run the training YAMLs ``configs`` describe,
     or None when they configure none (Lightning then picks a folder under the logger's version)."""
+    parsed = parse_training_config(configs, ["--seed_everything=false"])  # only read: no "Seed set" line
+    return checkpoint_dirpath_in(parsed.get("trainer", {}).get("callbacks"))
+
+
+def checkpoint_dirpath_in(callbacks: Any) -> str | None:
+    """The ``dirpath`` of the first ``ModelCheckpoint`` (or subclass) among parsed ``trainer.callbacks``
+    (``{"class_path", "init_args"}`` entries, not yet instantiated), or None."""
     import importlib
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    parsed = parse_training_config(configs, ["--seed_everything=false"])  # only read: no "Seed set" line
-    callbacks = parsed.get("trainer", {}).get("callbacks") or []
-    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+    for callback in (callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []):
+        if not hasattr(callback, "get"):
+            continue
         module_name, _, class_name = str(callback.get("class_path", "")).rpartition(".")
         cls = getattr(importlib.import_module(module_name), class_name, None) if module_name else None
         if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
