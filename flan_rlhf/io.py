@@ -24,7 +24,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -110,11 +112,46 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.tmp-", dir=parent)
     try:
         yield tmp
+        follow_umask(tmp)
         _swap_in(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_folder(parent)
+
+
+def creation_modes(parent: str) -> tuple[int, int]:
+    """``(file mode, folder mode)`` that ``open()`` and ``os.mkdir`` give a new entry in ``parent``:
+    ``0o666`` and ``0o777`` less the umask (and whatever default ACL the folder has), read from a probe
+    created and removed there (no process-wide ``os.umask`` swap)."""
+    probe = os.path.join(parent, f".mode-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(probe, "x"):
+        pass
+    try:
+        file_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.remove(probe)
+    os.mkdir(probe)
+    try:
+        folder_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.rmdir(probe)
+    return file_mode, folder_mode
+
+
+def follow_umask(folder: str) -> None:
+    """Give ``folder`` and everything in it the modes new files and folders get beside it.
+
+    ``tempfile.mkdtemp`` makes folders 0700 and safetensors writes its files 0600, whatever the
+    umask; an export or checkpoint folder is meant to be shared like any other file the user writes.
+    """
+    file_mode, folder_mode = creation_modes(os.path.dirname(os.path.abspath(folder)))
+    for root, folders, files in os.walk(folder):
+        os.chmod(root, folder_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
 
 
 def _swap_in(tmp: str, folder: str) -> None:
