@@ -436,7 +436,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
             manifest = {"format": "adapter" if self.actor.uses_lora else "full model", "written_by": "flan-rlhf fit (PPOModule)",
                         "global_step": self.global_step}
             with self.export_folder(manifest) as folder:
-                save_adapter(self.actor, self.tokenizer, folder)
+                save_adapter(self.actor, self.tokenizer, folder, final_dir=self.export_target()[0])
 
 
 def shards_weights(strategy) -> bool:

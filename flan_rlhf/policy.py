@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from contextlib import nullcontext
@@ -336,13 +337,18 @@ class ActorCritic(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
 
-def save_adapter(actor: ActorCritic, tokenizer, out_dir: str) -> str:
+BASE_SUBFOLDER = "base"  # where an adapter's base built from t5_config is saved, inside the adapter folder
+
+
+def save_adapter(actor: ActorCritic, tokenizer, out_dir: str, final_dir: str | None = None) -> str:
     """Write the trained policy into the folder ``out_dir`` (created if missing).
 
-    Callers that replace a folder write through :func:`flan_rlhf.output_dirs.atomic_output_dir`.
-    LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (plain
-    ``PeftModel.from_pretrained(base, out_dir)`` loads it). Full fine-tuning: a whole HF model
-    folder. Both: ``value_head.safetensors`` and the tokenizer.
+    Callers that replace a folder write through :func:`flan_rlhf.output_dirs.atomic_output_dir`
+    into a temporary ``out_dir`` renamed to ``final_dir`` afterwards. LoRA: ``adapter_config.json``
+    + ``adapter_model.safetensors``, whose ``base_model_name_or_path`` loads from any folder
+    (:func:`portable_base_name`); a base built from ``t5_config`` exists nowhere else, so it is
+    saved in ``base/`` beside the adapter. Full fine-tuning: a whole HF model folder. Both:
+    ``value_head.safetensors`` and the tokenizer.
     """
     from safetensors.torch import save_file
 
@@ -352,7 +358,43 @@ def save_adapter(actor: ActorCritic, tokenizer, out_dir: str) -> str:
               os.path.join(out_dir, "value_head.safetensors"))
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out_dir)
+    config_path = os.path.join(out_dir, "adapter_config.json")
+    if actor.uses_lora and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as handle:
+            adapter_config = json.load(handle)
+        recorded = adapter_config.get("base_model_name_or_path")
+        if not recorded:  # built from t5_config: the base itself goes beside the adapter
+            from transformers.utils import logging as hf_logging
+
+            base = copy.deepcopy(actor.policy).unload()  # peft: the LoRA layers out, base weights untouched
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # no "Writing model shards" bar for one small file
+            try:
+                base.save_pretrained(os.path.join(out_dir, BASE_SUBFOLDER), safe_serialization=True)
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(os.path.join(out_dir, BASE_SUBFOLDER))
+            del base
+        adapter_config["base_model_name_or_path"] = portable_base_name(recorded, final_dir or out_dir)
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(adapter_config, handle, indent=2, sort_keys=True)
     return out_dir
+
+
+def portable_base_name(recorded: str | None, adapter_dir: str) -> str:
+    """The ``base_model_name_or_path`` an adapter in ``adapter_dir`` should record so it loads from anywhere.
+
+    A local folder (``artifacts/demo/sft_model``, relative to where training ran) becomes its
+    absolute path; a hub id (``google/flan-t5-base``, no such local folder) stays as it is; no base
+    (built from ``t5_config``) becomes the absolute path of ``adapter_dir/base``, where
+    :func:`save_adapter` saves it. Examples: ``portable_base_name("google/flan-t5-base", "/x") ==
+    "google/flan-t5-base"``; ``portable_base_name(None, "/runs/adapter") == "/runs/adapter/base"``.
+    """
+    if not recorded:
+        return os.path.join(os.path.abspath(adapter_dir), BASE_SUBFOLDER)
+    return os.path.abspath(recorded) if os.path.isdir(recorded) else recorded
 
 
 @torch.no_grad()

@@ -210,7 +210,7 @@ def write_adapter(actor: ActorCritic, tokenizer, out_dir: str, info: dict[str, A
     from flan_rlhf.policy import save_adapter
 
     with atomic_output_dir(out_dir, info, **check) as tmp:
-        save_adapter(actor, tokenizer, tmp)
+        save_adapter(actor, tokenizer, tmp, final_dir=out_dir)
     return out_dir
 
 
@@ -275,12 +275,7 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         lora = policy_settings(checkpoint)[1]
         info["lora"] = asdict(lora) if lora is not None else None
         del checkpoint
-        if format == "adapter":
-            if actor.uses_lora and spec.name_or_path is None:
-                raise UsageError(
-                    "this policy's base was built from t5_config and exists only inside the checkpoint, so an adapter "
-                    "alone could never be loaded - export the merged model instead (drop --format adapter)"
-                )
+        if format == "adapter":  # a base built from t5_config is saved beside the adapter (policy.save_adapter)
             write_adapter(actor, tokenizer, out, info, check)
             label = "LoRA adapter + value head" if actor.uses_lora else "full model + value head"
             return _summary(label, source, out, started)

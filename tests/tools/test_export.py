@@ -305,7 +305,12 @@ def test_checkpoint_of_config_built_policy_exports_its_own_base_weights(tmp_path
     exported = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "m"))
     torch.testing.assert_close(exported.shared.weight, module.actor.base_model.shared.weight, rtol=0, atol=0)
     code, err = _run(export_cli.main, ["--ckpt_path", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "a"), "--format", "adapter"], capsys)
-    assert code == 2 and "drop --format adapter" in err[0] and not (tmp_path / "a").exists()
+    assert code == 0, err  # the base, which exists only in the checkpoint, is saved beside the adapter
+    adapter_config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    assert adapter_config["base_model_name_or_path"] == str(tmp_path / "a" / "base")
+    saved_base = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "a" / "base"))
+    torch.testing.assert_close(saved_base.shared.weight, module.actor.base_model.shared.weight, rtol=0, atol=0)
+    assert not any("lora" in name for name, _ in saved_base.named_parameters())
 
 
 # ----------------------------------------------------------------------------- generate
