@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from flan_rlhf import __version__
 from flan_rlhf.errors import first_line, say
+from flan_rlhf.model_card import record_command
 from flan_rlhf.quiet import silence_harmless
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     silence_harmless()
+    record_command(argv)
     if not argv:
         top_level_parser().print_help(sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from flan_rlhf.reward_shaping import RewardShaper
 from flan_rlhf.evaluation_step import EvaluationMixin
 from flan_rlhf.guards import NonFiniteGuard
 from flan_rlhf.optim import adamw, lr_schedule, step_unless
+from flan_rlhf.model_card import reward_description
 from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
 from flan_rlhf.rewards.base import Reward
@@ -399,7 +400,8 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
             "shaper": self.shaper.state_dict(),
             "guard": self.guard.state_dict(),
             "vocab_size": len(self.tokenizer),
-            # tensors and plain numbers only: the checkpoint loads with torch.load(weights_only=True)
+            "reward": reward_description(self.reward),  # for the model card of a later `flan-rlhf export`
+            # tensors, strings and plain numbers only: the checkpoint loads with torch.load(weights_only=True)
             "rng": capture_rng_states(),
         }
 
@@ -435,8 +437,13 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
 
             manifest = {"format": "adapter" if self.actor.uses_lora else "full model", "written_by": "flan-rlhf fit (PPOModule)",
                         "global_step": self.global_step}
+            from flan_rlhf.model_card import facts_from_settings, write_card
+
+            facts = facts_from_settings("adapter" if self.actor.uses_lora else "full model", self.policy_spec, self.lora,
+                                        self.settings, self.reward, steps=self.global_step)
             with self.export_folder(manifest) as folder:
                 save_adapter(self.actor, self.tokenizer, folder, final_dir=self.export_target()[0])
+                write_card(folder, facts, folder_name=self.export_target()[0])
 
 
 def shards_weights(strategy) -> bool:

@@ -209,7 +209,8 @@ def test_ppo_module_checkpoint_needs_no_allow_list(tmp_path):
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "ppo.ckpt")
     loaded = torch.load(tmp_path / "ppo.ckpt", weights_only=True)
-    assert set(loaded["flan_rlhf"]) == {"kl_controller", "shaper", "guard", "rng", "vocab_size"}
+    assert set(loaded["flan_rlhf"]) == {"kl_controller", "shaper", "guard", "rng", "vocab_size", "reward"}
+    assert loaded["flan_rlhf"]["reward"].startswith(type(module.reward).__name__)  # a string: no allow-list needed
     restore_rng_states(loaded["flan_rlhf"]["rng"])
 
 

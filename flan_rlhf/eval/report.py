@@ -279,7 +279,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _markdown_table(metrics: Mapping[str, Any]) -> str:
+def markdown_table(metrics: Mapping[str, Any]) -> str:
+    """The before/after table of a metrics dict (``metrics.json``) as a Markdown table."""
     lines = [f"| metric | before | after | {_confidence_header(metrics)} |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _table_rows(metrics)]
     return "\n".join(lines)
@@ -605,7 +606,7 @@ def _markdown_report(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> str
         f">= {metrics['toxicity_threshold']:g}. "
         "↓ lower is better, ↑ higher is better.",
         "",
-        _markdown_table(metrics),
+        markdown_table(metrics),
         "",
     ]
     other_meta = {key: value for key, value in meta.items() if key != "decoding"}

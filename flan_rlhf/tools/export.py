@@ -187,41 +187,54 @@ def checkpoint_file(requested: str, run_config: list[str] | None = None) -> str:
     return path
 
 
-def write_merged(model, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any]) -> str:
-    """A plain HF folder (safetensors + config + generation config + tokenizer)."""
+def write_merged(model, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any], card=None) -> str:
+    """A plain HF folder (safetensors + config + generation config + tokenizer), and its model card."""
     with atomic_output_dir(out_dir, info, **check) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _write_card(tmp, card, out_dir)
     return out_dir
 
 
-def write_int8(model, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any], per_channel: bool = False) -> str:
-    """An int8 folder read by :func:`flan_rlhf.tools.quantize.load_int8`."""
+def _write_card(folder: str, card, out_dir: str) -> None:
+    if card is not None:
+        from flan_rlhf.model_card import write_card
+
+        write_card(folder, card, folder_name=out_dir)
+
+
+def write_int8(model, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any], per_channel: bool = False,
+               card=None) -> str:
+    """An int8 folder read by :func:`flan_rlhf.tools.quantize.load_int8`, and its model card."""
     from flan_rlhf.tools.quantize import quantize_int8, save_int8
 
     quantized = quantize_int8(model, per_channel=per_channel)
     with atomic_output_dir(out_dir, info, **check) as tmp:
         save_int8(quantized, tmp, tokenizer, info)
+        _write_card(tmp, card, out_dir)
     return out_dir
 
 
-def write_adapter(actor: ActorCritic, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any]) -> str:
-    """peft adapter folder + value head + tokenizer (a whole model folder for full fine-tuning)."""
+def write_adapter(actor: ActorCritic, tokenizer, out_dir: str, info: dict[str, Any], check: dict[str, Any],
+                  card=None) -> str:
+    """peft adapter folder + value head + tokenizer (a whole model folder for full fine-tuning), and its model card."""
     from flan_rlhf.policy import save_adapter
 
     with atomic_output_dir(out_dir, info, **check) as tmp:
         save_adapter(actor, tokenizer, tmp, final_dir=out_dir)
+        _write_card(tmp, card, out_dir)
     return out_dir
 
 
 def _folder_mb(folder: str) -> float:
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
+    """The size of the files under ``folder`` (sub-folders included), in MiB."""
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, files in os.walk(folder) for name in files) / 2**20
 
 
 def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, base: str | None = None,
            format: Literal["merged", "int8", "adapter"] = "merged", dtype: Literal["fp32", "bf16"] = "fp32",
            per_channel: bool = False, overwrite: bool = False, trust_checkpoint: bool = False,
-           run_config: str | list[str] | None = None) -> str:
+           run_config: str | list[str] | None = None, report: str | None = None) -> str:
     """Turn a checkpoint or adapter into a merged, int8 or adapter-only model folder.
 
     Args:
@@ -242,6 +255,8 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         run_config: the training YAML the checkpoint's run was fit with, or a list of them
             (``[base.yaml,overlay.yaml]``, composed as fit composes them), read only to find its
             ModelCheckpoint folder for ``--ckpt_path last``.
+        report: a ``flan-rlhf compare`` report folder (or its ``metrics.json``): its before/after
+            table goes into the export's model card.
 
     Returns:
         the closing summary: what was written from what, and where.
@@ -265,18 +280,23 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
     source = checkpoint_file(ckpt_path, run_config) if ckpt_path else adapter
     check = output_check(out, overwrite, [ckpt_path, source, base])
     check_replaceable(out, **check)
+    metrics = read_report(report)
     info: dict[str, Any] = {"format": format, "written_by": "flan-rlhf export", "dtype": "int8" if format == "int8" else dtype,
                             "flan_rlhf_version": __version__, "torch_version": torch.__version__}
     if ckpt_path:
+        from flan_rlhf.model_card import facts_from_settings
+
         checkpoint = read_checkpoint(source, trust_checkpoint)
         actor, tokenizer, spec = actor_from_checkpoint(checkpoint, base)
         info["source"] = {"checkpoint": os.path.abspath(source), "global_step": checkpoint.get("global_step"),
                           "epoch": checkpoint.get("epoch"), "policy": asdict(spec)}
         lora = policy_settings(checkpoint)[1]
         info["lora"] = asdict(lora) if lora is not None else None
+        card = facts_from_settings(format, spec, lora, (checkpoint.get("hyper_parameters") or {}).get("ppo"),
+                                   (checkpoint.get("flan_rlhf") or {}).get("reward"), checkpoint.get("global_step"), metrics)
         del checkpoint
         if format == "adapter":  # a base built from t5_config is saved beside the adapter (policy.save_adapter)
-            write_adapter(actor, tokenizer, out, info, check)
+            write_adapter(actor, tokenizer, out, info, check, card)
             label = "LoRA adapter + value head" if actor.uses_lora else "full model + value head"
             return _summary(label, source, out, started)
         from flan_rlhf.policy import merged_model
@@ -284,14 +304,49 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         model = merged_model(actor)
         del actor
     else:
+        from flan_rlhf.model_card import CardFacts, command_line
+
         model, tokenizer, base = merged_from_adapter(adapter, base)
         info["source"] = {"adapter": os.path.abspath(adapter), "base": base}
+        card = CardFacts(export_format=format, base_model=base, metrics=metrics, command=command_line(),
+                         steps=_adapter_manifest(adapter).get("global_step"))
     model = prepare_for_inference(model, DTYPES[dtype])
     if format == "int8":
-        write_int8(model, tokenizer, out, info, check, per_channel=per_channel)
+        write_int8(model, tokenizer, out, info, check, per_channel=per_channel, card=card)
     else:
-        write_merged(model, tokenizer, out, info, check)
+        write_merged(model, tokenizer, out, info, check, card)
     return _summary("int8 (dynamic quantisation) model" if format == "int8" else f"merged {dtype} model", source, out, started)
+
+
+def read_report(report: str | None) -> dict[str, Any] | None:
+    """The ``metrics.json`` of a ``flan-rlhf compare`` report folder (or that file itself), or None.
+
+    Raises:
+        UsageError: ``report`` holds no ``metrics.json`` or it is not a report's.
+    """
+    if report is None:
+        return None
+    path = os.path.join(report, "metrics.json") if os.path.isdir(report) else report
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metrics = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--report {report}: cannot read {path} ({type(err).__name__}) - pass the --out folder of "
+                         "`flan-rlhf compare`") from None
+    if not isinstance(metrics, dict) or "before" not in metrics or "after" not in metrics:
+        raise UsageError(f"--report {report}: {path} has no before/after metrics - pass the --out folder of `flan-rlhf compare`")
+    return metrics
+
+
+def _adapter_manifest(adapter: str) -> dict[str, Any]:
+    """The flan-rlhf manifest of an adapter folder, or ``{}`` (an adapter from elsewhere has none)."""
+    from flan_rlhf.output_dirs import MANIFEST
+
+    try:
+        with open(os.path.join(adapter, MANIFEST), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def _summary(label: str, source: str, out: str, started: float) -> str:

@@ -1,0 +1,161 @@
+"""The model card (``README.md``) every export folder carries, made with ``huggingface_hub.ModelCard``
+(the format the Hub renders: YAML metadata header, then Markdown).
+
+:func:`export_card` builds it from :class:`CardFacts`; :func:`facts_from_settings` gathers those
+from a PPO run's settings (``PolicySpec``, ``LoraSettings``, ``PPOSettings``, the reward) and,
+when a before/after report exists, its ``metrics.json``.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Mapping
+
+CARD_FILE = "README.md"
+TAGS = ["flan-rlhf", "rlhf", "ppo", "text2text-generation"]
+# The PPO settings a reader needs to judge and repeat a run (the rest are in the checkpoint).
+KEY_PPO_SETTINGS = ("learning_rate", "ppo_epochs", "mini_batch_size", "init_kl_coef", "adaptive_kl", "kl_target",
+                    "cliprange", "vf_coef", "gamma", "lam")
+LOAD_SNIPPETS = {
+    "adapter": ("from peft import AutoPeftModelForSeq2SeqLM\n"
+                "model = AutoPeftModelForSeq2SeqLM.from_pretrained(\"{folder}\")"),
+    "adapter-with-base": ("from peft import PeftModel\nfrom transformers import AutoModelForSeq2SeqLM\n"
+                          "base = AutoModelForSeq2SeqLM.from_pretrained(\"{folder}/base\")\n"
+                          "model = PeftModel.from_pretrained(base, \"{folder}\")"),
+    "merged": "from transformers import AutoModelForSeq2SeqLM\nmodel = AutoModelForSeq2SeqLM.from_pretrained(\"{folder}\")",
+    "int8": "from flan_rlhf.tools.quantize import load_int8\nmodel = load_int8(\"{folder}\")",
+}
+
+
+@dataclass
+class CardFacts:
+    """What a model card states.
+
+    Attributes:
+        export_format: ``adapter``, ``merged``, ``int8`` or ``full model``.
+        base_model: the base's hub id or path; None when built from ``t5_config`` (saved in ``base/``).
+        reward: the reward's description (class and name).
+        steps: PPO iterations trained.
+        hyperparameters: ``{name: value}`` shown in a table (LoRA and PPO settings).
+        metrics: a before/after ``metrics.json`` (:func:`flan_rlhf.eval.report.write_report`), if one exists.
+        command: the command line that wrote the export.
+        method: how the policy was trained.
+    """
+
+    export_format: str
+    base_model: str | None
+    reward: str | None = None
+    steps: int | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] | None = None
+    command: str = ""
+    method: str = "PPO (RLHF) with LoRA"
+
+
+_running: list[str] | None = None  # the flan-rlhf arguments of this process's command (record_command)
+
+
+def record_command(arguments: list[str]) -> None:
+    """Remember the arguments ``flan-rlhf`` was given (:func:`flan_rlhf.cli.main` calls it), for :func:`command_line`."""
+    global _running
+    _running = list(arguments)
+
+
+def command_line() -> str:
+    """The command that is running, quoted to paste back: ``flan-rlhf fit --config c.yaml``
+    (from :func:`record_command`; from ``sys.argv`` for a script that did not go through ``flan-rlhf``)."""
+    if _running is not None:
+        return shlex.join(["flan-rlhf", *_running])
+    return shlex.join([os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]])
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if is_dataclass(value):
+        return asdict(value)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def facts_from_settings(export_format: str, policy: Any, lora: Any, ppo: Any, reward: Any = None,
+                        steps: int | None = None, metrics: Mapping[str, Any] | None = None,
+                        command: str | None = None) -> CardFacts:
+    """:class:`CardFacts` of a PPO run from its settings (dataclasses or their dicts, as checkpoints store them)."""
+    policy, lora, ppo = _plain(policy), _plain(lora), _plain(ppo)
+    hyperparameters: dict[str, Any] = {}
+    if lora:
+        hyperparameters.update({f"lora.{key}": lora.get(key) for key in ("r", "alpha", "dropout", "target_modules")})
+    hyperparameters.update({f"ppo.{key}": ppo[key] for key in KEY_PPO_SETTINGS if key in ppo})
+    reward_text = reward if isinstance(reward, str) or reward is None else reward_description(reward)
+    return CardFacts(export_format=export_format, base_model=policy.get("name_or_path"), reward=reward_text,
+                     steps=steps, hyperparameters=hyperparameters, metrics=metrics,
+                     command=command_line() if command is None else command,
+                     method="PPO (RLHF) with LoRA" if lora else "PPO (RLHF), full fine-tuning")
+
+
+def reward_description(reward: Any) -> str:
+    """``"ProfanityReward (`non_profanity`)"``: a reward's class and name, for a card or a checkpoint."""
+    name = getattr(reward, "name", None)
+    return f"{type(reward).__name__}" + (f" (`{name}`)" if name else "")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not os.path.exists(str(name)) and not os.path.isabs(str(name)) and str(name).count("/") == 1
+
+
+def export_card(facts: CardFacts, folder_name: str = "."):
+    """The :class:`huggingface_hub.ModelCard` of an export (``folder_name`` is used in the loading snippet)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from flan_rlhf.eval.report import markdown_table
+
+    library = {"adapter": "peft", "int8": "flan-rlhf"}.get(facts.export_format, "transformers")
+    data = ModelCardData(library_name=library, base_model=facts.base_model if _is_hub_id(facts.base_model) else None,
+                         tags=[*TAGS, *(["lora"] if "LoRA" in facts.method else [])], pipeline_tag="text2text-generation")
+    base_text = f"`{facts.base_model}`" if facts.base_model else "a FLAN-T5-architecture model built from config (saved in `base/`)"
+    snippet = "adapter-with-base" if facts.export_format == "adapter" and not facts.base_model else facts.export_format
+    lines = [
+        f"# {os.path.basename(os.path.abspath(folder_name))}", "",
+        f"An encoder-decoder policy aligned with flan-rlhf: {facts.method} "
+        f"from {base_text}, trained to raise the reward below while a KL penalty keeps it close to the base.", "",
+        "## Training", "",
+        f"- Method: {facts.method}",
+        f"- Base model: {base_text}",
+        f"- Reward: {facts.reward or 'not recorded'}",
+        f"- PPO iterations: {facts.steps if facts.steps is not None else 'not recorded'}",
+        f"- Export format: {facts.export_format}", "",
+    ]
+    if facts.hyperparameters:
+        lines += ["| hyperparameter | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in facts.hyperparameters.items()]
+        lines.append("")
+    lines += ["## Evaluation", ""]
+    if facts.metrics:
+        metrics = facts.metrics
+        lines += [f"Reference (before) and this policy (after) on the same {metrics.get('n_prompts', '?')} prompts "
+                  f"of the {metrics.get('split', 'evaluation')} split, {metrics.get('samples_per_prompt', '?')} "
+                  "sample(s) per prompt, same sampling seeds; intervals are bootstrap over prompts.", "",
+                  markdown_table(metrics), ""]
+    else:
+        lines += ["No before/after report was given. `flan-rlhf compare --config C --ckpt_path last --out REPORT` "
+                  "writes one; `flan-rlhf export ... --report REPORT` puts its table here.", ""]
+    lines += [
+        "## Intended use and limits", "",
+        "For research on reducing toxic or negative output of sequence-to-sequence models. The reward is an "
+        "automatic scorer: the policy learns what that scorer rewards, including its blind spots, and the "
+        "evaluation above uses automatic scorers too. Check outputs on your own data before relying on them; "
+        "it is not a content filter.", "",
+        "## How to load", "", "```python", LOAD_SNIPPETS[snippet if snippet in LOAD_SNIPPETS else "merged"].format(
+            folder=folder_name), "```", "",
+        "## Reproduce", "", "```bash", facts.command or "(command not recorded)", "```", "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def write_card(folder: str, facts: CardFacts, folder_name: str | None = None) -> str:
+    """Write ``folder/README.md`` (replacing peft's generic card); returns its path."""
+    path = os.path.join(folder, CARD_FILE)
+    export_card(facts, folder_name or folder).save(path)
+    return path
