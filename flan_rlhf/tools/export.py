@@ -43,7 +43,7 @@ from flan_rlhf.errors import say
 from flan_rlhf.output_dirs import OutputDirError, atomic_output_dir, check_replaceable
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
 from flan_rlhf.progress import seconds
-from flan_rlhf.tools.command import UsageError, run_tool
+from flan_rlhf.tools.command import FinishedWithProblem, UsageError, run_tool
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -234,7 +234,8 @@ def _folder_mb(folder: str) -> float:
 def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, base: str | None = None,
            format: Literal["merged", "int8", "adapter"] = "merged", dtype: Literal["fp32", "bf16"] = "fp32",
            per_channel: bool = False, overwrite: bool = False, trust_checkpoint: bool = False,
-           run_config: str | list[str] | None = None, report: str | None = None) -> str:
+           run_config: str | list[str] | None = None, report: str | None = None, push_to_hub: str | None = None,
+           dry_run: bool = False) -> str:
     """Turn a checkpoint or adapter into a merged, int8 or adapter-only model folder.
 
     Args:
@@ -257,6 +258,9 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
             ModelCheckpoint folder for ``--ckpt_path last``.
         report: a ``flan-rlhf compare`` report folder (or its ``metrics.json``): its before/after
             table goes into the export's model card.
+        push_to_hub: a Hub model repo (``user/name``) to upload the export to (created private if
+            missing; needs a token: ``huggingface-cli login`` or HF_TOKEN).
+        dry_run: with ``push_to_hub``, list what would be uploaded instead of uploading.
 
     Returns:
         the closing summary: what was written from what, and where.
@@ -274,6 +278,8 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         raise UsageError("--dtype applies to merged exports; the adapter is written in its training dtype")
     if per_channel and format != "int8":
         raise UsageError("--per_channel only applies with --format int8")
+    if dry_run and not push_to_hub:
+        raise UsageError("--dry_run applies to --push_to_hub: add --push_to_hub USER/NAME, or drop --dry_run")
     if run_config and ckpt_path != "last":
         raise UsageError("--run_config is read only for --ckpt_path last: drop it, or pass --ckpt_path last")
     run_config = [run_config] if isinstance(run_config, str) else run_config
@@ -298,7 +304,7 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         if format == "adapter":  # a base built from t5_config is saved beside the adapter (policy.save_adapter)
             write_adapter(actor, tokenizer, out, info, check, card)
             label = "LoRA adapter + value head" if actor.uses_lora else "full model + value head"
-            return _summary(label, source, out, started)
+            return _pushed(_summary(label, source, out, started), out, push_to_hub, dry_run)
         from flan_rlhf.policy import merged_model
 
         model = merged_model(actor)
@@ -315,7 +321,24 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         write_int8(model, tokenizer, out, info, check, per_channel=per_channel, card=card)
     else:
         write_merged(model, tokenizer, out, info, check, card)
-    return _summary("int8 (dynamic quantisation) model" if format == "int8" else f"merged {dtype} model", source, out, started)
+    label = "int8 (dynamic quantisation) model" if format == "int8" else f"merged {dtype} model"
+    return _pushed(_summary(label, source, out, started), out, push_to_hub, dry_run)
+
+
+def _pushed(summary: str, out: str, push_to_hub: str | None, dry_run: bool) -> str:
+    """``summary`` plus the upload's lines (:func:`flan_rlhf.tools.hub_push.push_folder`) when asked for.
+
+    Raises:
+        FinishedWithProblem: the upload failed; the export is written (the summary says where).
+    """
+    if not push_to_hub:
+        return summary
+    from flan_rlhf.tools.hub_push import HubPushError, push_folder
+
+    try:
+        return f"{summary}\n{push_folder(out, push_to_hub, dry_run=dry_run)}"
+    except HubPushError as err:
+        raise FinishedWithProblem(summary, str(err)) from None
 
 
 def read_report(report: str | None) -> dict[str, Any] | None:
