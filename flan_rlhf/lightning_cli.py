@@ -17,7 +17,6 @@ from flan_rlhf.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
     checkpoints_newest_first,
-    newest_complete_checkpoint,
     read_checkpoint_file,
     resolve_ckpt_path,
 )
@@ -97,11 +96,11 @@ class FlanRLHFCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Give the logger the version of the run whose checkpoint ``--ckpt_path`` names, so a resume
         or an evaluation of it logs into that run's folder (:mod:`flan_rlhf.log_versions`)."""
-        from flan_rlhf.log_versions import LOG_KEY, continued_version, new_log_folders
+        from flan_rlhf.log_versions import LOG_KEY, continued_version, new_log_folders, takes_fresh_version
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.get("trainer", {}).get("logger")
-        self._fresh_log_version = hasattr(logger, "get") and (logger.get("init_args") or {}).get("version") is None
+        self._fresh_log_version = takes_fresh_version(logger)
         self._new_log_folders = new_log_folders(logger)
         path = self._checkpoint_file_quietly(config.get("ckpt_path"), config.get("trainer", {}).get("callbacks"))
         if path is None:
@@ -121,9 +120,11 @@ class FlanRLHFCLI(LightningCLI):
         ModelCheckpoint folder), without a word: :meth:`_resolve_ckpt_path` says what it finds later."""
         if not requested:
             return None
-        if requested == "last":
-            return newest_complete_checkpoint(checkpoint_dirpath_in(callbacks))[0]
-        return str(requested) if os.path.isfile(str(requested)) else None
+        try:
+            path = resolve_ckpt_path(str(requested), checkpoint_dirpath_in(callbacks), fresh_start_allowed=True).path
+        except CheckpointError:
+            return None
+        return path if path is not None and os.path.isfile(path) else None
 
     def add_arguments_to_parser(self, parser) -> None:
         if self.extra_options is not None:
@@ -252,8 +253,6 @@ class FlanRLHFCLI(LightningCLI):
             set_up_reward(reward, "cpu")  # idempotent; the module moves it to its device later
 
 
-# Lightning's start-up lines that are not facts about this run: an advert for its hosted logger, and
-# the note that the config's ModelSummary (flan_rlhf.model_summary.ParameterSummary) replaces the default.
 def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_options: type | None = None,
                       prog: str = "flan-rlhf", description: str | None = None,
                       cli_class: type[FlanRLHFCLI] | None = None) -> FlanRLHFCLI:

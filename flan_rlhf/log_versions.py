@@ -30,6 +30,25 @@ FILE_LOGGERS = ("lightning.pytorch.loggers.TensorBoardLogger", "lightning.pytorc
 START_FILES = ("hparams.yaml", "events.out.tfevents.*", "metrics.csv", "config.yaml")
 
 
+def _file_logger_args(logger_config: Any) -> dict[str, Any] | None:
+    """The ``init_args`` of a parsed ``trainer.logger`` that is a file logger (:data:`FILE_LOGGERS`), else None."""
+    if not hasattr(logger_config, "get") or str(logger_config.get("class_path")) not in FILE_LOGGERS:
+        return None
+    return logger_config.get("init_args") or {}
+
+
+def _log_root(init_args: dict[str, Any]) -> str:
+    """``save_dir/name`` of a file logger's ``init_args``, absolute (Lightning's defaults: ``.`` and ``lightning_logs``)."""
+    name = init_args.get("name")
+    return os.path.abspath(os.path.join(str(init_args.get("save_dir", ".")), "lightning_logs" if name is None else str(name)))
+
+
+def takes_fresh_version(logger_config: Any) -> bool:
+    """Whether the file logger of ``logger_config`` picks a new ``version_N`` (it sets no ``version`` of its own)."""
+    init_args = _file_logger_args(logger_config)
+    return init_args is not None and init_args.get("version") is None
+
+
 def continued_version(logger_config: Any, stored: dict[str, Any] | None) -> int | str | None:
     """The ``version`` to give the logger of ``logger_config`` (``{"class_path", "init_args"}``) so that it
     logs into ``stored["log_dir"]`` (from a checkpoint), or None to leave it alone.
@@ -40,14 +59,9 @@ def continued_version(logger_config: Any, stored: dict[str, Any] | None) -> int 
     Example: save_dir ``logs``, name ``tiny``, stored ``{"log_dir": "/abs/logs/tiny/version_0", "version": 0}``
     with the run in ``/abs`` -> ``0``.
     """
-    if not stored or not hasattr(logger_config, "get") or str(logger_config.get("class_path")) not in FILE_LOGGERS:
+    if not stored or not takes_fresh_version(logger_config) or not os.path.isdir(str(stored.get("log_dir", ""))):
         return None
-    init_args = logger_config.get("init_args") or {}
-    if init_args.get("version") is not None or not os.path.isdir(str(stored.get("log_dir", ""))):
-        return None
-    name = init_args.get("name")
-    name = "lightning_logs" if name is None else str(name)
-    root = os.path.abspath(os.path.join(str(init_args.get("save_dir", ".")), name))
+    root = _log_root(_file_logger_args(logger_config))
     return stored.get("version") if os.path.dirname(os.path.abspath(stored["log_dir"])) == root else None
 
 
@@ -101,10 +115,8 @@ class RunLogVersion(L.Callback):
 def new_log_folders(logger_config: Any) -> tuple[str, ...]:
     """The parents a file logger of ``logger_config`` would create (``save_dir/name``, then ``save_dir``)
     that do not exist yet, deepest first."""
-    if not hasattr(logger_config, "get") or str(logger_config.get("class_path")) not in FILE_LOGGERS:
+    init_args = _file_logger_args(logger_config)
+    if init_args is None:
         return ()
-    init_args = logger_config.get("init_args") or {}
-    save_dir = os.path.abspath(str(init_args.get("save_dir", ".")))
-    name = init_args.get("name")
-    folders = [os.path.join(save_dir, "lightning_logs" if name is None else str(name)), save_dir]
-    return tuple(folder for folder in folders if not os.path.exists(folder))
+    root = _log_root(init_args)
+    return tuple(folder for folder in (root, os.path.dirname(root)) if not os.path.exists(folder))

@@ -28,6 +28,13 @@ def total_steps(trainer: L.Trainer) -> int | None:
     return int(total) if total not in (float("inf"), -1) and total > 0 else None
 
 
+def evaluation_batches(trainer: L.Trainer, stage: str) -> int:
+    """Batches the ``validate``/``test``/``predict`` loop of ``trainer`` runs over all its dataloaders (finite ones)."""
+    counts = {"validate": trainer.num_val_batches, "test": trainer.num_test_batches,
+              "predict": trainer.num_predict_batches}.get(stage, [])
+    return int(sum(count for count in counts if count != float("inf")))
+
+
 def step_line(step: int, total: int | None, elapsed: float, steps_timed: int) -> str:
     """``"[fit] step 21/70 (30%) 18 s, ~42 s left"``; the estimate from the ``steps_timed`` steps of ``elapsed`` s.
 
@@ -99,10 +106,8 @@ class ProgressLines(L.Callback):
     def _loop_start(self, stage: str, trainer: L.Trainer) -> None:
         self._loop = None
         if trainer.is_global_zero and not trainer.sanity_checking:
-            counts = {"validate": trainer.num_val_batches, "test": trainer.num_test_batches,
-                      "predict": trainer.num_predict_batches}[stage]
-            total = int(sum(count for count in counts if count != float("inf")))
-            self._loop = RowProgress(total, stage, unit="batches", stream=self.stream or sys.stderr, interactive=False)
+            self._loop = RowProgress(evaluation_batches(trainer, stage), stage, unit="batches",
+                                     stream=self.stream or sys.stderr, interactive=False)
             self._loop.__enter__()
 
     def _loop_batch_end(self, trainer: L.Trainer, *_: Any) -> None:

@@ -10,6 +10,7 @@ import lightning as L
 
 from flan_rlhf.prediction_writer import JsonlPredictionWriter
 from flan_rlhf.progress import seconds
+from flan_rlhf.progress_callbacks import evaluation_batches
 
 
 def _plural(count: int, word: str) -> str:
@@ -22,11 +23,8 @@ def what_ran(trainer: L.Trainer, stage: str, elapsed: float) -> str:
     if stage == "fit":
         step, total = trainer.global_step, trainer.max_steps
         return f"fit: {step}/{total} steps {took}" if total > 0 else f"fit: {_plural(step, 'step')} {took}"
-    counts = {"validate": trainer.num_val_batches, "test": trainer.num_test_batches,
-              "predict": trainer.num_predict_batches}.get(stage, [])
-    batches = int(sum(count for count in counts if count != float("inf")))
     source = f" from {trainer.ckpt_path}" if trainer.ckpt_path else ""
-    return f"{stage}: {_plural(batches, 'batch')}{source} {took}"
+    return f"{stage}: {_plural(evaluation_batches(trainer, stage), 'batch')}{source} {took}"
 
 
 def output_lines(trainer: L.Trainer, model: L.LightningModule, stage: str) -> list[str]:

@@ -40,7 +40,7 @@ import torch
 
 from flan_rlhf.checkpointing import CheckpointError, newest_complete_checkpoint, read_checkpoint_file, state_dict_mismatch
 from flan_rlhf.errors import say
-from flan_rlhf.output_dirs import OutputDirError, atomic_output_dir, check_replaceable
+from flan_rlhf.output_dirs import OutputDirError, atomic_output_dir, check_replaceable, read_manifest
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
 from flan_rlhf.progress import seconds
 from flan_rlhf.tools.command import FinishedWithProblem, UsageError, run_tool
@@ -315,7 +315,7 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         model, tokenizer, base = merged_from_adapter(adapter, base)
         info["source"] = {"adapter": os.path.abspath(adapter), "base": base}
         card = CardFacts(export_format=format, base_model=base, metrics=metrics, command=command_line(),
-                         steps=_adapter_manifest(adapter).get("global_step"))
+                         steps=(read_manifest(adapter) or {}).get("global_step"))
     model = prepare_for_inference(model, DTYPES[dtype])
     if format == "int8":
         write_int8(model, tokenizer, out, info, check, per_channel=per_channel, card=card)
@@ -359,17 +359,6 @@ def read_report(report: str | None) -> dict[str, Any] | None:
     if not isinstance(metrics, dict) or "before" not in metrics or "after" not in metrics:
         raise UsageError(f"--report {report}: {path} has no before/after metrics - pass the --out folder of `flan-rlhf compare`")
     return metrics
-
-
-def _adapter_manifest(adapter: str) -> dict[str, Any]:
-    """The flan-rlhf manifest of an adapter folder, or ``{}`` (an adapter from elsewhere has none)."""
-    from flan_rlhf.output_dirs import MANIFEST
-
-    try:
-        with open(os.path.join(adapter, MANIFEST), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _summary(label: str, source: str, out: str, started: float) -> str:
