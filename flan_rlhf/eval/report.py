@@ -372,8 +372,9 @@ def plot_training_curves(
     """Draw reward, KL and toxicity curves read back from TensorBoard event files.
 
     Returns:
-        ``(drawn, notes)``: whether ``path`` was written, and one note per missing tag (a
-        missing tag skips its panel; with no tag at all no figure is written).
+        ``(drawn, notes)``: whether ``path`` was written, and one note per missing tag of
+        ``curve_tags`` (a missing tag skips its panel; with no tag at all no figure is
+        written). The toxicity panel is drawn only when such tags exist, without a note.
     """
     runs = read_scalar_curves(tb_logdir)
     notes: list[str] = []
@@ -388,12 +389,8 @@ def plot_training_curves(
             notes.append(f"training curves: tag '{tag}' ({title}) not found under {tb_logdir}; panel skipped")
     used = {tag for _, tags in panels for tag in tags}
     toxicity_tags = [tag for tag in all_tags if TOXICITY_TAG_PATTERN in tag.lower() and tag not in used]
-    if toxicity_tags:
+    if toxicity_tags:  # optional: a run whose reward logs no toxicity tag has nothing to draw here
         panels.append(("toxicity", toxicity_tags))
-    else:
-        notes.append(
-            f"training curves: no tag containing '{TOXICITY_TAG_PATTERN}' under {tb_logdir}; panel skipped"
-        )
     if not panels:
         return False, notes + ["training curves: none of the tags were found; figure skipped"]
     figure = _new_figure(4.2 * len(panels), 3.4)

@@ -138,7 +138,8 @@ def test_missing_tensorboard_tags_are_skipped_with_a_note(tmp_path):
     metrics = write_report(_rows(BEFORE), _rows(AFTER), tmp_path / "out", {}, tb_logdir=tmp_path / "tb",
                            n_resamples=50)
     notes = " ".join(metrics["notes"])
-    assert "'objective/kl' (KL) not found" in notes and "no tag containing 'toxic'" in notes
+    assert "'objective/kl' (KL) not found" in notes
+    assert "toxic" not in notes  # the toxicity panel is optional: absent tags are not a problem to report
     assert (tmp_path / "out" / "training_curves.png").is_file()  # the reward panel is still drawn
     (tmp_path / "empty").mkdir()
     metrics = write_report(_rows(BEFORE), _rows(AFTER), tmp_path / "out2", {}, tb_logdir=tmp_path / "empty",
