@@ -95,7 +95,7 @@ def _load_hint(what: str, name_or_path: str, err: Exception) -> str:
     return (
         f"cannot load {what} '{name_or_path}': not a local folder and not reachable on the Hugging Face Hub "
         f"(offline or unknown name) - check the name, or download it on a connected machine with "
-        f"`huggingface-cli download {name_or_path} --local-dir DIR` and pass DIR"
+        f"`hf download {name_or_path} --local-dir DIR` and pass DIR"
     )
 
 

@@ -216,7 +216,7 @@ CASES: dict[str, BadInput] = {
         fit_fails(set_model(**{"policy.name_or_path": "google/flan-t5-typo"})),
         r"cannot load model 'google/flan-t5-typo': not a local folder and not reachable on the Hugging Face Hub "
         r"\(offline or unknown name\) - check the name, or download it on a connected machine with "
-        r"`huggingface-cli download google/flan-t5-typo --local-dir DIR` and pass DIR"),
+        r"`hf download google/flan-t5-typo --local-dir DIR` and pass DIR"),
     "model folder that is not seq2seq": BadInput(
         lambda tmp: fit_fails(set_model(**{"policy.name_or_path": str(tmp / "gpt2_model")}),
                               inputs=_not_seq2seq_folder)(tmp),

@@ -259,7 +259,7 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         report: a ``flan-rlhf compare`` report folder (or its ``metrics.json``): its before/after
             table goes into the export's model card.
         push_to_hub: a Hub model repo (``user/name``) to upload the export to (created private if
-            missing; needs a token: ``huggingface-cli login`` or HF_TOKEN).
+            missing; needs a token: ``hf auth login`` or HF_TOKEN).
         dry_run: with ``push_to_hub``, list what would be uploaded instead of uploading.
 
     Returns:

@@ -40,7 +40,7 @@ def push_folder(folder: str, repo_id: str, dry_run: bool = False, private: bool 
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if get_token() is None:
-        raise HubPushError(f"--push_to_hub {repo_id}: no Hugging Face token - run `huggingface-cli login` or set HF_TOKEN; "
+        raise HubPushError(f"--push_to_hub {repo_id}: no Hugging Face token - run `hf auth login` or set HF_TOKEN; "
                            f"the export is written in {folder}")
     api = HfApi()
     try:

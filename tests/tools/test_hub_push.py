@@ -42,7 +42,7 @@ def test_the_upload_creates_a_private_repo_and_sends_the_folder(export_folder, m
 
 def test_no_token_or_no_network_is_one_line_naming_the_repo(export_folder, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    with pytest.raises(HubPushError, match=r"--push_to_hub me/tiny: no Hugging Face token - run `huggingface-cli login`"):
+    with pytest.raises(HubPushError, match=r"--push_to_hub me/tiny: no Hugging Face token - run `hf auth login`"):
         push_folder(str(export_folder), "me/tiny")
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
 
