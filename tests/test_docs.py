@@ -188,3 +188,12 @@ def test_readme_is_a_front_page():
     assert len(lines) < 250
     head = "\n".join(lines[:40])  # the two commands of a fresh machine come first
     assert "make demo" in head and "make test" in head
+
+
+def test_the_layout_names_every_module_and_folder():
+    layout = (ROOT / "docs" / "development.md").read_text()
+    package = ROOT / "flan_rlhf"
+    names = [path.name for path in package.glob("*.py") if path.name != "__init__.py"]
+    names += [f"{path.name}/" for path in package.iterdir() if path.is_dir() and path.name != "__pycache__"]
+    names += [f"{path.name}" for path in (ROOT / "benchmarks").glob("*.py")]
+    assert [name for name in sorted(names) if name not in layout] == []
