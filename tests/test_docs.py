@@ -197,3 +197,32 @@ def test_the_layout_names_every_module_and_folder():
     names += [f"{path.name}/" for path in package.iterdir() if path.is_dir() and path.name != "__pycache__"]
     names += [f"{path.name}" for path in (ROOT / "benchmarks").glob("*.py")]
     assert [name for name in sorted(names) if name not in layout] == []
+
+
+def readme_command_lines() -> list[list[str]]:
+    """The ``flan-rlhf ...`` lines of the README's code blocks, as argv lists (comments dropped)."""
+    import shlex
+
+    code, _ = fenced_and_prose((ROOT / "README.md").read_text())
+    return [shlex.split(line, comments=True)[1:] for line in code if line.startswith("flan-rlhf ")]
+
+
+def test_the_readme_recipe_parses_as_written(capsys, monkeypatch):
+    """Every command of the README's code blocks is accepted by its parser, values included."""
+    from flan_rlhf.cli import main
+
+    monkeypatch.chdir(ROOT)  # its config paths are relative to the checkout
+    commands = readme_command_lines()
+    assert {argv[0] for argv in commands} >= {"fit", "compare", "export"}
+    for argv in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--print_config"])
+        assert exit_info.value.code == 0, (argv, capsys.readouterr().err)
+        capsys.readouterr()
+
+
+@pytest.mark.parametrize("page", WRITTEN_PAGES, ids=lambda page: page.name)
+def test_no_inline_code_span_crosses_a_line(page):
+    """The flag check reads inline code line by line, so a span broken across lines would hide its flags."""
+    _, prose = fenced_and_prose(page.read_text())
+    assert [line for line in prose if line.replace("``", "").count("`") % 2] == []
