@@ -206,15 +206,40 @@ def hidden_size(model) -> int:
     return int(getattr(config, "d_model", None) or config.hidden_size)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation (gradient) checkpointing of a HF model, under transformers 5's
+    name for it (``activation_checkpointing_enable``; the old name warns) or 4's."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _is_dropout_setting(name: str, value: object) -> bool:
+    # "dropout", "dropout_rate", "attention_dropout", "activation_dropout", "encoder_layerdrop", ...
+    return isinstance(value, float) and not isinstance(value, bool) and ("dropout" in name or "layerdrop" in name)
+
+
 def disable_dropout(module: nn.Module) -> None:
     """Set every dropout probability to 0 (N implementation details of RLHF, #6: dropout off in
-    policy, reference and critic so rollout and update log-probs agree)."""
+    policy, reference and critic so rollout and update log-probs agree), in train mode too.
+
+    Covers ``nn.Dropout`` modules, the float probabilities HF layers pass to functional dropout
+    (T5Attention's ``dropout``, BART's ``dropout``/``activation_dropout``, LayerDrop's
+    ``layerdrop``) and the config's, so a model rebuilt from its config has none either.
+    """
     for sub in module.modules():
         if isinstance(sub, nn.Dropout):
             sub.p = 0.0
+        for name, value in list(vars(sub).items()):
+            if _is_dropout_setting(name, value):
+                setattr(sub, name, 0.0)
     config = getattr(module, "config", None)
-    if config is not None and hasattr(config, "dropout_rate"):
-        config.dropout_rate = 0.0
+    if config is not None:
+        for name, value in list(vars(config).items()):
+            if _is_dropout_setting(name, value):
+                setattr(config, name, 0.0)
 
 
 class ActorCritic(nn.Module):
@@ -230,6 +255,10 @@ class ActorCritic(nn.Module):
     def __init__(self, model: nn.Module, lora: LoraSettings | None = None, gradient_checkpointing: bool = False):
         super().__init__()
         disable_dropout(model)
+        # from_pretrained returns eval mode and Lightning keeps submodules' modes as found; HF's
+        # gradient checkpointing runs only in train mode, which with every dropout at 0 computes
+        # what eval mode does.
+        model.train()
         self.uses_lora = lora is not None
         if lora is not None:
             from peft import LoraConfig, TaskType, get_peft_model
@@ -258,7 +287,7 @@ class ActorCritic(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             base = self.policy.get_base_model() if self.uses_lora else self.policy
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(base)
             base.config.use_cache = False
         self.value_head = nn.Linear(hidden_size(model), 1)
         # Small init keeps the first value estimates near 0 (TRL ValueHead uses default Linear init + dropout).

@@ -29,7 +29,7 @@ import torch
 from flan_rlhf.checkpointing import CheckpointError, state_dict_mismatch
 from flan_rlhf.optim import adamw, lr_schedule
 from flan_rlhf.output_dirs import GuardedExportMixin
-from flan_rlhf.policy import LoraSettings, PolicySpec, load_policy_model
+from flan_rlhf.policy import LoraSettings, PolicySpec, enable_activation_checkpointing, load_policy_model
 
 IGNORE_INDEX = -100  # label value torch's cross_entropy (and HF) skip
 
@@ -128,7 +128,7 @@ class SFTModule(GuardedExportMixin, L.LightningModule):
         model, self.tokenizer = load_policy_model(self.policy_spec)
         model.train()  # load_policy_model returns eval mode; Lightning keeps submodules' modes as found
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             model.config.use_cache = False
         if self.lora is not None:
             from peft import LoraConfig, TaskType, get_peft_model

@@ -99,3 +99,61 @@ def test_folder_that_is_not_seq2seq_is_rejected(tmp_path):
 def test_spec_without_source_is_rejected():
     with pytest.raises(ModelLoadError, match="name_or_path"):
         load_policy_model(PolicySpec())
+
+
+def _saved_and_reloaded_t5(folder, **config):
+    """A tiny T5 with dropout in its config, saved and loaded back: from_pretrained returns eval mode."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    build_t5_from_config(vocab_size=384, d_model=32, d_ff=64, num_layers=1, num_heads=2, **config).save_pretrained(folder)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    assert not loaded.training
+    return loaded
+
+
+def _dropout_settings(module: torch.nn.Module) -> dict[str, float]:
+    found = {}
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Dropout):
+            found[f"{name}.p"] = sub.p
+        found.update({f"{name}.{key}": value for key, value in vars(sub).items()
+                      if isinstance(value, float) and ("dropout" in key or "layerdrop" in key)})
+    return found
+
+
+def test_a_loaded_policy_trains_in_train_mode_with_every_dropout_off(tmp_path):
+    loaded = _saved_and_reloaded_t5(tmp_path, dropout_rate=0.1)
+    assert max(_dropout_settings(loaded).values()) == pytest.approx(0.1)  # T5Attention.dropout and nn.Dropout
+    actor = ActorCritic(loaded, LoraSettings())
+    assert all(module.training for module in actor.policy.modules())
+    assert set(_dropout_settings(actor.policy).values()) == {0.0}
+    assert actor.base_model.config.dropout_rate == 0.0
+    ids, mask, dec = _inputs(384)
+    first, second = (actor.policy(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_bart_dropout_and_layerdrop_are_off_in_train_mode():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                        dropout=0.3, attention_dropout=0.3, activation_dropout=0.3, encoder_layerdrop=0.5,
+                        decoder_layerdrop=0.5)
+    actor = ActorCritic(BartForConditionalGeneration(config), LoraSettings(r=2, alpha=4, target_modules=["q_proj"]))
+    assert actor.policy.training and set(_dropout_settings(actor.policy).values()) == {0.0}
+    ids = torch.randint(4, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    first, second = (actor.policy(input_ids=ids, decoder_input_ids=ids[:, :5]).logits for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_of_a_loaded_policy(tmp_path):
+    """HF checkpoints a layer only in train mode; a policy loaded in eval mode used to skip it silently."""
+    actor = ActorCritic(_saved_and_reloaded_t5(tmp_path), LoraSettings(), gradient_checkpointing=True)
+    calls = []
+    # the block's own hook fires once either way; its first sub-layer runs again when recomputed
+    actor.base_model.encoder.block[0].layer[0].register_forward_hook(lambda *args: calls.append(1))
+    ids, mask, dec = _inputs(384)
+    actor.policy(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.square().mean().backward()
+    assert len(calls) == 2  # the forward, then its recomputation in backward
