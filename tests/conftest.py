@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,6 +20,24 @@ from flan_rlhf.policy import PolicySpec
 from flan_rlhf.rewards.base import Reward
 
 TINY_T5 = dict(d_model=64, d_ff=128, num_layers=2, num_heads=4)
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+#: Where the commands write by default (relative paths in configs/): tests must write under tmp_path.
+RUN_OUTPUT_FOLDERS = ("lightning_logs", "checkpoints", "artifacts", "reports")
+
+
+def _run_outputs_in_checkout() -> set[str]:
+    return {str(path.relative_to(CHECKOUT)) for name in RUN_OUTPUT_FOLDERS for path in (CHECKOUT / name).glob("*")
+            if path.name != ".gitkeep"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_leave_the_checkout_as_they_found_it():
+    """``make test`` must not leave run folders in the user's checkout (they would mix with real runs)."""
+    before = _run_outputs_in_checkout()
+    yield
+    added = sorted(_run_outputs_in_checkout() - before)
+    assert not added, f"tests wrote run outputs into the checkout: {added} - write them under tmp_path"
 
 
 def shrunk_tiny_config(out_dir, max_new_tokens: int, **trainer_updates) -> dict:

@@ -12,7 +12,8 @@ from tests.conftest import error_lines, run_command
 TINY = ["--sft_steps", "2", "--ppo_steps", "1", "--n_train", "64", "--n_test", "8"]
 
 
-def test_demo_runs_reruns_and_refuses_a_folder_it_did_not_write(tmp_path):
+def test_demo_runs_reruns_and_refuses_a_folder_it_did_not_write(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its logger writes to ./lightning_logs, as `make demo` does
     root, out = tmp_path / "artifacts", tmp_path / "reports"
     argv = ["demo", "--root", str(root), "--out", str(out), *TINY]
     first, second = tmp_path / "demo_1.yaml", tmp_path / "demo_2.yaml"  # two composed configs, then a flag
