@@ -216,9 +216,18 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Turn activation checkpointing off if it is on, under either transformers name (as above)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        if model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+
+
 def _is_dropout_setting(name: str, value: object) -> bool:
     # "dropout", "dropout_rate", "attention_dropout", "activation_dropout", "encoder_layerdrop", ...
-    return isinstance(value, float) and not isinstance(value, bool) and ("dropout" in name or "layerdrop" in name)
+    return isinstance(value, float) and ("dropout" in name or "layerdrop" in name)
 
 
 def disable_dropout(module: nn.Module) -> None:

@@ -1,6 +1,7 @@
 """The README and docs/ stay true to the program: commands, flags, config paths, files and links."""
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+@functools.lru_cache(maxsize=None)
 def anchors(page: Path) -> set[str]:
     _, prose = fenced_and_prose(page.read_text())
     seen: dict[str, int] = {}

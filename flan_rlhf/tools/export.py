@@ -41,7 +41,7 @@ import torch
 from flan_rlhf.checkpointing import CheckpointError, newest_complete_checkpoint, read_checkpoint_file, state_dict_mismatch
 from flan_rlhf.errors import say
 from flan_rlhf.output_dirs import OutputDirError, atomic_output_dir, check_replaceable, read_manifest
-from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
+from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, disable_activation_checkpointing, load_policy_model
 from flan_rlhf.progress import seconds
 from flan_rlhf.tools.command import FinishedWithProblem, UsageError, run_tool
 
@@ -140,11 +140,7 @@ def merged_from_adapter(adapter_dir: str, base: str | None = None):
 
 def prepare_for_inference(model, dtype: torch.dtype):
     """Cast to ``dtype``, turn gradient checkpointing off and the KV cache on (in place)."""
-    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5 names
-        if model.is_activation_checkpointing:
-            model.activation_checkpointing_disable()
-    elif getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    disable_activation_checkpointing(model)
     model.config.use_cache = True
     for p in model.parameters():
         p.requires_grad_(False)

@@ -41,7 +41,6 @@ class HelpPage:
 def help_pages() -> list[HelpPage]:
     """The screens the options page is made of, in page order."""
     pages = [HelpPage("fit, validate, test, predict", ("fit", "--help"),
-                      "The Lightning commands share their options; `validate` and `test` add `--verbose`. "
                       "`--trainer.*` are the options of Lightning's `Trainer` (listed by name below, "
                       "documented at https://lightning.ai/docs/pytorch/stable/common/trainer.html).")]
     pages += [HelpPage(f"--model {name.rsplit('.', 1)[-1]}", ("fit", "--model.help", name),
@@ -98,6 +97,22 @@ def help_entries(text: str) -> list[tuple[str, str]]:
     return [(option, description) for option, description in entries]
 
 
+def _screen_options(argv: tuple[str, ...]) -> set[str]:
+    return {option for option, _ in help_entries(help_text(argv))}
+
+
+def lightning_differences() -> str:
+    """One sentence on how validate/test/predict's options differ from fit's (read from their ``--help``)."""
+    fit = _screen_options(("fit", "--help"))
+    parts = []
+    for name in LIGHTNING_COMMANDS[1:]:
+        own = _screen_options((name, "--help"))
+        change = [f"adds {', '.join(f'`{option}`' for option in sorted(own - fit))}"] if own - fit else []
+        change += [f"lacks {', '.join(f'`{option}`' for option in sorted(fit - own))}"] if fit - own else []
+        parts.append(f"`{name}` {' and '.join(change) if change else 'has the same'}")
+    return "The Lightning commands share fit's options: " + "; ".join(parts) + "."
+
+
 def _pages_with_entries() -> Iterator[tuple[HelpPage, list[tuple[str, str]]]]:
     for page in help_pages():
         yield page, help_entries(help_text(page.argv))
@@ -121,9 +136,7 @@ def known_options() -> dict[str, set[str]]:
         else:  # a reward class of score
             known["score"] |= options
     for name in LIGHTNING_COMMANDS:
-        known[name] |= lightning_shared | known["fit"]
-    for name in ("validate", "test"):
-        known[name].add("--verbose")
+        known[name] |= lightning_shared | _screen_options((name, "--help"))
     known["compare"] |= lightning_shared
     return known
 
@@ -169,6 +182,8 @@ def options_reference() -> str:
         elif page.argv == ("compare", "--help"):
             entries = [entry for entry in entries if entry[0] not in shared]
         lines += [f"## {page.title}", "", f"`flan-rlhf {' '.join(page.argv)}`", ""]
+        if page.argv == ("fit", "--help"):
+            lines += [lightning_differences(), ""]
         if page.intro:
             lines += [page.intro, ""]
         trainer = [option for option, _ in entries if option.startswith("--trainer.") and not option.endswith(".help")]
