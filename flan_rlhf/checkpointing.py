@@ -39,10 +39,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         import torch
 
-        from flan_rlhf.io import atomic_file
+        from flan_rlhf.io import DiskFullError, atomic_file, disk_full_cause
 
-        with atomic_file(path, "wb") as handle:  # <path>.tmp-<pid>, fsync, os.replace, fsync the folder
-            torch.save(checkpoint, handle)
+        try:
+            with atomic_file(path, "wb") as handle:  # <path>.tmp-<pid>, fsync, os.replace, fsync the folder
+                torch.save(checkpoint, handle)
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+            full = disk_full_cause(err) or (err if "No space left on device" in str(err) else None)
+            if full is None:
+                raise
+            raise DiskFullError(disk_full_checkpoint_message(path)) from err
 
     def load_checkpoint(self, path, map_location: Any = _LIGHTNING_DEFAULT, weights_only: bool | None = None) -> dict[str, Any]:
         """Load with ``weights_only=True`` unless the caller passed ``False`` (``--weights_only false``).
@@ -65,6 +71,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # Private API (pinned by tests/test_private_apis.py):
 # - ``numpy._core.multiarray._reconstruct`` (``numpy.core`` before numpy 2): the global numpy arrays
 #   unpickle through; allowed in ``weights_only`` loads as PyTorch's serialization notes suggest.
+
+
+def disk_full_checkpoint_message(path: str) -> str:
+    """The line for a checkpoint save that ran out of space: the newest intact checkpoint beside it, how to continue."""
+    from flan_rlhf.interrupts import resume_command
+    from flan_rlhf.interrupts import command_line
+
+    newest, _ = newest_complete_checkpoint(os.path.dirname(os.path.abspath(path)))
+    survives = (f"the newest intact checkpoint is {newest}" if newest else "no earlier checkpoint of this run is on disk")
+    return (f"no space left on device while writing checkpoint {path} (nothing was half-written; {survives}) - free "
+            f"space, then continue with: {resume_command(command_line())}")
 
 
 def numpy_array_globals() -> list[Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flan_rlhf import __version__
 from flan_rlhf.errors import first_line, say
-from flan_rlhf.model_card import record_command
+from flan_rlhf.interrupts import record_command
 from flan_rlhf.quiet import silence_harmless
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success; 2 with one ``error: <message>`` line on stderr for a known problem
         (:func:`known_errors`: bad data, model, checkpoint or reward, a run stopped by a guard)
-        or an unknown command. Argument errors exit through ``SystemExit(2)`` from the
+        or an unknown command; 143 (SIGTERM) or 130 (SIGINT) with one line for a command stopped
+        by a signal (:mod:`flan_rlhf.interrupts`; ``fit`` checkpoints the iteration it finished). Argument errors exit through ``SystemExit(2)`` from the
         command's parser, naming the key.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -128,16 +129,37 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         say(f"error: {unknown_command_message(name)}")
         return 2
+    from flan_rlhf.interrupts import RunInterrupted, signals_raise
+
     function = command_function(name)
     try:
-        return int((function(name, rest) if COMMANDS[name].lightning else function(rest)) or 0)
+        with signals_raise():
+            return int((function(name, rest) if COMMANDS[name].lightning else function(rest)) or 0)
+    except RunInterrupted as stop:
+        if _is_rank_zero():
+            say(str(stop))
+        return stop.exit_code
     except Exception as err:  # noqa: BLE001 - only known_errors() are turned into one line
+        from flan_rlhf.io import disk_full_cause, disk_full_line
+
+        full = disk_full_cause(err)
+        if full is not None:
+            log.debug("disk full", exc_info=True)
+            say(f"error: {disk_full_line(full)}")
+            return 2
         known = known_cause(err)
         if known is None:
             raise
         log.debug("known error", exc_info=True)
         say(f"error: {first_line(known)}")
         return 2
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process is rank 0 of its job, or in none: Lightning's ``rank_zero_only.rank``
+    (the strategy sets it to the global rank) once Lightning is loaded."""
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    return rank_zero is None or getattr(rank_zero.rank_zero_only, "rank", 0) == 0
 
 
 def known_cause(err: BaseException) -> BaseException | None:

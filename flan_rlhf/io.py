@@ -34,6 +34,40 @@ from typing import IO, Iterator, Sequence
 # ---------------------------------------------------------------------------------------------
 # atomic writes
 # ---------------------------------------------------------------------------------------------
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space left; disk quota exceeded
+
+
+class DiskFullError(OSError):
+    """A write that ran out of space (``errno`` ENOSPC); ``str()`` is one line naming what was written and what survives."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def disk_full_cause(err: BaseException | None) -> OSError | None:
+    """``err`` or the first of its causes that is an ``OSError`` for a full disk or quota, else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def disk_full_line(err: OSError) -> str:
+    """One line for a full disk: the file being written, that nothing on disk was changed, the fix."""
+    if isinstance(err, DiskFullError):
+        return str(err)
+    where = f" while writing {err.filename}" if err.filename else ""
+    return (f"no space left on device{where}; no file was left half-written and nothing already on disk changed "
+            "(writes are atomic) - free space (or raise the quota) and run the command again")
+
+
 def fsync_folder(folder: str | os.PathLike) -> None:
     """``fsync`` a directory so renames inside it are on disk (no-op where unsupported)."""
     try:
@@ -96,9 +130,10 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary sibling folder to fill; when the block succeeds it replaces ``folder``.
 
     Guarantees:
-        * on success ``folder`` is the filled folder; an existing ``folder`` is first renamed
-          aside and then removed, so at every instant one complete folder stands at the path
-          (the parent folder is created if missing and fsynced after the rename);
+        * on success ``folder`` is the filled folder; an existing ``folder`` is exchanged with it in
+          one atomic step and then removed, so at every instant one complete folder stands at the
+          path (Linux; elsewhere it is renamed aside first, see :func:`_swap_in`); the parent
+          folder is created if missing and fsynced after the rename;
         * on any error the temporary folder is removed and ``folder`` is untouched;
         * the temporary folder is hidden: ``.<name>.tmp-<random>`` next to ``folder``.
 
@@ -154,10 +189,37 @@ def follow_umask(folder: str) -> None:
                 os.chmod(path, file_mode)
 
 
+def exchange_paths(a: str, b: str) -> bool:
+    """Swap what two paths name in one atomic step, or return ``False`` where that is not possible.
+
+    Linux ``renameat2(..., RENAME_EXCHANGE)`` (rename(2), Linux >= 3.15, glibc >= 2.28), called
+    through ctypes because Python's ``os`` does not expose it; other systems, and filesystems that
+    refuse the flag, get ``False`` and the caller falls back to two renames.
+    """
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
 def _swap_in(tmp: str, folder: str) -> None:
-    """Rename ``tmp`` to ``folder``; an existing ``folder`` is moved aside and removed."""
+    """Rename ``tmp`` to ``folder``. An existing ``folder`` is exchanged with ``tmp`` in one atomic step
+    (:func:`exchange_paths`) and then removed; where that is not possible it is renamed aside first,
+    which leaves no folder at the path for the instant between the two renames."""
     if not os.path.isdir(folder):
         os.replace(tmp, folder)
+        return
+    if exchange_paths(tmp, folder):  # tmp now holds the old folder
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     old = tmp + ".old"
     os.replace(folder, old)

@@ -21,6 +21,7 @@ from flan_rlhf.checkpointing import (
     resolve_ckpt_path,
 )
 from flan_rlhf.errors import condense_parser_error, say
+from flan_rlhf.graceful_stop import StopAtIterationEnd
 from flan_rlhf.progress import interactive_terminal
 from flan_rlhf.progress_callbacks import choose_progress
 from flan_rlhf.quiet import silence_harmless
@@ -144,6 +145,8 @@ class FlanRLHFCLI(LightningCLI):
         added = [*progress.callbacks, *self._summary_callbacks(trainer_config, given),
                  RunLogVersion(fresh=getattr(self, "_fresh_log_version", False),
                                new_folders=getattr(self, "_new_log_folders", ()))]
+        if self.subcommand == "fit" and not any(isinstance(c, StopAtIterationEnd) for c in given):
+            added.append(StopAtIterationEnd())  # a signal checkpoints the finished iteration, then exits 143/130
         if added:
             kwargs["callbacks"] = [*given, *added]
         return super().instantiate_trainer(**kwargs)

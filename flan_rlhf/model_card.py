@@ -8,10 +8,10 @@ when a before/after report exists, its ``metrics.json``.
 from __future__ import annotations
 
 import os
-import shlex
-import sys
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Mapping
+
+from flan_rlhf.interrupts import command_line
 
 CARD_FILE = "README.md"
 TAGS = ["flan-rlhf", "rlhf", "ppo", "text2text-generation"]
@@ -52,23 +52,6 @@ class CardFacts:
     metrics: Mapping[str, Any] | None = None
     command: str = ""
     method: str = "PPO (RLHF) with LoRA"
-
-
-_running: list[str] | None = None  # the flan-rlhf arguments of this process's command (record_command)
-
-
-def record_command(arguments: list[str]) -> None:
-    """Remember the arguments ``flan-rlhf`` was given (:func:`flan_rlhf.cli.main` calls it), for :func:`command_line`."""
-    global _running
-    _running = list(arguments)
-
-
-def command_line() -> str:
-    """The command that is running, quoted to paste back: ``flan-rlhf fit --config c.yaml``
-    (from :func:`record_command`; from ``sys.argv`` for a script that did not go through ``flan-rlhf``)."""
-    if _running is not None:
-        return shlex.join(["flan-rlhf", *_running])
-    return shlex.join([os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]])
 
 
 def _plain(value: Any) -> dict[str, Any]:

@@ -193,6 +193,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         if self._resumed_from is not None:
             if self.global_rank == 0:  # one line, on stdout (a logging call too would print it twice)
                 print(f"resumed from step {self.global_step} ({self._resumed_from})", flush=True)
+            self._resumed_from = None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         optimizer = self.optimizers()
@@ -431,7 +432,14 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
     def export_target(self) -> tuple[str | None, bool, str]:
         return self.hparams.export_dir, self.hparams.overwrite_export_dir, "--model.init_args.overwrite_export_dir true"
 
-    def on_train_end(self) -> None:
+    def on_fit_end(self) -> None:
+        """Write the export (``export_dir``) when ``fit`` ends, also when a resumed run had no iteration
+        left to train (Lightning then skips ``on_train_start``/``on_train_end`` but not this hook), so a
+        run killed after its last checkpoint is finished by ``--ckpt_path last``."""
+        if self._resumed_from is not None and self.global_rank == 0:  # on_train_start did not run
+            print(f"resumed from step {self.global_step} ({self._resumed_from}): training was already complete, "
+                  "writing the end-of-fit files", flush=True)
+        self._resumed_from = None
         if self.hparams.export_dir and self.global_rank == 0:
             from flan_rlhf.policy import save_adapter
 

@@ -1,4 +1,4 @@
-"""Test-only callback: each process records how many prompts it rolled out (for the DDP test)."""
+"""Test-only callbacks for the DDP tests: what each process rolled out, and where each one stopped."""
 from __future__ import annotations
 
 import json
@@ -22,3 +22,15 @@ class RankRolloutRecorder(L.Callback):
         lora = {k: float(v.float().abs().sum()) for k, v in pl_module.actor.trainable_state_dict().items()}
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
             json.dump({"prompts": self.prompts, "global_step": trainer.global_step, "weights": lora}, handle)
+
+
+class RankStopRecorder(L.Callback):
+    """Writes ``<out_dir>/rank<r>.json`` with the exception that ended this process's fit and its global_step."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_exception(self, trainer, pl_module, exception):
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
+            json.dump({"exception": type(exception).__name__, "global_step": trainer.global_step}, handle)

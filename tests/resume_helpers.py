@@ -67,3 +67,44 @@ class KillAfterStep(CrashAt):
             raise RuntimeError(f"KillAfterStep: {expected} is not on disk at step {self.step} "
                                f"(the folder holds {sorted(os.listdir(folder))})")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(L.Callback):
+    """Send this process ``signum`` when iteration ``step + 1`` starts (``on_train_batch_start`` at
+    ``global_step == step``): the signal lands in the middle of that iteration, as a scheduler's would.
+
+    With ``hook="setup"`` it is sent while the run is still setting up (before any iteration), with
+    ``"on_train_end"`` after the last iteration; ``rank``: only the process of that global rank sends it.
+    """
+
+    def __init__(self, step: int = 0, signum: int = int(signal.SIGTERM), hook: str = "on_train_batch_start",
+                 times: int = 1, rank: int | None = None):
+        self.step, self.signum, self.hook, self.times, self.rank = step, signum, hook, times, rank
+        self.trainer = None
+
+    def _send(self) -> None:
+        if self.rank is not None and self.trainer is not None and self.trainer.global_rank != self.rank:
+            return
+        for _ in range(self.times):
+            os.kill(os.getpid(), self.signum)
+
+    def setup(self, trainer, pl_module, stage):
+        self.trainer = trainer
+        if self.hook == "setup":
+            self._send()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.hook == "on_train_batch_start" and trainer.global_step == self.step:
+            self._send()
+
+    def on_train_end(self, trainer, pl_module):
+        if self.hook == "on_train_end":
+            self._send()
+
+
+class CrashBeforeExport(L.Callback):
+    """Raise :class:`SimulatedCrash` when training has ended, before the end-of-fit export (a kill
+    between the last checkpoint and the export): callbacks' ``on_train_end`` runs before the module's."""
+
+    def on_train_end(self, trainer, pl_module):
+        raise SimulatedCrash(f"crashed after the last iteration ({trainer.global_step}), before the export")

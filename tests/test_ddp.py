@@ -12,17 +12,22 @@ import yaml
 from tests.test_cli import ROOT, tiny_config
 
 
-def test_tiny_fit_with_two_ddp_processes(tmp_path):
-    config_path = tiny_config(tmp_path)
-    config = yaml.safe_load(open(config_path))
-    config["trainer"].update(devices=2, strategy="ddp", max_steps=3, val_check_interval=3, limit_val_batches=1)
-    config["trainer"]["callbacks"].append({"class_path": "tests.ddp_helpers.RankRolloutRecorder",
-                                           "init_args": {"out_dir": str(tmp_path / "ranks")}})
+def ddp_fit(tmp_path, max_steps: int, *callbacks: dict) -> tuple[dict, subprocess.CompletedProcess]:
+    """``flan-rlhf fit`` of the tiny config on two DDP processes (gloo), with ``callbacks`` added:
+    ``(config, finished process)``; the config is ``tmp_path/ddp.yaml``."""
+    config = yaml.safe_load(open(tiny_config(tmp_path)))
+    config["trainer"].update(devices=2, strategy="ddp", max_steps=max_steps, val_check_interval=3, limit_val_batches=1)
+    config["trainer"]["callbacks"] += list(callbacks)
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", str(config_path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return config, subprocess.run([sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", str(config_path)],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_fit_with_two_ddp_processes(tmp_path):
+    config, result = ddp_fit(tmp_path, 3, {"class_path": "tests.ddp_helpers.RankRolloutRecorder",
+                                           "init_args": {"out_dir": str(tmp_path / "ranks")}})
     assert result.returncode == 0, result.stderr[-3000:]
 
     ranks = [json.load(open(tmp_path / "ranks" / f"rank{r}.json")) for r in (0, 1)]
@@ -42,3 +47,19 @@ def test_tiny_fit_with_two_ddp_processes(tmp_path):
     # one closing summary, from process 0
     assert result.stdout.count("fit: 3/3 steps in ") == 1, result.stdout[-2000:]
     assert f"  checkpoints: {tmp_path / 'ckpt'} (newest: {tmp_path / 'ckpt' / 'last.ckpt'})" in result.stdout
+
+
+def test_sigterm_on_one_ddp_process_stops_every_rank_at_the_same_iteration(tmp_path):
+    """Rank 1 alone receives SIGTERM during iteration 2: both ranks finish it, write one checkpoint
+    together, and exit 143; process 0 prints the one line."""
+    _, result = ddp_fit(
+        tmp_path, 6, {"class_path": "tests.resume_helpers.SignalAt", "init_args": {"step": 1, "signum": 15, "rank": 1}},
+        {"class_path": "tests.ddp_helpers.RankStopRecorder", "init_args": {"out_dir": str(tmp_path / "ranks")}})
+    config_path = tmp_path / "ddp.yaml"
+    assert result.returncode == 143, result.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / "ranks" / f"rank{r}.json")) for r in (0, 1)]
+    assert ranks == [{"exception": "RunInterrupted", "global_step": 2}] * 2
+    stopped = [line for line in result.stderr.splitlines() if line.startswith("stopped by")]
+    assert stopped == [f"stopped by SIGTERM after iteration 2 of 6, checkpointed in {tmp_path / 'ckpt' / 'epoch=0-step=2.ckpt'} "
+                       f"- continue with: flan-rlhf fit --config {config_path} --ckpt_path last"], result.stderr[-3000:]
+    assert not (tmp_path / "adapter").exists()

@@ -306,7 +306,8 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         model = merged_model(actor)
         del actor
     else:
-        from flan_rlhf.model_card import CardFacts, command_line
+        from flan_rlhf.interrupts import command_line
+        from flan_rlhf.model_card import CardFacts
 
         model, tokenizer, base = merged_from_adapter(adapter, base)
         info["source"] = {"adapter": os.path.abspath(adapter), "base": base}
