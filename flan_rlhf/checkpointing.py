@@ -194,28 +194,34 @@ def checkpoint_problem(path: str) -> str | None:
     return None
 
 
-def partial_writes(checkpoint_dir: str) -> list[str]:
-    """Leftovers of interrupted atomic writes (``*.tmp-<pid>``) in ``checkpoint_dir``."""
-    return sorted(glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.tmp-*")))
+def _folders(checkpoint_dirs: str | Sequence[str] | None) -> list[str]:
+    """One folder, several, or none -> the list of those that exist."""
+    if not checkpoint_dirs:
+        return []
+    folders = [checkpoint_dirs] if isinstance(checkpoint_dirs, (str, os.PathLike)) else list(checkpoint_dirs)
+    return [str(folder) for folder in folders if os.path.isdir(folder)]
 
 
-def checkpoints_newest_first(checkpoint_dir: str) -> list[str]:
-    """``*.ckpt`` files in ``checkpoint_dir``, newest modification time first."""
-    found = glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.ckpt"))
+def partial_writes(checkpoint_dirs: str | Sequence[str] | None) -> list[str]:
+    """Leftovers of interrupted atomic writes (``*.tmp-<pid>``) in the folder(s) ``checkpoint_dirs``."""
+    return sorted(p for folder in _folders(checkpoint_dirs) for p in glob.glob(os.path.join(glob.escape(folder), "*.tmp-*")))
+
+
+def checkpoints_newest_first(checkpoint_dirs: str | Sequence[str] | None) -> list[str]:
+    """``*.ckpt`` files in the folder(s) ``checkpoint_dirs``, newest modification time first."""
+    found = [p for folder in _folders(checkpoint_dirs) for p in glob.glob(os.path.join(glob.escape(folder), "*.ckpt"))]
     return sorted((p for p in found if os.path.isfile(p)), key=os.path.getmtime, reverse=True)
 
 
-def newest_complete_checkpoint(checkpoint_dir: str | None) -> tuple[str | None, list[str]]:
-    """The newest complete checkpoint in ``checkpoint_dir``.
+def newest_complete_checkpoint(checkpoint_dirs: str | Sequence[str] | None) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint in the folder(s) ``checkpoint_dirs``.
 
     Returns:
         ``(path or None, messages)``: the checkpoint, and one line per newer candidate that was
         rejected (truncated, corrupt) - to print.
     """
     messages: list[str] = []
-    if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
-        return None, messages
-    for path in checkpoints_newest_first(checkpoint_dir):
+    for path in checkpoints_newest_first(checkpoint_dirs):
         problem = checkpoint_problem(path)
         if problem is None:
             return path, messages
@@ -236,13 +242,15 @@ class Resolution:
     messages: list[str] = field(default_factory=list)
 
 
-def resolve_ckpt_path(requested: str | None, checkpoint_dir: str | None, fresh_start_allowed: bool) -> Resolution:
+def resolve_ckpt_path(requested: str | None, checkpoint_dirs: str | Sequence[str] | None,
+                      fresh_start_allowed: bool) -> Resolution:
     """Resolve ``--ckpt_path`` before Lightning sees it.
 
-    * ``last``: the newest *complete* checkpoint in ``checkpoint_dir`` (the ``ModelCheckpoint``
-      folder). Truncated or corrupt files are reported and skipped; ``*.tmp-*`` leftovers of
-      interrupted writes are ignored. With none, ``fit`` starts from scratch
-      (``fresh_start_allowed``) and the other stages fail.
+    * ``last``: the newest *complete* checkpoint in ``checkpoint_dirs`` (the run's
+      ``ModelCheckpoint`` folder, or every run's: :func:`flan_rlhf.run_folders.last_search_folders`).
+      Truncated or corrupt files are reported and skipped; ``*.tmp-*`` leftovers of interrupted
+      writes are ignored. With none, ``fit`` starts from scratch (``fresh_start_allowed``) and
+      the other stages fail.
     * a local path: it must exist and be complete; it is never silently replaced by another
       file (training on from, or evaluating, a step other than the one named would surprise),
       but the error names the newest complete checkpoint in the same folder.
@@ -255,12 +263,13 @@ def resolve_ckpt_path(requested: str | None, checkpoint_dir: str | None, fresh_s
     if not requested or requested in LIGHTNING_CKPT_KEYWORDS or "://" in str(requested):
         return Resolution(requested)
     if requested == "last":
-        path, messages = newest_complete_checkpoint(checkpoint_dir)
-        if checkpoint_dir and os.path.isdir(checkpoint_dir):
-            messages += [f"ignoring {leftover} (an interrupted write; safe to delete)" for leftover in partial_writes(checkpoint_dir)]
+        path, messages = newest_complete_checkpoint(checkpoint_dirs)
+        messages += [f"ignoring {leftover} (an interrupted write; safe to delete)" for leftover in partial_writes(checkpoint_dirs)]
         if path is not None:
             return Resolution(path, messages)
-        where = checkpoint_dir or "the ModelCheckpoint folder (no dirpath set)"
+        folders = [checkpoint_dirs] if isinstance(checkpoint_dirs, (str, os.PathLike)) else list(checkpoint_dirs or [])
+        where = (", ".join(map(str, folders[:3])) + (f" (and {len(folders) - 3} more)" if len(folders) > 3 else "")
+                 if folders else "the run's checkpoint folder (none found)")
         if fresh_start_allowed:
             return Resolution(None, messages + [f"no complete checkpoint in {where}; starting from scratch"])
         raise CheckpointError(

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from flan_rlhf import __version__
-from flan_rlhf.errors import first_line, say
+from flan_rlhf.errors import first_line, is_rank_zero, say
 from flan_rlhf.interrupts import record_command
 from flan_rlhf.quiet import silence_harmless
 
@@ -97,9 +97,10 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flan_rlhf.output_dirs import OutputDirError
     from flan_rlhf.policy import ModelLoadError
     from flan_rlhf.rewards.base import RewardOutputError, RewardSetupError
+    from flan_rlhf.run_lock import RunLockedError
 
     return (CheckpointError, DataConfigError, ModelLoadError, OutputDirError, RewardOutputError, RewardSetupError,
-            NonFiniteError)
+            NonFiniteError, RunLockedError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         with signals_raise():
             return int((function(name, rest) if COMMANDS[name].lightning else function(rest)) or 0)
     except RunInterrupted as stop:
-        if _is_rank_zero():
+        if is_rank_zero():
             say(str(stop))
         return stop.exit_code
     except Exception as err:  # noqa: BLE001 - only known_errors() are turned into one line
@@ -153,13 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("known error", exc_info=True)
         say(f"error: {first_line(known)}")
         return 2
-
-
-def _is_rank_zero() -> bool:
-    """Whether this process is rank 0 of its job, or in none: Lightning's ``rank_zero_only.rank``
-    (the strategy sets it to the global rank) once Lightning is loaded."""
-    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
-    return rank_zero is None or getattr(rank_zero.rank_zero_only, "rank", 0) == 0
 
 
 def known_cause(err: BaseException) -> BaseException | None:

@@ -8,6 +8,23 @@ def first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # set by launchers
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 of its job, or in none: the launchers' variables
+    (:data:`RANK_VARIABLES`; Lightning's DDP children get ``LOCAL_RANK`` >= 1, torchrun ``RANK``,
+    other nodes ``NODE_RANK``) say 0 or are unset, and so does Lightning's ``rank_zero_only.rank``
+    once Lightning is loaded (the strategy sets it to the global rank)."""
+    import os
+    import sys
+
+    if any(os.environ.get(name, "0") != "0" for name in RANK_VARIABLES):
+        return False
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    return rank_zero is None or getattr(rank_zero.rank_zero_only, "rank", 0) == 0
+
+
 def say(message: str) -> None:
     """One line for the user on stderr (errors, warnings, notes), flushed at once."""
     import sys

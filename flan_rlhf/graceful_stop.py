@@ -9,7 +9,8 @@
    rank was signalled (``Strategy.reduce_boolean_decision(any)``: every rank stops at the same
    iteration; one boolean all-reduce per PPO iteration under DDP, nothing on one device);
 3. every rank writes the checkpoint together (``Trainer.save_checkpoint``, atomic through the
-   CLI's checkpoint IO) under the ``ModelCheckpoint``'s own name for that step;
+   CLI's checkpoint IO) under the ``ModelCheckpoint``'s own name for that step, in the run's
+   checkpoint folder, so ``--ckpt_path last`` finds it (none when checkpointing is off);
 4. :class:`flan_rlhf.interrupts.RunInterrupted` carries the line (the signal, the iteration, the
    file, the command that continues) out of ``fit``: ``flan-rlhf`` prints it and exits 143
    (SIGTERM) or 130 (SIGINT). No end-of-fit export is written for a stopped run.
@@ -19,7 +20,6 @@ leaving the newest complete checkpoint as it was.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Any
@@ -36,30 +36,31 @@ from flan_rlhf.interrupts import (
 )
 
 
-def stop_checkpoint_path(trainer: L.Trainer) -> str:
+def stop_checkpoint_path(trainer: L.Trainer) -> str | None:
     """Where the stop's checkpoint goes: the ``ModelCheckpoint``'s folder and file name for this step
-    (``epoch=0-step=7.ckpt`` by default), or ``<default_root_dir>/checkpoints/`` without one."""
+    (``epoch=0-step=7.ckpt`` by default); None when the run writes no checkpoints
+    (``enable_checkpointing: false``)."""
     import torch
 
-    metrics = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
     callback = trainer.checkpoint_callback
-    if callback is not None and getattr(callback, "dirpath", None):
-        return callback.format_checkpoint_name(metrics)
-    return os.path.join(trainer.default_root_dir, "checkpoints",
-                        f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
+    if callback is None or not getattr(callback, "dirpath", None):
+        return None
+    return callback.format_checkpoint_name({"epoch": torch.tensor(trainer.current_epoch),
+                                            "step": torch.tensor(trainer.global_step)})
 
 
-def stopped_message(signum: int, step: int, max_steps: int, path: str, command: str, found_by_last: bool) -> str:
-    """The one line of a run stopped at an iteration's end.
+def stopped_message(signum: int, step: int, max_steps: int, path: str | None, command: str) -> str:
+    """The one line of a run stopped at an iteration's end (``path``: its checkpoint, None without checkpoints).
 
     Example: ``stopped by SIGTERM after iteration 7 of 30, checkpointed in ck/epoch=0-step=7.ckpt -
     continue with: flan-rlhf fit --config c.yaml --ckpt_path last``.
     """
     of = f" of {max_steps}" if max_steps and max_steps > 0 else ""
-    resume = resume_command(command)
-    if not found_by_last:
-        resume = resume[: -len("last")] + path
-    return f"stopped by {signal_name(signum)} after iteration {step}{of}, checkpointed in {path} - continue with: {resume}"
+    if path is None:
+        return (f"stopped by {signal_name(signum)} after iteration {step}{of}; this run writes no checkpoints "
+                "(enable_checkpointing: false), so running it again starts over")
+    return (f"stopped by {signal_name(signum)} after iteration {step}{of}, checkpointed in {path} - continue with: "
+            f"{resume_command(command)}")
 
 
 class StopAtIterationEnd(L.Callback):
@@ -98,15 +99,14 @@ class StopAtIterationEnd(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         path = stop_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # collective: every rank is here at the same iteration
+        if path is not None:
+            trainer.save_checkpoint(path)  # collective: every rank is here at the same iteration
         from flan_rlhf.interrupts import command_line
 
-        found_by_last = os.path.dirname(os.path.abspath(path)) == os.path.abspath(
-            str(getattr(trainer.checkpoint_callback, "dirpath", "") or ""))
         signum = self.received if self.received is not None else signal.SIGTERM  # another rank's signal
         self._release()
         raise RunInterrupted(signum, stopped_message(signum, trainer.global_step, trainer.max_steps, path,
-                                                     command_line(), found_by_last), checkpoint=path)
+                                                     command_line()), checkpoint=path)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._release()

@@ -16,11 +16,11 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from flan_rlhf.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
-    checkpoints_newest_first,
+    newest_complete_checkpoint,
     read_checkpoint_file,
     resolve_ckpt_path,
 )
-from flan_rlhf.errors import condense_parser_error, say
+from flan_rlhf.errors import condense_parser_error, is_rank_zero, say
 from flan_rlhf.graceful_stop import StopAtIterationEnd
 from flan_rlhf.progress import interactive_terminal
 from flan_rlhf.progress_callbacks import choose_progress
@@ -35,6 +35,15 @@ from flan_rlhf.rewards.base import Reward, set_up_reward
 
 # Strategies that write checkpoints through the CheckpointIO plugin (DeepSpeed writes its own folder).
 _ATOMIC_IO_STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "single_device", "fsdp"}
+
+
+_HELD_LOCKS: list = []  # the run locks (flan_rlhf.run_lock.RunLock) this process's command holds
+
+
+def release_run_locks() -> None:
+    """Release every run lock the command took (:meth:`FlanRLHFCLI._lock_run_folders`)."""
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().release()
 
 
 class SaveResolvedConfig(SaveConfigCallback):
@@ -95,34 +104,81 @@ class FlanRLHFCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """Give the logger the version of the run whose checkpoint ``--ckpt_path`` names, so a resume
-        or an evaluation of it logs into that run's folder (:mod:`flan_rlhf.log_versions`)."""
+        """Settle the run's folders before anything is built (:mod:`flan_rlhf.run_folders`,
+        :mod:`flan_rlhf.log_versions`):
+
+        * no ``ModelCheckpoint`` numbers a file ``-v1``: a run's folder holds only its own files,
+          so a file of the same name is this run's, replaced whole (atomic writes);
+        * ``--ckpt_path`` naming a checkpoint of a logged run continues that run's log version
+          (where the file lies, else the folder the checkpoint records), so the resume logs and
+          checkpoints into the same folder;
+        * a fresh ``fit`` claims the next free ``version_N`` with one ``mkdir`` (process 0 only).
+        """
         from flan_rlhf.log_versions import LOG_KEY, continued_version, new_log_folders, takes_fresh_version
+        from flan_rlhf.run_folders import (
+            claim_fresh_version,
+            model_checkpoint_configs,
+            run_folder_of_version,
+            spell_out_default_logger,
+            version_of_checkpoint,
+        )
 
         config = self.config[self.subcommand] if self.subcommand else self.config
-        logger = config.get("trainer", {}).get("logger")
+        trainer = config.get("trainer", {})
+        spell_out_default_logger(trainer)
+        logger = trainer.get("logger")
+        for callback in model_checkpoint_configs(trainer.get("callbacks")):
+            callback["init_args"]["enable_version_counter"] = False
         self._fresh_log_version = takes_fresh_version(logger)
         self._new_log_folders = new_log_folders(logger)
-        path = self._checkpoint_file_quietly(config.get("ckpt_path"), config.get("trainer", {}).get("callbacks"))
-        if path is None:
-            return
-        try:
-            stored = read_checkpoint_file(path, mmap=True).get(LOG_KEY)
-        except (CheckpointError, OSError, RuntimeError):
-            return  # the checkpoint is read, and any problem reported, before the stage runs
-        version = continued_version(logger, stored)
+        self._named_version = None if self._fresh_log_version or not hasattr(logger, "get") else (
+            (logger.get("init_args") or {}).get("version"))
+        path = self._checkpoint_file_quietly(config.get("ckpt_path"), trainer)
+        version = None
+        if path is not None and self._fresh_log_version:
+            version = version_of_checkpoint(path, logger)
+            if version is None:
+                try:
+                    version = continued_version(logger, read_checkpoint_file(path, mmap=True).get(LOG_KEY))
+                except (CheckpointError, OSError, RuntimeError):
+                    pass  # the checkpoint is read, and any problem reported, before the stage runs
         if version is not None:
             logger["init_args"]["version"] = version
             self._fresh_log_version = False
+        elif self._fresh_log_version and self.subcommand == "fit" and is_rank_zero():
+            logger["init_args"]["version"] = claim_fresh_version(logger)  # still fresh: removed if the start fails
+            self._claimed_log_folder = run_folder_of_version(logger, logger["init_args"]["version"])
 
-    @staticmethod
-    def _checkpoint_file_quietly(requested: str | None, callbacks: Any) -> str | None:
-        """The file ``--ckpt_path`` will name (``last``: the newest complete one in the config's
-        ModelCheckpoint folder), without a word: :meth:`_resolve_ckpt_path` says what it finds later."""
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, giving back a claimed log version folder when a class fails to build
+        (later failures are :class:`flan_rlhf.log_versions.RunLogVersion`'s to clean up)."""
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            self._give_back_claimed_version()
+            raise
+
+    def _give_back_claimed_version(self) -> None:
+        """Remove the version folder this fit claimed, and the parents it made, if they are still empty."""
+        claimed = getattr(self, "_claimed_log_folder", None)
+        for folder in ([claimed] if claimed else []) + list(getattr(self, "_new_log_folders", ())):
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+
+    def _last_folders(self) -> list[str]:
+        """Where ``--ckpt_path last`` looks (:func:`flan_rlhf.run_folders.last_search_folders`)."""
+        from flan_rlhf.run_folders import last_search_folders
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        return last_search_folders(config.get("trainer", {}), getattr(self, "_named_version", None))
+
+    def _checkpoint_file_quietly(self, requested: str | None, trainer_config: Any) -> str | None:
+        """The file ``--ckpt_path`` will name (``last``: the newest complete one of the run, or of the
+        newest run), without a word: :meth:`_resolve_ckpt_path` says what it finds later."""
         if not requested:
             return None
         try:
-            path = resolve_ckpt_path(str(requested), checkpoint_dirpath_in(callbacks), fresh_start_allowed=True).path
+            path = resolve_ckpt_path(str(requested), self._last_folders(), fresh_start_allowed=True).path
         except CheckpointError:
             return None
         return path if path is not None and os.path.isfile(path) else None
@@ -169,10 +225,63 @@ class FlanRLHFCLI(LightningCLI):
         :meth:`_check_checkpoint_settings` instead."""
 
     def before_fit(self) -> None:
-        identity_known = self._resolve_ckpt_path("fit")
-        if identity_known and hasattr(self.model, "check_export_target"):
-            self.model.check_export_target()  # refuse a folder the end of fit would lose, before loading any model
-        self._set_up_reward()
+        try:
+            identity_known = self._resolve_ckpt_path("fit")
+            if identity_known and hasattr(self.model, "check_export_target"):
+                self.model.check_export_target()  # refuse a folder the end of fit would lose, before loading any model
+            if is_rank_zero():
+                folder = self._run_checkpoint_folder()
+                self._lock_run_folders(folder)
+                if identity_known:
+                    self._refuse_another_runs_checkpoints(folder)
+            self._set_up_reward()
+        except BaseException:
+            release_run_locks()  # before the folders they sit in go
+            self._give_back_claimed_version()
+            raise
+
+    def _run_checkpoint_folder(self) -> str | None:
+        """This run's checkpoint folder (its log version is in the config by now: named, continued or claimed)."""
+        from flan_rlhf.log_versions import file_logger_args
+        from flan_rlhf.run_folders import run_checkpoint_folder
+
+        trainer = self.config[self.subcommand].get("trainer", {})
+        args = file_logger_args(trainer.get("logger"))
+        return run_checkpoint_folder(trainer, None if args is None else args.get("version"))
+
+    def _lock_run_folders(self, checkpoint_folder: str | None) -> None:
+        """Hold the locks of the run's checkpoint and export folders until the command ends
+        (:mod:`flan_rlhf.run_lock`); a live holder stops this run with one line."""
+        from flan_rlhf.interrupts import command_line
+        from flan_rlhf.run_lock import run_lock
+
+        export = self.model.export_target()[0] if hasattr(self.model, "export_target") else None
+        lock = run_lock(checkpoint_folder, export, command_line()).acquire()
+        _HELD_LOCKS.append(lock)
+        for note in lock.notes:
+            say(note)
+
+    def _refuse_another_runs_checkpoints(self, folder: str | None) -> None:
+        """A run writes only into a checkpoint folder that is empty or its own: a fresh run refuses
+        a folder holding a complete checkpoint, a resumed one a folder whose newest complete
+        checkpoint is another run's (one CRC pass over that one file).
+
+        Raises:
+            OutputDirError: one line naming the folder, a file in it, and the two ways on.
+        """
+        from flan_rlhf.output_dirs import RUN_ID_KEY, OutputDirError
+
+        newest, _ = newest_complete_checkpoint(folder) if folder else (None, [])
+        if newest is None:
+            return  # empty, or only torn files (which --ckpt_path last skipped): nothing of value to mix with
+        if self.config_init["fit"].get("ckpt_path"):  # a resume: the folder must be its own run's
+            owner = read_checkpoint_file(newest, mmap=True).get(RUN_ID_KEY)
+            if owner is None or owner == getattr(self.model, "run_id", owner):
+                return
+        raise OutputDirError(
+            f"checkpoint folder '{folder}' already holds checkpoints of another run (e.g. {os.path.basename(newest)}) - "
+            f"continue that run with --ckpt_path last, or give this run its own folder (another "
+            f"--trainer.logger.version, or another ModelCheckpoint dirpath)")
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path("validate")
@@ -186,10 +295,6 @@ class FlanRLHFCLI(LightningCLI):
         self._resolve_ckpt_path("predict")
         self._set_up_reward()
 
-    def _checkpoint_dir(self) -> str | None:
-        callback = self.trainer.checkpoint_callback
-        return None if callback is None else getattr(callback, "dirpath", None)
-
     def _resolve_ckpt_path(self, subcommand: str) -> bool:
         """Resolve ``--ckpt_path`` and check the checkpoint's settings against the run's.
 
@@ -198,16 +303,12 @@ class FlanRLHFCLI(LightningCLI):
             read (a DeepSpeed folder or URL is read only by Lightning, later).
         """
         config = self.config_init[subcommand]
-        checkpoint_dir = self._checkpoint_dir()
         requested = config.get("ckpt_path")
         if requested:
             config["ckpt_path"] = self._resolve(requested, fresh_start_allowed=subcommand == "fit",
                                                 trusted=config.get("weights_only") is False)
             if config["ckpt_path"] is not None and not os.path.isfile(config["ckpt_path"]):
                 return False  # keywords, URLs, DeepSpeed folders: read by Lightning later
-        if subcommand == "fit" and not requested and checkpoint_dir and checkpoints_newest_first(checkpoint_dir):
-            say(f"warning: {checkpoint_dir} already holds checkpoints and this run starts from scratch, so it will "
-                 "overwrite same-named ones - to continue the earlier run, stop and pass --ckpt_path last")
         return True
 
     def resolve_ckpt_path_option(self, requested: str) -> str:
@@ -224,7 +325,7 @@ class FlanRLHFCLI(LightningCLI):
 
     def _resolve(self, requested: str, fresh_start_allowed: bool, trusted: bool) -> str | None:
         """``requested`` (``last``, ``best``, a path) -> the file to read, its notes said, its settings checked."""
-        resolution = resolve_ckpt_path(requested, self._checkpoint_dir(), fresh_start_allowed=fresh_start_allowed)
+        resolution = resolve_ckpt_path(requested, self._last_folders(), fresh_start_allowed=fresh_start_allowed)
         for message in resolution.messages:
             say(message)
         if resolution.path is not None and os.path.isfile(resolution.path):
@@ -293,6 +394,8 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_opt
         say(f"error: {condense_parser_error(str(err))} - fix the config or flag (`flan-rlhf <subcommand> --help` "
              "lists every valid key and type)")
         raise SystemExit(2) from None
+    finally:
+        release_run_locks()  # the command has ended, however it ended
 
 
 def lightning_main(subcommand: str, argv: list[str]) -> int:
@@ -336,26 +439,14 @@ def parse_training_config(configs: list[str], extra_args: list[str] | None = Non
     return run_lightning_cli([*args, *(extra_args or [])], run=False, cli_class=_ParseOnlyCLI).config
 
 
-def checkpoint_dir_of(configs: list[str]) -> str | None:
-    """The ``ModelCheckpoint`` folder (``dirpath``) of the run the training YAMLs ``configs`` describe,
-    or None when they configure none (Lightning then picks a folder under the logger's version)."""
+def last_folders_of(configs: list[str]) -> list[str]:
+    """The folders ``--ckpt_path last`` searches for the run the training YAMLs ``configs`` describe
+    (:func:`flan_rlhf.run_folders.last_search_folders`); empty when it cannot know (another logger)."""
+    from flan_rlhf.log_versions import file_logger_args
+    from flan_rlhf.run_folders import last_search_folders, spell_out_default_logger
+
     parsed = parse_training_config(configs, ["--seed_everything=false"])  # only read: no "Seed set" line
-    return checkpoint_dirpath_in(parsed.get("trainer", {}).get("callbacks"))
-
-
-def checkpoint_dirpath_in(callbacks: Any) -> str | None:
-    """The ``dirpath`` of the first ``ModelCheckpoint`` (or subclass) among parsed ``trainer.callbacks``
-    (``{"class_path", "init_args"}`` entries, not yet instantiated), or None."""
-    import importlib
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    for callback in (callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []):
-        if not hasattr(callback, "get"):
-            continue
-        module_name, _, class_name = str(callback.get("class_path", "")).rpartition(".")
-        cls = getattr(importlib.import_module(module_name), class_name, None) if module_name else None
-        if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
-            dirpath = (callback.get("init_args") or {}).get("dirpath")
-            return None if dirpath is None else str(dirpath)
-    return None
+    trainer = parsed.get("trainer", {})
+    spell_out_default_logger(trainer)
+    args = file_logger_args(trainer.get("logger"))
+    return last_search_folders(trainer, None if args is None else args.get("version"))

@@ -23,6 +23,8 @@ from typing import Any
 
 import lightning as L
 
+from flan_rlhf.run_lock import LOCK_NAME
+
 LOG_KEY = "flan_rlhf_log"
 FILE_LOGGERS = ("lightning.pytorch.loggers.TensorBoardLogger", "lightning.pytorch.loggers.CSVLogger",
                 "lightning.pytorch.loggers.tensorboard.TensorBoardLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
@@ -30,14 +32,15 @@ FILE_LOGGERS = ("lightning.pytorch.loggers.TensorBoardLogger", "lightning.pytorc
 START_FILES = ("hparams.yaml", "events.out.tfevents.*", "metrics.csv", "config.yaml")
 
 
-def _file_logger_args(logger_config: Any) -> dict[str, Any] | None:
+
+def file_logger_args(logger_config: Any) -> dict[str, Any] | None:
     """The ``init_args`` of a parsed ``trainer.logger`` that is a file logger (:data:`FILE_LOGGERS`), else None."""
     if not hasattr(logger_config, "get") or str(logger_config.get("class_path")) not in FILE_LOGGERS:
         return None
     return logger_config.get("init_args") or {}
 
 
-def _log_root(init_args: dict[str, Any]) -> str:
+def log_root(init_args: dict[str, Any]) -> str:
     """``save_dir/name`` of a file logger's ``init_args``, absolute (Lightning's defaults: ``.`` and ``lightning_logs``)."""
     name = init_args.get("name")
     return os.path.abspath(os.path.join(str(init_args.get("save_dir", ".")), "lightning_logs" if name is None else str(name)))
@@ -45,7 +48,7 @@ def _log_root(init_args: dict[str, Any]) -> str:
 
 def takes_fresh_version(logger_config: Any) -> bool:
     """Whether the file logger of ``logger_config`` picks a new ``version_N`` (it sets no ``version`` of its own)."""
-    init_args = _file_logger_args(logger_config)
+    init_args = file_logger_args(logger_config)
     return init_args is not None and init_args.get("version") is None
 
 
@@ -61,17 +64,23 @@ def continued_version(logger_config: Any, stored: dict[str, Any] | None) -> int 
     """
     if not stored or not takes_fresh_version(logger_config) or not os.path.isdir(str(stored.get("log_dir", ""))):
         return None
-    root = _log_root(_file_logger_args(logger_config))
+    root = log_root(file_logger_args(logger_config))
     return stored.get("version") if os.path.dirname(os.path.abspath(stored["log_dir"])) == root else None
 
 
+def _start_only(folder: str, entry: str) -> bool:
+    path = os.path.join(folder, entry)
+    if os.path.isdir(path) and not os.path.islink(path):  # the run's checkpoints/ holding at most its lock
+        return entry == "checkpoints" and set(os.listdir(path)) <= {LOCK_NAME}
+    return os.path.isfile(path) and any(fnmatch.fnmatch(entry, pattern) for pattern in START_FILES)
+
+
 def remove_start_only_log_dir(folder: str | None) -> bool:
-    """Remove ``folder`` if it holds nothing but :data:`START_FILES` (no subfolder); returns whether it did."""
+    """Remove ``folder`` if it holds nothing but :data:`START_FILES` and a ``checkpoints/`` folder
+    holding at most the run's lock; returns whether it did."""
     if not folder or not os.path.isdir(folder):
         return False
-    entries = os.listdir(folder)
-    if any(not os.path.isfile(os.path.join(folder, entry)) or not any(fnmatch.fnmatch(entry, pattern) for pattern in START_FILES)
-           for entry in entries):
+    if not all(_start_only(folder, entry) for entry in os.listdir(folder)):
         return False
     shutil.rmtree(folder)
     return True
@@ -115,8 +124,8 @@ class RunLogVersion(L.Callback):
 def new_log_folders(logger_config: Any) -> tuple[str, ...]:
     """The parents a file logger of ``logger_config`` would create (``save_dir/name``, then ``save_dir``)
     that do not exist yet, deepest first."""
-    init_args = _file_logger_args(logger_config)
+    init_args = file_logger_args(logger_config)
     if init_args is None:
         return ()
-    root = _log_root(init_args)
+    root = log_root(init_args)
     return tuple(folder for folder in (root, os.path.dirname(root)) if not os.path.exists(folder))

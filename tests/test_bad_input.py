@@ -44,9 +44,12 @@ from tests.data.test_data_bad_input import CASES as DATA_CASES
 def earlier_run_config(tmp: Path, edit: Callable[[dict], None] | None = None) -> Path:
     """``configs/tiny.yaml`` shrunk to one tiny iteration, with outputs under ``tmp`` that already
     hold an earlier run's files: ``ckpt/last.ckpt`` and an export ``adapter/`` (with its manifest,
-    and ``overwrite_export_dir`` on, so each case reaches the error it is about)."""
+    and ``overwrite_export_dir`` on, so each case reaches the error it is about). The run's own
+    checkpoint folder is ``ckpt/run`` (a folder holding another run's checkpoints is refused
+    before any of these errors could show)."""
     config = shrunk_tiny_config(tmp, max_new_tokens=4, max_steps=1, limit_val_batches=0)
     config["model"]["init_args"]["overwrite_export_dir"] = True
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp / "ckpt" / "run")
     if edit is not None:
         edit(config)
     (tmp / "ckpt").mkdir(parents=True, exist_ok=True)

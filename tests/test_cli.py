@@ -83,13 +83,14 @@ def test_unknown_yaml_key_gives_a_clear_error(tmp_path, capsys):
 
 
 def tiny_config(tmp_path, **trainer) -> str:
-    """configs/tiny.yaml with every output under tmp_path and a shorter run."""
+    """configs/tiny.yaml with every output under tmp_path and a shorter run; the checkpoints in one
+    folder, ``tmp_path/ckpt`` (a ``dirpath``; configs/tiny.yaml puts each run's under its log folder)."""
     config = yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny.yaml")))
     config["trainer"].update({"max_steps": 4, "val_check_interval": 2, **trainer})
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
     for callback in config["trainer"]["callbacks"]:
         args = callback["init_args"]
-        if "dirpath" in args:
+        if callback["class_path"].endswith("ModelCheckpoint"):
             args.update(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)
         if "output_path" in args:
             args["output_path"] = str(tmp_path / "pred.jsonl")

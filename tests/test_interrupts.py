@@ -92,6 +92,20 @@ def test_a_signal_mid_iteration_checkpoints_that_iteration_and_exits_128_plus_si
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_a_signal_in_a_run_without_checkpoints_writes_none_and_says_so(tmp_path, monkeypatch):
+    path = write_config(tmp_path, signal_at(1, signal.SIGTERM))
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
+    config["trainer"]["enable_checkpointing"] = False
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = fit(tmp_path, monkeypatch)
+    assert code == 143, (out + err)[-3000:]
+    assert [line for line in err.splitlines() if "stopped by" in line] == [
+        f"stopped by SIGTERM after iteration 2 of {STEPS}; this run writes no checkpoints (enable_checkpointing: false), "
+        "so running it again starts over"]
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "adapter").exists()
+
+
 def test_a_second_signal_stops_at_once_without_a_new_checkpoint(tmp_path, monkeypatch):
     write_config(tmp_path, signal_at(1, signal.SIGINT, times=2))
     code, out, err = fit(tmp_path, monkeypatch)

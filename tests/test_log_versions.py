@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 
 from flan_rlhf.log_versions import continued_version, remove_start_only_log_dir
 from tests.conftest import run_command
@@ -14,8 +15,9 @@ TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
 def test_fit_resume_validate_and_predict_of_one_run_log_into_one_version(tmp_path, monkeypatch):
+    """With the checkpoints in the run's own folder (no dirpath, as configs/tiny.yaml), a fresh fit is a new run."""
     monkeypatch.chdir(tmp_path)
-    config = tiny_config(tmp_path)
+    config = per_run_config(tmp_path)
     for argv in (["fit", "--trainer.max_steps", "2"], ["fit", "--trainer.max_steps", "4", "--ckpt_path", "last"],
                  ["validate", "--ckpt_path", "last"], ["predict", "--ckpt_path", "last"]):
         code, out, err = run_command(argv[0], "--config", config, *argv[1:])
@@ -28,6 +30,18 @@ def test_fit_resume_validate_and_predict_of_one_run_log_into_one_version(tmp_pat
                                "--model.init_args.overwrite_export_dir", "true")  # a new run: a new version
     assert code == 0, err[-3000:]
     assert sorted(os.listdir(tmp_path / "logs" / "tiny")) == ["version_0", "version_1"]
+    assert sorted(os.listdir(tmp_path / "logs" / "tiny" / "version_1" / "checkpoints")) == ["last.ckpt"]
+
+
+def per_run_config(tmp_path, **trainer) -> str:
+    """``tiny_config`` with its ModelCheckpoint's ``dirpath`` removed: each run's checkpoints in its log folder."""
+    path = tiny_config(tmp_path, **trainer)
+    config = yaml.safe_load(open(path))
+    for callback in config["trainer"]["callbacks"]:
+        callback["init_args"].pop("dirpath", None)
+    with open(path, "w") as handle:
+        yaml.safe_dump(config, handle)
+    return path
 
 
 def test_a_fit_that_fails_while_setting_up_leaves_no_version_folder(tmp_path, monkeypatch):

@@ -166,20 +166,22 @@ def checkpoint_file(requested: str, run_config: list[str] | None = None) -> str:
         if not run_config:
             raise CheckpointError("--ckpt_path last needs the run's training YAML to find its checkpoints: add "
                                   "--run_config YOUR_FIT.yaml, or pass --ckpt_path CKPT_FOLDER or a .ckpt file")
-        from flan_rlhf.lightning_cli import checkpoint_dir_of
+        from flan_rlhf.lightning_cli import last_folders_of
 
-        folder = checkpoint_dir_of(run_config)
-        if folder is None:
-            raise CheckpointError(f"--run_config {' '.join(run_config)} sets no ModelCheckpoint dirpath, so --ckpt_path "
-                                  "last cannot find the run's checkpoints - pass --ckpt_path CKPT_FOLDER or a .ckpt file")
-        requested = folder
-    if not os.path.isdir(requested):
+        folders = last_folders_of(run_config)
+        if not folders:
+            raise CheckpointError(f"--run_config {' '.join(run_config)} leads to no checkpoint folder (no ModelCheckpoint "
+                                  "dirpath, no run under its logger's folder), so --ckpt_path last cannot find the run's "
+                                  "checkpoints - pass --ckpt_path CKPT_FOLDER or a .ckpt file")
+        requested = folders
+    elif not os.path.isdir(requested):
         return requested
     path, messages = newest_complete_checkpoint(requested)
     for message in messages:
         say(f"note: {message}")
     if path is None:
-        raise CheckpointError(f"--ckpt_path {requested} holds no complete .ckpt file - train first or pass a .ckpt file")
+        where = requested if isinstance(requested, str) else ", ".join(requested)
+        raise CheckpointError(f"--ckpt_path {where} holds no complete .ckpt file - train first or pass a .ckpt file")
     return path
 
 

@@ -25,6 +25,8 @@ DATA_CLASSES = ("flan_rlhf.data.PromptDataModule", "flan_rlhf.reward_model.Prefe
 REWARD_CLASSES = ("ProfanityReward", "VaderReward", "DetoxifyReward", "ClassifierReward",
                   "SentimentClassifierReward", "PreferenceReward", "CompositeReward")
 
+TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+
 #: Wide enough that argparse wraps no help text, so an entry does not depend on the terminal.
 _UNWRAPPED_COLUMNS = "100000"
 
@@ -47,6 +49,9 @@ def help_pages() -> list[HelpPage]:
                        "`--model.X` is short for `--model.init_args.X`.") for name in MODEL_CLASSES]
     pages += [HelpPage(f"--data {name.rsplit('.', 1)[-1]}", ("fit", "--data.help", name),
                        "`--data.X` is short for `--data.init_args.X`.") for name in DATA_CLASSES]
+    pages.append(HelpPage("--trainer.logger TensorBoardLogger", ("fit", "--trainer.logger.help", TENSORBOARD_LOGGER),
+                          "The configs' logger. `--trainer.logger.X` is short for `--trainer.logger.init_args.X`; "
+                          "`--trainer.logger.version NAME` names a run: its folder, which holds its logs and checkpoints."))
     pages.append(HelpPage("compare", ("compare", "--help"),
                           "`compare` takes the training YAML's options (above) and these of its own."))
     pages += [HelpPage(name, (name, "--help")) for name in TOOL_COMMANDS if name != "compare"]
@@ -186,12 +191,14 @@ def options_reference() -> str:
             lines += [lightning_differences(), ""]
         if page.intro:
             lines += [page.intro, ""]
-        trainer = [option for option, _ in entries if option.startswith("--trainer.") and not option.endswith(".help")]
+        logger_page = page.argv[1] == "--trainer.logger.help"
+        trainer = [option for option, _ in entries
+                   if option.startswith("--trainer.") and not option.endswith(".help") and not logger_page]
         if trainer:
             lines += ["Trainer options: " + ", ".join(f"`{option}`" for option in trainer) + ".", ""]
         lines += ["| option | type, default and meaning |", "|---|---|"]
         for option, description in entries:
-            if option.startswith("--trainer.") or option.endswith(".help") or option == "--help":
+            if (option.startswith("--trainer.") and not logger_page) or option.endswith(".help") or option == "--help":
                 continue
             lines.append(f"| `{option}` | {_cell(description)} |")
         lines.append("")

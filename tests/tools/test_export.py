@@ -229,7 +229,8 @@ class _Gadget:
     """Stands for any class a checkpoint could pickle: torch.load(weights_only=True) must not build it."""
 
 
-def test_bad_inputs_give_one_clear_line(trained, adapter_dir, merged_dir, tmp_path, capsys):
+def test_bad_inputs_give_one_clear_line(trained, adapter_dir, merged_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config without a logger looks for runs under ./lightning_logs
     truncated = tmp_path / "broken.ckpt"
     truncated.write_bytes(open(trained["ckpt"], "rb").read()[:2000])
     with_gadget = tmp_path / "gadget.ckpt"
@@ -244,7 +245,7 @@ def test_bad_inputs_give_one_clear_line(trained, adapter_dir, merged_dir, tmp_pa
     bad_jsonl.write_text('{"question": "hello"}\n')
     empty = tmp_path / "no_checkpoints_here"
     empty.mkdir()
-    no_checkpoints = tmp_path / "fit.yaml"  # a run whose config names no ModelCheckpoint folder
+    no_checkpoints = tmp_path / "fit.yaml"  # a run whose config names no checkpoint folder and has no run yet
     no_checkpoints.write_text(yaml.safe_dump({"model": {"class_path": "flan_rlhf.module.PPOModule",
                                                          "init_args": {"reward": "ProfanityReward"}},
                                                "data": {"class_path": "flan_rlhf.data.PromptDataModule",
@@ -259,7 +260,7 @@ def test_bad_inputs_give_one_clear_line(trained, adapter_dir, merged_dir, tmp_pa
         (export_cli.main, ["--ckpt_path", "last", "--out", str(tmp_path / "o7")], "add --run_config YOUR_FIT.yaml"),
         (export_cli.main, ["--ckpt_path", str(empty), "--out", str(tmp_path / "o8")], "holds no complete .ckpt file"),
         (export_cli.main, ["--ckpt_path", "last", "--run_config", str(no_checkpoints), "--out", str(tmp_path / "o9")],
-         "sets no ModelCheckpoint dirpath"),
+         "leads to no checkpoint folder"),
         (export_cli.main, ["--ckpt_path", trained["ckpt"], "--run_config", str(no_checkpoints), "--out", str(tmp_path / "oa")],
          "--run_config is read only for --ckpt_path last"),
         (generate_cli.main, ["--model", merged_dir, "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "g.jsonl")], "does not exist"),
