@@ -100,7 +100,7 @@ class StopAtIterationEnd(L.Callback):
             return
         path = stop_checkpoint_path(trainer)
         if path is not None:
-            trainer.save_checkpoint(path)  # collective: every rank is here at the same iteration
+            trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here at the same iteration
         from flan_rlhf.interrupts import command_line
 
         signum = self.received if self.received is not None else signal.SIGTERM  # another rank's signal
