@@ -4,8 +4,9 @@
 ``Trainer``) holds SIGTERM and SIGINT from ``on_train_start`` to ``on_train_end``:
 
 1. the signal only notes itself (no Lightning ``SIGTERMException``, which exits 0 mid-validation);
-2. at the end of the iteration (``on_train_batch_end``, where ``ModelCheckpoint`` saves, so a
-   resume from the file is a resume from a regular checkpoint) the ranks agree to stop when any
+2. at the end of the iteration (``on_train_batch_end`` of a batch that made an optimiser step -
+   every batch of PPO, the last of an accumulation group otherwise - where ``ModelCheckpoint``
+   saves, so a resume from the file is a resume from a regular checkpoint) the ranks agree to stop when any
    rank was signalled (``Strategy.reduce_boolean_decision(any)``: every rank stops at the same
    iteration; one boolean all-reduce per PPO iteration under DDP, nothing on one device);
 3. every rank writes the checkpoint together (``Trainer.save_checkpoint``, atomic through the
@@ -73,6 +74,7 @@ class StopAtIterationEnd(L.Callback):
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._checked_step = -1
 
     def _note(self, signum: int, frame: object = None) -> None:
         if self.received is not None:  # a second signal: the user will not wait for the iteration
@@ -92,10 +94,14 @@ class StopAtIterationEnd(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = None
+        self._checked_step = trainer.global_step
         self._hold()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if trainer.global_step == self._checked_step:
+            return  # no optimiser step in this batch (gradient accumulation): not a point a resume can start from
+        self._checked_step = trainer.global_step  # the same on every rank, so every rank reduces here or none
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         path = stop_checkpoint_path(trainer)

@@ -80,11 +80,12 @@ class SignalAt(L.Callback):
     def __init__(self, step: int = 0, signum: int = int(signal.SIGTERM), hook: str = "on_train_batch_start",
                  times: int = 1, rank: int | None = None):
         self.step, self.signum, self.hook, self.times, self.rank = step, signum, hook, times, rank
-        self.trainer = None
+        self.trainer, self.sent = None, False
 
     def _send(self) -> None:
-        if self.rank is not None and self.trainer is not None and self.trainer.global_rank != self.rank:
+        if self.sent or (self.rank is not None and self.trainer is not None and self.trainer.global_rank != self.rank):
             return
+        self.sent = True  # once, even when several batches start at the same global_step (accumulation)
         for _ in range(self.times):
             os.kill(os.getpid(), self.signum)
 

@@ -194,6 +194,7 @@ def test_resuming_a_run_killed_between_its_last_checkpoint_and_its_export_writes
     adapter = tmp_path / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "value_head.safetensors").is_file()
     assert (adapter / "README.md").is_file(), "the model card too"
+    assert "fit: 2/2 steps in " in out and f"  export: {adapter}" in out, "and the closing lines"
     assert steps_on_disk(tmp_path / "ckpt") == [1, 2, 2], "no iteration was trained again"
 
 

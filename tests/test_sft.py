@@ -201,3 +201,31 @@ def test_demo_config_fits_through_the_cli_and_logs_to_tensorboard(assets, tmp_pa
     (event_file,) = (tmp_path / "logs").rglob("events.out.tfevents.*")
     scalars = EventAccumulator(str(event_file)).Reload().Tags()["scalars"]
     assert {"sft/loss", "sft/lr", "sft/val_loss"} <= set(scalars)
+
+
+def test_sigterm_during_gradient_accumulation_stops_at_the_next_optimiser_step(assets, tmp_path, monkeypatch):
+    """SIGTERM lands in the first half of an accumulation group: the run stops after the group's
+    optimiser step (a checkpoint at global_step 1, never mid-group), exits 143, writes no model;
+    ``--ckpt_path last`` finishes it."""
+    from tests.conftest import run_command
+
+    monkeypatch.chdir(tmp_path)
+    files = {split: str(path) for split, path in assets["corpus"].items()}
+    args = ["fit", "--config", str(REPO / "configs/demo_sft.yaml"), "--trainer.max_steps", "3",
+            "--trainer.val_check_interval", "6", "--trainer.accumulate_grad_batches", "2",
+            "--trainer.enable_checkpointing", "true",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+            "--model.init_args.policy.tokenizer", assets["tokenizer"],
+            "--model.init_args.policy.t5_config", str(SMALL_T5),
+            "--model.init_args.save_dir", str(tmp_path / "sft_model"),
+            "--data.init_args.data_files", str(files), "--data.init_args.batch_size", "8"]
+    signal_once = '{"class_path": "tests.resume_helpers.SignalAt", "init_args": {"step": 0, "signum": 15}}'
+    code, out, err = run_command(*args, "--trainer.callbacks+", signal_once)
+    assert code == 143, (out + err)[-3000:]
+    (stopped,) = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert stopped.startswith("stopped by SIGTERM after iteration 1 of 3, checkpointed in "), stopped
+    checkpoint = stopped.split("checkpointed in ", 1)[1].split(" - ", 1)[0]
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 1
+    assert not (tmp_path / "sft_model").exists()
+    code, out, err = run_command(*args, "--ckpt_path", "last")
+    assert code == 0 and (tmp_path / "sft_model" / "config.json").is_file(), (out + err)[-3000:]
