@@ -228,3 +228,21 @@ def test_no_inline_code_span_crosses_a_line(page):
     """The flag check reads inline code line by line, so a span broken across lines would hide its flags."""
     _, prose = fenced_and_prose(page.read_text())
     assert [line for line in prose if line.replace("``", "").count("`") % 2] == []
+
+
+def cited_tests_missing(text: str, test_sources: str, test_files: set[str]) -> list[str]:
+    """The ``test_*`` functions and ``tests/...py`` files ``text`` names that the suite does not hold."""
+    cited = re.findall(r"(?:`|::)(test_\w+)", text)  # `test_x` or tests/f.py::test_x (not option names)
+    missing = [name for name in sorted(set(cited))
+               if f"def {name}(" not in test_sources and f"{name}.py" not in test_files]
+    return missing + [path for path in sorted(set(re.findall(r"\btests/[\w/]+\.py\b", text))) if not (ROOT / path).is_file()]
+
+
+def test_every_cited_test_exists():
+    """A guarantee the docs back with a test names one that runs (renamed tests leave no stale names)."""
+    files = {path.name for path in (ROOT / "tests").rglob("*.py")}
+    sources = "\n".join(path.read_text() for path in (ROOT / "tests").rglob("*.py"))
+    problems = {page.name: cited_tests_missing(page.read_text(), sources, files) for page in PAGES}
+    assert not {page: names for page, names in problems.items() if names}
+    assert cited_tests_missing("`tests/test_nope.py::test_gone`, `test_gone_too` and --data.test_split", sources,
+                               files) == ["test_gone", "test_gone_too", "tests/test_nope.py"]
