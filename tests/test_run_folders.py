@@ -190,3 +190,26 @@ def test_a_second_process_on_the_same_run_stops_at_start_naming_the_first(tmp_pa
     assert first_code == 0, err_path.read_text()[-3000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert not versioned(tmp_path) and not (tmp_path / "ckpt" / LOCK_NAME).exists()
+
+
+def test_a_run_sharing_a_live_runs_export_folder_stops_and_a_dead_runs_lock_is_taken_over(tmp_path, monkeypatch):
+    """Another config, its own checkpoint folder, the same ``export_dir`` as a live run: stopped at
+    start. A lock file a killed run left in the checkpoint folder: taken over, with a note."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path, max_steps=1)
+    with run_lock(None, str(tmp_path / "adapter"), "flan-rlhf fit --config other.yaml"):  # a live holder (this process)
+        code, out, err = run_command("fit", "--config", config)
+    assert code == 2 and [line for line in err.splitlines() if line.startswith("error")] == [
+        f"error: export folder '{tmp_path / 'adapter'}' is being written by process {os.getpid()} on {socket.gethostname()} "
+        "(flan-rlhf fit --config other.yaml) - wait for it to finish or stop it; two runs must not share a checkpoint or "
+        "export folder (give this one its own)"], err[-3000:]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "adapter").exists(), "nothing written, no folder left"
+    assert not (tmp_path / "logs").exists(), "the log version it claimed is given back"
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "node-3", "command": "flan-rlhf fit"}))
+    code, out, err = run_command("fit", "--config", config)
+    assert code == 0, err[-3000:]
+    assert f"note: took over the lock of checkpoint folder '{tmp_path / 'ckpt'}' from process 999999 on node-3 (flan-rlhf " \
+           "fit), which is no longer running (it was stopped or killed)" in err.splitlines()
+    assert not (tmp_path / "ckpt" / LOCK_NAME).exists() and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
