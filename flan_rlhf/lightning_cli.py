@@ -16,7 +16,6 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from flan_rlhf.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
-    newest_complete_checkpoint,
     read_checkpoint_file,
     resolve_ckpt_path,
 )
@@ -262,26 +261,20 @@ class FlanRLHFCLI(LightningCLI):
             say(note)
 
     def _refuse_another_runs_checkpoints(self, folder: str | None) -> None:
-        """A run writes only into a checkpoint folder that is empty or its own: a fresh run refuses
-        a folder holding a complete checkpoint, a resumed one a folder whose newest complete
-        checkpoint is another run's (one CRC pass over that one file).
+        """Stop a run whose checkpoint folder holds another run's checkpoints (:func:`flan_rlhf.run_folders.foreign_checkpoint_problem`).
 
         Raises:
             OutputDirError: one line naming the folder, a file in it, and the two ways on.
         """
-        from flan_rlhf.output_dirs import RUN_ID_KEY, OutputDirError
+        from flan_rlhf.output_dirs import OutputDirError
+        from flan_rlhf.run_folders import foreign_checkpoint_problem
 
-        newest, _ = newest_complete_checkpoint(folder) if folder else (None, [])
-        if newest is None:
-            return  # empty, or only torn files (which --ckpt_path last skipped): nothing of value to mix with
-        if self.config_init["fit"].get("ckpt_path"):  # a resume: the folder must be its own run's
-            owner = read_checkpoint_file(newest, mmap=True).get(RUN_ID_KEY)
-            if owner is None or owner == getattr(self.model, "run_id", owner):
-                return
-        raise OutputDirError(
-            f"checkpoint folder '{folder}' already holds checkpoints of another run (e.g. {os.path.basename(newest)}) - "
-            f"continue that run with --ckpt_path last, or give this run its own folder (another "
-            f"--trainer.logger.version, or another ModelCheckpoint dirpath)")
+        resumed = bool(self.config_init["fit"].get("ckpt_path"))
+        if resumed and not hasattr(self.model, "run_id"):
+            return  # a module of the user's own that keeps no run id: nothing to compare
+        problem = foreign_checkpoint_problem(folder, self.model.run_id if resumed else None)
+        if problem is not None:
+            raise OutputDirError(problem)
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path("validate")

@@ -145,3 +145,26 @@ def claim_fresh_version(logger_config: Any) -> int:
             return version
         except FileExistsError:
             version += 1
+
+
+def foreign_checkpoint_problem(folder: str | None, run_id: str | None) -> str | None:
+    """Why a run may not write into the checkpoint folder ``folder``, or None.
+
+    A folder is empty or one run's: a fresh run (``run_id`` None) may not start in a folder holding a
+    complete checkpoint; a resumed run (``run_id``: the id it took from its checkpoint) may not write
+    into a folder whose newest complete checkpoint another run wrote. Torn files do not count (a
+    resume skipped them). Costs one CRC pass over the newest complete file.
+    """
+    from flan_rlhf.checkpointing import newest_complete_checkpoint, read_checkpoint_file
+    from flan_rlhf.output_dirs import RUN_ID_KEY
+
+    newest, _ = newest_complete_checkpoint(folder) if folder else (None, [])
+    if newest is None:
+        return None
+    if run_id is not None:
+        owner = read_checkpoint_file(newest, mmap=True).get(RUN_ID_KEY)
+        if owner is None or owner == run_id:
+            return None
+    return (f"checkpoint folder '{folder}' already holds checkpoints of another run (e.g. {os.path.basename(newest)}) - "
+            "continue that run with --ckpt_path last, or give this run its own folder (another "
+            "--trainer.logger.version, or another ModelCheckpoint dirpath)")

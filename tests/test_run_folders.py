@@ -18,7 +18,12 @@ from pathlib import Path
 
 
 from flan_rlhf.checkpointing import read_checkpoint_file
-from flan_rlhf.run_folders import claim_fresh_version, last_search_folders, version_of_checkpoint
+from flan_rlhf.run_folders import (
+    claim_fresh_version,
+    foreign_checkpoint_problem,
+    last_search_folders,
+    version_of_checkpoint,
+)
 from flan_rlhf.run_lock import LOCK_NAME, RunLock, RunLockedError, lock_path_for, run_lock
 from tests.conftest import run_command
 from tests.test_checkpointing import cut_in_half
@@ -63,6 +68,26 @@ def test_where_last_looks_and_which_run_a_checkpoint_belongs_to(tmp_path, monkey
     assert version_of_checkpoint(str(root / "baseline" / "checkpoints" / "x.ckpt"), TENSORBOARD) == "baseline"
     assert version_of_checkpoint(str(tmp_path / "ck" / "last.ckpt"), TENSORBOARD) is None
     assert version_of_checkpoint(str(root / "version_1" / "last.ckpt"), TENSORBOARD) is None
+
+
+def test_a_folder_is_empty_or_one_runs(tmp_path):
+    import torch
+
+    from flan_rlhf.output_dirs import RUN_ID_KEY
+
+    folder = tmp_path / "ck"
+    assert foreign_checkpoint_problem(str(folder), None) is None and foreign_checkpoint_problem(None, "a") is None
+    folder.mkdir()
+    torch.save({"global_step": 1, RUN_ID_KEY: "run-a"}, folder / "epoch=0-step=1.ckpt")
+    (folder / "last.ckpt").write_bytes(b"PK\x03\x04 torn")  # newer, torn: skipped
+    assert foreign_checkpoint_problem(str(folder), "run-a") is None, "a resume of the same run"
+    expected = (f"checkpoint folder '{folder}' already holds checkpoints of another run (e.g. epoch=0-step=1.ckpt) - "
+                "continue that run with --ckpt_path last, or give this run its own folder (another "
+                "--trainer.logger.version, or another ModelCheckpoint dirpath)")
+    assert foreign_checkpoint_problem(str(folder), "run-b") == expected, "a resume of another run"
+    assert foreign_checkpoint_problem(str(folder), None) == expected, "a fresh run"
+    (folder / "epoch=0-step=1.ckpt").unlink()
+    assert foreign_checkpoint_problem(str(folder), None) is None, "only a torn file: nothing to mix with"
 
 
 def test_two_runs_starting_together_claim_two_versions(tmp_path, monkeypatch):
