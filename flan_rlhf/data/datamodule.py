@@ -371,6 +371,9 @@ class PromptDataModule(LightningDataModule):
         min_chars: drop prompts whose raw text has fewer characters (the popular DialogSum
             detox recipe uses 200).
         max_chars: drop prompts whose raw text has more characters (that recipe: 1000).
+        filter_splits: the splits ``min_chars``/``max_chars`` apply to: the training split only by
+            default, so validation and test stay the dataset's own (and comparable with published
+            scores); add ``validation``, ``test``, ``predict`` to filter those too.
         max_prompt_tokens: maximum tokens of the templated prompt (special tokens included);
             needs ``tokenizer``.
         tokenizer: tokenizer name or local folder used to count prompt tokens.
@@ -403,6 +406,7 @@ class PromptDataModule(LightningDataModule):
         template: str = "raw",
         min_chars: int | None = None,
         max_chars: int | None = None,
+        filter_splits: Sequence[Literal["train", "validation", "test", "predict"]] = ("train",),
         max_prompt_tokens: int | None = None,
         tokenizer: str | None = None,
         too_long: Literal["truncate", "drop", "error"] = "truncate",
@@ -432,6 +436,9 @@ class PromptDataModule(LightningDataModule):
                 "--data.max_prompt_tokens needs a positive value and --data.tokenizer (a tokenizer name or "
                 "local folder)"
             )
+        unknown = [name for name in filter_splits if name not in ROLES]
+        if unknown:
+            raise DataConfigError(f"--data.filter_splits names {unknown}; choose from {list(ROLES)}")
         if min_chars is not None and max_chars is not None and min_chars > max_chars:
             raise DataConfigError(
                 f"min_chars={min_chars} is greater than max_chars={max_chars}; swap or loosen them"
@@ -460,6 +467,7 @@ class PromptDataModule(LightningDataModule):
         self.template = resolve_template(template)
         self.min_chars = min_chars
         self.max_chars = max_chars
+        self.filter_splits = tuple(filter_splits)
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer_name = tokenizer
         self.too_long = too_long
@@ -555,11 +563,17 @@ class PromptDataModule(LightningDataModule):
         return prepare_prompts(
             dataset, role=role, split=split, prompt_column=self.prompt_column,
             reference_columns=self.reference_columns, template=self.template, row_ids=row_ids,
-            min_chars=self.min_chars, max_chars=self.max_chars, empty_prompts=self.empty_prompts,
+            **self._character_filter(role), empty_prompts=self.empty_prompts,
             tokenizer=self._tokenizer_or_none(), max_prompt_tokens=self.max_prompt_tokens,
             too_long=self.too_long,
             max_prompts=None if role == "train" else self.max_eval_prompts,
         )
+
+    def _character_filter(self, role: str) -> dict[str, int | None]:
+        """``min_chars``/``max_chars`` for ``role``: the settings when ``role`` is in ``filter_splits``, else none."""
+        if role in self.filter_splits:
+            return {"min_chars": self.min_chars, "max_chars": self.max_chars}
+        return {"min_chars": None, "max_chars": None}
 
     def _table(self, role: str) -> PromptTable:
         if role not in self.tables:

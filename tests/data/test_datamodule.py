@@ -78,6 +78,28 @@ def test_char_filters_and_empty_prompts_are_counted_and_logged(tmp_path, caplog)
             "1 longer than max_chars=10 dropped; 3 kept") in caplog.text
 
 
+def test_character_filters_leave_evaluation_splits_whole_unless_asked(tmp_path):
+    """DialogSum's 200-1000 character recipe filter, applied to test too, silently dropped 116 of its 500
+    dialogues (issue 24, point 2): filters apply to the training split unless filter_splits says more."""
+    rows = {split: [{"text": t, "ref": "r"} for t in ["abcd", "abcdefg", "abcdefghijkl"]]
+            for split in ("train", "validation", "test")}
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", split_rows) for split, split_rows in rows.items()}
+
+    def kept(**options) -> dict[str, list[str]]:
+        dm = PromptDataModule(dataset="json", data_files=files, prompt_column="text", reference_columns=["ref"],
+                              min_chars=5, max_chars=10, cache_dir=str(tmp_path / "cache"), **options)
+        dm.setup("fit")
+        dm.setup("test")
+        return {role: dm.tables[role].prompts for role in ("train", "validation", "test")}
+
+    assert kept() == {"train": ["abcdefg"], "validation": ["abcd", "abcdefg", "abcdefghijkl"],
+                      "test": ["abcd", "abcdefg", "abcdefghijkl"]}
+    assert kept(filter_splits=["train", "test"]) == {"train": ["abcdefg"], "validation": ["abcd", "abcdefg", "abcdefghijkl"],
+                                                     "test": ["abcdefg"]}
+    with pytest.raises(DataConfigError, match=r"filter_splits names \['tset'\]; choose from"):
+        PromptDataModule(builtin="tiny", filter_splits=["tset"])
+
+
 @pytest.fixture
 def byt5_dir(tmp_path):
     ByT5Tokenizer().save_pretrained(str(tmp_path / "byt5"))
