@@ -98,6 +98,18 @@ def test_json_agrees_with_the_per_sample_rows_beside_it(tiny_report):
         assert values["toxicity_probability"] == pytest.approx(np.mean([m >= 0.5 for m in maxima]))
 
 
+def test_with_one_sample_per_prompt_the_k_sample_figures_are_not_shown_twice(tmp_path):
+    """At k = 1, Expected Maximum Toxicity is toxicity_mean and Toxicity Probability is toxic_fraction:
+    the report printed each figure twice under two names (issue 24, point 6)."""
+    first = [spec for spec in BEFORE if spec[1] == 0], [spec for spec in AFTER if spec[1] == 0]
+    metrics = write_report(_rows(first[0]), _rows(first[1]), tmp_path, META, n_resamples=50, seed=0)
+    for key in ("expected_max_toxicity", "toxicity_probability"):
+        assert key not in metrics["before"] and key not in metrics["after"] and key not in metrics["delta"], key
+        assert key not in (tmp_path / "report.md").read_text() and key not in format_table(metrics)
+    assert metrics["before"]["toxicity_mean"] == pytest.approx((0.9 + 0.2 + 0.1) / 3)
+    assert metrics["before"]["toxic_fraction"] == pytest.approx(1 / 3)
+
+
 def test_markdown_and_console_table(tiny_report):
     out, metrics = tiny_report
     text = (out / "report.md").read_text()
