@@ -23,8 +23,18 @@ TRAINING_TAGS = [
 
 
 def _is_overlay(path: str) -> bool:
-    """Strategy configs (ddp, fsdp, deepspeed) hold only `trainer:` and are combined with a model config."""
-    return "model" not in yaml.safe_load(open(path))
+    """Strategy configs (ddp, fsdp, deepspeed: only `trainer:`) and evaluation configs (no model class)
+    are combined with a model config."""
+    return "class_path" not in (yaml.safe_load(open(path)).get("model") or {})
+
+
+def _assert_overlaid(parsed, overlay, where: str = "") -> None:
+    """Every leaf of ``overlay`` (a YAML section) is what the composed config parsed to."""
+    for key, value in overlay.items():
+        if isinstance(value, dict):
+            _assert_overlaid(parsed[key], value, f"{where}.{key}")
+        else:
+            assert _plain(parsed[key]) == value, f"{where}.{key}"
 
 
 def _plain(value):
@@ -47,15 +57,7 @@ def test_every_training_config_parses(path):
     assert config["model"]["class_path"].startswith("flan_rlhf.")
     assert config["data"]["class_path"].startswith("flan_rlhf.")
     if _is_overlay(path):
-        overlay = yaml.safe_load(open(path))["trainer"]
-        for key, value in overlay.items():
-            parsed = config["trainer"][key]
-            if isinstance(value, dict):  # strategy: class_path/init_args
-                assert parsed["class_path"] == value["class_path"]
-                for arg, arg_value in value["init_args"].items():
-                    assert _plain(parsed["init_args"][arg]) == arg_value, (key, arg)
-            else:
-                assert parsed == value, key
+        _assert_overlaid(config, yaml.safe_load(open(path)))
 
 
 @pytest.mark.parametrize("path", REWARD_CONFIGS, ids=os.path.basename)

@@ -88,8 +88,6 @@ def _prepare_rows(rows: Sequence[Mapping[str, Any]], side: str) -> list[dict[str
         out["prompt_id"], out["sample"] = int(row["prompt_id"]), int(row["sample"])
         refs = row["references"]
         out["references"] = [refs] if isinstance(refs, str) else [str(ref) for ref in refs]
-        if not out["references"]:
-            raise ValueError(f"{side}_rows[{index}] has no references: give at least one reference string")
         if not isinstance(row["response"], str):
             kind = type(row["response"]).__name__
             raise ValueError(f"{side}_rows[{index}]['response'] is {kind}: pass the decoded text as str")
@@ -108,6 +106,10 @@ def _prepare_rows(rows: Sequence[Mapping[str, Any]], side: str) -> list[dict[str
             )
         seen.add(key)
         prepared.append(out)
+    without = [index for index, row in enumerate(prepared) if not row["references"]]
+    if without and len(without) < len(prepared):
+        raise ValueError(f"{side}_rows[{without[0]}] has no references but other rows do: give every row at least one "
+                         "reference string, or none (an evaluation without references skips ROUGE and BLEU)")
     return prepared
 
 
@@ -198,10 +200,12 @@ def _evaluate_side(
             )
 
     # quality: the functions QualityMetrics is built on, each per-sample value computed once
-    for key, values in rouge_per_sample(responses, references, rouge_keys).items():
+    # (none without references: a toxicity-only protocol such as RealToxicityPrompts)
+    quality_keys = rouge_keys if all(references) else ()
+    for key, values in (rouge_per_sample(responses, references, quality_keys).items() if quality_keys else ()):
         result.per_sample[key] = values.numpy()
         add_mean(key, values.numpy())
-    for name, tokenizer in (("bleu", None), ("sacrebleu", sacrebleu_tokenizer())):
+    for name, tokenizer in (("bleu", None), ("sacrebleu", sacrebleu_tokenizer())) if quality_keys else ():
         tokenizer_kwargs = {"tokenizer": tokenizer} if tokenizer else {}
         stats = bleu_statistics(responses, references, BLEU_N_GRAM, **tokenizer_kwargs)
         if name == "bleu":
@@ -532,13 +536,16 @@ def write_report(
         count for rows in (before, after) for count in Counter(row["prompt_id"] for row in rows).values()
     })
     samples_per_prompt: Any = samples[0] if len(samples) == 1 else {"min": samples[0], "max": samples[-1]}
+    with_references = "bleu" in sides["before"].summary
     notes = [
         "ROUGE takes the best-matching reference per sample (torchmetrics accumulate='best').",
         "BLEU/SacreBLEU are corpus-level (n-gram statistics summed over all responses), 0-1 scale.",
+    ] if with_references else ["No references: ROUGE and BLEU are not computed."]
+    notes += [
         f"Intervals: paired percentile bootstrap over prompts, {n_resamples} resamples, seed {seed}.",
         "distinct-n has no interval: resampled corpora repeat n-grams, which biases it low.",
     ]
-    if "rougeLsum" in keys:
+    if "rougeLsum" in keys and with_references:
         notes.append(
             "rougeLsum splits sentences with nltk punkt_tab (the package's untrained splitter when nltk "
             "has no trained one)."

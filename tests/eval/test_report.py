@@ -193,3 +193,17 @@ def test_a_report_that_fails_midway_keeps_the_earlier_files_whole(tmp_path, monk
         write_report(_rows(AFTER), _rows(BEFORE), tmp_path, META, n_resamples=50, seed=0)
     assert (tmp_path / "toxicity_hist.png").read_bytes() == earlier["toxicity_hist.png"]
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(earlier)  # no *.tmp-* leftovers
+
+
+def test_rows_without_references_skip_quality_and_mixed_rows_are_refused(tmp_path):
+    """A toxicity-only protocol (RealToxicityPrompts) has no references: ROUGE/BLEU are skipped and
+    said so; a side where only some rows have references is one clear error."""
+    def no_refs(spec):
+        return [{**row, "references": []} for row in _rows(spec)]
+
+    metrics = write_report(no_refs(BEFORE), no_refs(AFTER), tmp_path / "a", META, n_resamples=50, seed=0)
+    assert not {"rouge1", "rougeL", "bleu", "sacrebleu"} & set(metrics["before"]) and "toxicity_mean" in metrics["after"]
+    assert "No references: ROUGE and BLEU are not computed." in metrics["notes"]
+    mixed = no_refs(BEFORE)[:3] + _rows(BEFORE)[3:]
+    with pytest.raises(ValueError, match=r"before_rows\[0\] has no references but other rows do"):
+        write_report(mixed, _rows(AFTER), tmp_path / "b", META, n_resamples=50, seed=0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 
 import pytest
 import torch
@@ -88,3 +89,31 @@ def test_compare_refuses_bad_input_in_one_line(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert kept.read_text() == "{}"
+
+
+def test_the_realtoxicityprompts_config_runs_the_k25_protocol(tmp_path, monkeypatch):
+    """configs/eval_realtoxicityprompts.yaml on a tiny trained run, the hub dataset replaced by a file
+    in its format (a nested ``prompt.text``, no references): 25 nucleus samples per prompt, and the
+    report's EMT and Toxicity Probability over them."""
+    from tests.conftest import run_command
+    from tests.test_cli import ROOT, tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path, max_steps=2)
+    assert run_command("fit", "--config", config)[0] == 0
+    rtp = tmp_path / "rtp.jsonl"
+    rtp.write_text("".join(json.dumps({"filename": f"{i}.txt", "prompt": {"text": f"So I told him {i} times that",
+                                                                          "toxicity": 0.1}}) + "\n" for i in range(5)))
+    code, out, err = run_command(
+        "compare", "--config", config, "--config", os.path.join(ROOT, "configs", "eval_realtoxicityprompts.yaml"),
+        "--data.init_args.dataset", "json", "--data.init_args.data_files", f"{{train: {rtp}}}",
+        "--data.init_args.max_eval_prompts", "3", "--ckpt_path", "last", "--out", str(tmp_path / "report"))
+    assert code == 0, (out + err)[-3000:]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["samples_per_prompt"] == 25 and metrics["n_prompts"] == 3
+    assert metrics["decoding"]["top_p"] == 0.9 and metrics["decoding"]["max_new_tokens"] == 20
+    for side in ("before", "after"):
+        assert {"expected_max_toxicity", "toxicity_probability"} <= set(metrics[side])
+        assert "rougeL" not in metrics[side], "no references: no ROUGE"
+    rows = [json.loads(line) for line in open(tmp_path / "report" / "samples_after.jsonl")]
+    assert len(rows) == 75 and rows[0]["prompt"].startswith("Continue the following text:\n\nSo I told him 0 times")
