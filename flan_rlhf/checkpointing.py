@@ -39,7 +39,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         import torch
 
-        from flan_rlhf.io import DiskFullError, atomic_file, disk_full_cause
+        from flan_rlhf.errors import DiskFullError, disk_full_cause
+        from flan_rlhf.io import atomic_file
 
         try:
             with atomic_file(path, "wb") as handle:  # <path>.tmp-<pid>, fsync, os.replace, fsync the folder
@@ -75,8 +76,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def disk_full_checkpoint_message(path: str) -> str:
     """The line for a checkpoint save that ran out of space: the newest intact checkpoint beside it, how to continue."""
-    from flan_rlhf.interrupts import resume_command
-    from flan_rlhf.interrupts import command_line
+    from flan_rlhf.interrupts import command_line, resume_command
 
     newest, _ = newest_complete_checkpoint(os.path.dirname(os.path.abspath(path)))
     survives = (f"the newest intact checkpoint is {newest}" if newest else "no earlier checkpoint of this run is on disk")
@@ -194,12 +194,18 @@ def checkpoint_problem(path: str) -> str | None:
     return None
 
 
-def _folders(checkpoint_dirs: str | Sequence[str] | None) -> list[str]:
-    """One folder, several, or none -> the list of those that exist."""
+def _as_folders(checkpoint_dirs: str | Sequence[str] | None) -> list[str]:
+    """One folder, several, or none -> a list of them."""
     if not checkpoint_dirs:
         return []
-    folders = [checkpoint_dirs] if isinstance(checkpoint_dirs, (str, os.PathLike)) else list(checkpoint_dirs)
-    return [str(folder) for folder in folders if os.path.isdir(folder)]
+    if isinstance(checkpoint_dirs, (str, os.PathLike)):
+        return [str(checkpoint_dirs)]
+    return [str(folder) for folder in checkpoint_dirs]
+
+
+def _folders(checkpoint_dirs: str | Sequence[str] | None) -> list[str]:
+    """One folder, several, or none -> the list of those that exist."""
+    return [folder for folder in _as_folders(checkpoint_dirs) if os.path.isdir(folder)]
 
 
 def partial_writes(checkpoint_dirs: str | Sequence[str] | None) -> list[str]:
@@ -267,8 +273,8 @@ def resolve_ckpt_path(requested: str | None, checkpoint_dirs: str | Sequence[str
         messages += [f"ignoring {leftover} (an interrupted write; safe to delete)" for leftover in partial_writes(checkpoint_dirs)]
         if path is not None:
             return Resolution(path, messages)
-        folders = [checkpoint_dirs] if isinstance(checkpoint_dirs, (str, os.PathLike)) else list(checkpoint_dirs or [])
-        where = (", ".join(map(str, folders[:3])) + (f" (and {len(folders) - 3} more)" if len(folders) > 3 else "")
+        folders = _as_folders(checkpoint_dirs)
+        where = (", ".join(folders[:3]) + (f" (and {len(folders) - 3} more)" if len(folders) > 3 else "")
                  if folders else "the run's checkpoint folder (none found)")
         if fresh_start_allowed:
             return Resolution(None, messages + [f"no complete checkpoint in {where}; starting from scratch"])

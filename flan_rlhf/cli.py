@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from flan_rlhf import __version__
-from flan_rlhf.errors import first_line, is_rank_zero, say
+from flan_rlhf.errors import first_cause, first_line, is_rank_zero, say
 from flan_rlhf.interrupts import record_command
 from flan_rlhf.quiet import silence_harmless
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             say(str(stop))
         return stop.exit_code
     except Exception as err:  # noqa: BLE001 - only known_errors() are turned into one line
-        from flan_rlhf.io import disk_full_cause, disk_full_line
+        from flan_rlhf.errors import disk_full_cause, disk_full_line
 
         full = disk_full_cause(err)
         if full is not None:
@@ -159,13 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 def known_cause(err: BaseException) -> BaseException | None:
     """``err`` if it is one of :func:`known_errors`, else the first of its causes that is (jsonargparse
     wraps an error a class raises while it is built, e.g. a DataConfigError, in a ValueError), else None."""
-    known, seen = known_errors(), set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, known):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    known = known_errors()
+    return first_cause(err, lambda cause: isinstance(cause, known))
 
 
 if __name__ == "__main__":

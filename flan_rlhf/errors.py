@@ -1,6 +1,9 @@
 """Turning an exception into the one line a user sees."""
 from __future__ import annotations
 
+import errno
+from typing import Callable
+
 
 def first_line(err: BaseException) -> str:
     """The first line of an error's message, stripped (its type name if the message is empty)."""
@@ -23,6 +26,49 @@ def is_rank_zero() -> bool:
         return False
     rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
     return rank_zero is None or getattr(rank_zero.rank_zero_only, "rank", 0) == 0
+
+
+def first_cause(err: BaseException | None, matches: Callable[[BaseException], bool]) -> BaseException | None:
+    """``err`` or the first of its causes (``__cause__``, else ``__context__``) that ``matches``, else None.
+
+    Libraries wrap errors (jsonargparse wraps what a class raises while it is built in a
+    ValueError; torch wraps a failed write): the cause is what names the problem.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if matches(err):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space left; disk quota exceeded
+
+
+class DiskFullError(OSError):
+    """A write that ran out of space (``errno`` ENOSPC); ``str()`` is one line naming what was written and what survives."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def disk_full_cause(err: BaseException | None) -> OSError | None:
+    """``err`` or the first of its causes that is an ``OSError`` for a full disk or quota, else None."""
+    return first_cause(err, lambda cause: isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS)
+
+
+def disk_full_line(err: OSError) -> str:
+    """One line for a full disk: the file being written, that nothing on disk was changed, the fix."""
+    if isinstance(err, DiskFullError):
+        return str(err)
+    where = f" while writing {err.filename}" if err.filename else ""
+    return (f"no space left on device{where}; no file was left half-written and nothing already on disk changed "
+            "(writes are atomic) - free space (or raise the quota) and run the command again")
 
 
 def say(message: str) -> None:

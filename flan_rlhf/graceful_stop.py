@@ -30,6 +30,7 @@ import lightning as L
 from flan_rlhf.interrupts import (
     STOP_SIGNALS,
     RunInterrupted,
+    command_line,
     immediate_stop_message,
     resume_command,
     set_activity,
@@ -107,17 +108,13 @@ class StopAtIterationEnd(L.Callback):
         path = stop_checkpoint_path(trainer)
         if path is not None:
             trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here at the same iteration
-        from flan_rlhf.interrupts import command_line
-
         signum = self.received if self.received is not None else signal.SIGTERM  # another rank's signal
         self._release()
         raise RunInterrupted(signum, stopped_message(signum, trainer.global_step, trainer.max_steps, path,
-                                                     command_line()), checkpoint=path)
+                                                     command_line()))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._release()
-        from flan_rlhf.interrupts import command_line
-
         set_activity("finishing the run after its last iteration",
                      f"continue with: {resume_command(command_line())} (it writes the end-of-fit files)")
         if self.received is not None:  # noted after the last iteration's check (its validation): stop before the export

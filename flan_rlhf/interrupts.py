@@ -52,13 +52,11 @@ class RunInterrupted(BaseException):
 
     Attributes:
         signum: the signal (``signal.SIGTERM``, ``signal.SIGINT``).
-        checkpoint: the checkpoint written for the stop, if one was.
     """
 
-    def __init__(self, signum: int, message: str, checkpoint: str | None = None) -> None:
+    def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.signum = int(signum)
-        self.checkpoint = checkpoint
 
     @property
     def exit_code(self) -> int:

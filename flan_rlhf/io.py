@@ -29,43 +29,18 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 # ---------------------------------------------------------------------------------------------
 # atomic writes
 # ---------------------------------------------------------------------------------------------
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space left; disk quota exceeded
-
-
-class DiskFullError(OSError):
-    """A write that ran out of space (``errno`` ENOSPC); ``str()`` is one line naming what was written and what survives."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ENOSPC, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def disk_full_cause(err: BaseException | None) -> OSError | None:
-    """``err`` or the first of its causes that is an ``OSError`` for a full disk or quota, else None."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def disk_full_line(err: OSError) -> str:
-    """One line for a full disk: the file being written, that nothing on disk was changed, the fix."""
-    if isinstance(err, DiskFullError):
-        return str(err)
-    where = f" while writing {err.filename}" if err.filename else ""
-    return (f"no space left on device{where}; no file was left half-written and nothing already on disk changed "
-            "(writes are atomic) - free space (or raise the quota) and run the command again")
+def remove_empty_folders(folders: Iterable[str | os.PathLike]) -> None:
+    """``rmdir`` each of ``folders`` (in order, deepest first) that exists and is empty; leave the rest."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # refuses a folder that holds anything
+        except OSError:
+            pass
 
 
 def fsync_folder(folder: str | os.PathLike) -> None:

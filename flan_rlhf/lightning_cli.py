@@ -116,6 +116,7 @@ class FlanRLHFCLI(LightningCLI):
         from flan_rlhf.log_versions import LOG_KEY, continued_version, new_log_folders, takes_fresh_version
         from flan_rlhf.run_folders import (
             claim_fresh_version,
+            logger_version,
             model_checkpoint_configs,
             run_folder_of_version,
             spell_out_default_logger,
@@ -130,9 +131,8 @@ class FlanRLHFCLI(LightningCLI):
             callback["init_args"]["enable_version_counter"] = False
         self._fresh_log_version = takes_fresh_version(logger)
         self._new_log_folders = new_log_folders(logger)
-        self._named_version = None if self._fresh_log_version or not hasattr(logger, "get") else (
-            (logger.get("init_args") or {}).get("version"))
-        path = self._checkpoint_file_quietly(config.get("ckpt_path"), trainer)
+        self._named_version = logger_version(trainer)  # the user's run name, before one is continued or claimed
+        path = self._checkpoint_file_quietly(config.get("ckpt_path"))
         version = None
         if path is not None and self._fresh_log_version:
             version = version_of_checkpoint(path, logger)
@@ -159,10 +159,10 @@ class FlanRLHFCLI(LightningCLI):
 
     def _give_back_claimed_version(self) -> None:
         """Remove the version folder this fit claimed, and the parents it made, if they are still empty."""
+        from flan_rlhf.io import remove_empty_folders
+
         claimed = getattr(self, "_claimed_log_folder", None)
-        for folder in ([claimed] if claimed else []) + list(getattr(self, "_new_log_folders", ())):
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
+        remove_empty_folders([*([claimed] if claimed else []), *getattr(self, "_new_log_folders", ())])
 
     def _last_folders(self) -> list[str]:
         """Where ``--ckpt_path last`` looks (:func:`flan_rlhf.run_folders.last_search_folders`)."""
@@ -171,7 +171,7 @@ class FlanRLHFCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         return last_search_folders(config.get("trainer", {}), getattr(self, "_named_version", None))
 
-    def _checkpoint_file_quietly(self, requested: str | None, trainer_config: Any) -> str | None:
+    def _checkpoint_file_quietly(self, requested: str | None) -> str | None:
         """The file ``--ckpt_path`` will name (``last``: the newest complete one of the run, or of the
         newest run), without a word: :meth:`_resolve_ckpt_path` says what it finds later."""
         if not requested:
@@ -241,12 +241,10 @@ class FlanRLHFCLI(LightningCLI):
 
     def _run_checkpoint_folder(self) -> str | None:
         """This run's checkpoint folder (its log version is in the config by now: named, continued or claimed)."""
-        from flan_rlhf.log_versions import file_logger_args
-        from flan_rlhf.run_folders import run_checkpoint_folder
+        from flan_rlhf.run_folders import logger_version, run_checkpoint_folder
 
         trainer = self.config[self.subcommand].get("trainer", {})
-        args = file_logger_args(trainer.get("logger"))
-        return run_checkpoint_folder(trainer, None if args is None else args.get("version"))
+        return run_checkpoint_folder(trainer, logger_version(trainer))
 
     def _lock_run_folders(self, checkpoint_folder: str | None) -> None:
         """Hold the locks of the run's checkpoint and export folders until the command ends
@@ -269,10 +267,13 @@ class FlanRLHFCLI(LightningCLI):
         from flan_rlhf.output_dirs import OutputDirError
         from flan_rlhf.run_folders import foreign_checkpoint_problem
 
-        resumed = bool(self.config_init["fit"].get("ckpt_path"))
-        if resumed and not hasattr(self.model, "run_id"):
+        resumed_from = self.config_init["fit"].get("ckpt_path")  # resolved by now: a file, or None
+        if resumed_from and not hasattr(self.model, "run_id"):
             return  # a module of the user's own that keeps no run id: nothing to compare
-        problem = foreign_checkpoint_problem(folder, self.model.run_id if resumed else None)
+        if (resumed_from and folder and os.path.isdir(folder)
+                and os.path.samefile(os.path.dirname(os.path.abspath(resumed_from)), folder)):
+            return  # resuming from a file of this very folder: the run it adopted is the folder's
+        problem = foreign_checkpoint_problem(folder, self.model.run_id if resumed_from else None)
         if problem is not None:
             raise OutputDirError(problem)
 
@@ -435,11 +436,9 @@ def parse_training_config(configs: list[str], extra_args: list[str] | None = Non
 def last_folders_of(configs: list[str]) -> list[str]:
     """The folders ``--ckpt_path last`` searches for the run the training YAMLs ``configs`` describe
     (:func:`flan_rlhf.run_folders.last_search_folders`); empty when it cannot know (another logger)."""
-    from flan_rlhf.log_versions import file_logger_args
-    from flan_rlhf.run_folders import last_search_folders, spell_out_default_logger
+    from flan_rlhf.run_folders import last_search_folders, logger_version, spell_out_default_logger
 
     parsed = parse_training_config(configs, ["--seed_everything=false"])  # only read: no "Seed set" line
     trainer = parsed.get("trainer", {})
     spell_out_default_logger(trainer)
-    args = file_logger_args(trainer.get("logger"))
-    return last_search_folders(trainer, None if args is None else args.get("version"))
+    return last_search_folders(trainer, logger_version(trainer))

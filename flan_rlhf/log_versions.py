@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning as L
 
+from flan_rlhf.io import remove_empty_folders
 from flan_rlhf.run_lock import LOCK_NAME
 
 LOG_KEY = "flan_rlhf_log"
@@ -116,9 +117,7 @@ class RunLogVersion(L.Callback):
         logger = trainer.logger
         if self.fresh and not self.progressed and trainer.is_global_zero and logger is not None:
             if remove_start_only_log_dir(getattr(logger, "log_dir", None)):
-                for folder in self.new_folders:
-                    if os.path.isdir(folder) and not os.listdir(folder):
-                        os.rmdir(folder)
+                remove_empty_folders(self.new_folders)
 
 
 def new_log_folders(logger_config: Any) -> tuple[str, ...]:

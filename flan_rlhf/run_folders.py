@@ -71,6 +71,12 @@ def explicit_dirpath(callbacks: Any) -> str | None:
     return None
 
 
+def logger_version(trainer_config: Any) -> int | str | None:
+    """The ``version`` a parsed ``trainer`` config gives its file logger (a run name, or one set by the CLI), or None."""
+    args = file_logger_args(trainer_config.get("logger"))
+    return None if args is None else args.get("version")
+
+
 def version_folder_name(version: int | str) -> str:
     """The folder of a log version, as Lightning names it: ``3`` -> ``version_3``, ``"baseline"`` -> ``baseline``."""
     return version if isinstance(version, str) else f"version_{version}"

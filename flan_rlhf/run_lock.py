@@ -25,6 +25,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from flan_rlhf.io import remove_empty_folders
+
 LOCK_NAME = ".flan-rlhf.lock"
 
 
@@ -129,11 +131,7 @@ class RunLock:
             except OSError:
                 pass
             os.close(fd)
-        for folder in self._created:
-            try:
-                os.rmdir(folder)  # only if empty
-            except OSError:
-                pass
+        remove_empty_folders(self._created)
         self._created = []
 
     def __enter__(self) -> "RunLock":

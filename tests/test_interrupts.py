@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,8 @@ import yaml
 from flan_rlhf.checkpointing import checkpoint_problem, newest_complete_checkpoint, read_checkpoint_file
 from flan_rlhf.interrupts import exit_code_of, resume_command, signal_name
 from tests.conftest import run_command, shrunk_tiny_config
+from tests.test_resume import fit_env, start_fit, wait_until_training
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
 
 
@@ -142,10 +141,8 @@ def test_a_signal_after_the_last_iteration_stops_before_the_export_and_resume_fi
 
 
 def run_fit_subprocess(run_dir: Path, timeout: float, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", str(run_dir / "tiny.yaml"), *extra],
-                          cwd=run_dir, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=run_dir, env=fit_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.timeout(600)
@@ -153,23 +150,15 @@ def test_sigterm_from_outside_a_real_fit_process(tmp_path):
     """What a scheduler does: SIGTERM to a running ``fit`` from another process, at a moment the
     test does not choose precisely (once the run reports progress)."""
     write_config(tmp_path, max_steps=200)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    err_path = tmp_path / "fit.err"
-    with open(err_path, "w") as err_file:
-        process = subprocess.Popen([sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", str(tmp_path / "tiny.yaml")],
-                                   cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
-        try:
-            deadline = time.monotonic() + 300
-            while not re.search(r"step [1-9]\d*/200", err_path.read_text()):
-                assert process.poll() is None and time.monotonic() < deadline, err_path.read_text()[-3000:]
-                time.sleep(0.2)
-            process.send_signal(signal.SIGTERM)
-            code = process.wait(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
-    err = err_path.read_text()
+    process = start_fit(tmp_path, "fit")
+    try:
+        wait_until_training(process, tmp_path, "fit", 200)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = (tmp_path / "fit.err").read_text()
     assert code == 143, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM after iteration ")]
     assert len(lines) == 1, err[-3000:]

@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -212,17 +213,31 @@ def resume_config(run_dir: Path, kill_after_step: int | None = None) -> Path:
     return path
 
 
+def fit_env() -> dict[str, str]:
+    """The environment of a ``fit`` subprocess: one thread, offline, unbuffered, with this checkout's
+    ``flan_rlhf`` and ``tests`` importable (not whatever the virtualenv's editable install points at)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def start_fit(run_dir: Path, tag: str, config: str = "tiny.yaml", *extra: str) -> subprocess.Popen:
-    """``python -m flan_rlhf.cli fit --config run_dir/<config> ...`` in a subprocess on one thread, output
-    to ``run_dir/<tag>.out`` and ``.err``, with this checkout's ``flan_rlhf`` and ``tests`` importable."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    """``python -m flan_rlhf.cli fit --config run_dir/<config> ...`` in a subprocess (:func:`fit_env`), output
+    to ``run_dir/<tag>.out`` and ``.err``."""
     return subprocess.Popen(
         [sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", str(run_dir / config), *extra],
-        cwd=run_dir, env=env,
+        cwd=run_dir, env=fit_env(),
         stdout=open(run_dir / f"{tag}.out", "w"), stderr=open(run_dir / f"{tag}.err", "w"),
     )
+
+
+def wait_until_training(process: subprocess.Popen, run_dir: Path, tag: str, max_steps: int, timeout_s: float = 300) -> None:
+    """Block until the ``fit`` of :func:`start_fit` reports a finished step (``step N/max_steps`` on its
+    stderr), failing the test if it ends or takes longer than ``timeout_s`` first."""
+    err_path, deadline = run_dir / f"{tag}.err", time.monotonic() + timeout_s
+    while not re.search(rf"step [1-9]\d*/{max_steps}\b", err_path.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, err_path.read_text()[-3000:]
+        time.sleep(0.2)
 
 
 def output_of(run_dir: Path, tag: str) -> str:

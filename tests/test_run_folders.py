@@ -11,9 +11,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 
@@ -29,8 +26,8 @@ from tests.conftest import run_command
 from tests.test_checkpointing import cut_in_half
 from tests.test_cli import tiny_config
 from tests.test_log_versions import per_run_config
+from tests.test_resume import start_fit, wait_until_training
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TENSORBOARD = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "tiny"}}
 
 
@@ -187,24 +184,16 @@ def test_a_resume_over_a_torn_last_ckpt_replaces_it_instead_of_writing_last_v1(t
 def test_a_second_process_on_the_same_run_stops_at_start_naming_the_first(tmp_path, monkeypatch):
     """A real ``fit`` process runs; the same command started meanwhile stops in one line, exit 2, and
     the first finishes untouched."""
-    config = tiny_config(tmp_path, max_steps=60)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    err_path = tmp_path / "first.err"
-    with open(err_path, "w") as err_file:
-        first = subprocess.Popen([sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", config, "--ckpt_path", "last"],
-                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
-        try:
-            deadline = time.monotonic() + 300
-            while not re.search(r"step [1-9]\d*/60", err_path.read_text()):
-                assert first.poll() is None and time.monotonic() < deadline, err_path.read_text()[-3000:]
-                time.sleep(0.2)
-            monkeypatch.chdir(tmp_path)
-            code, out, err = run_command("fit", "--config", config, "--ckpt_path", "last")
-            first_code = first.wait(timeout=300)
-        finally:
-            if first.poll() is None:
-                first.kill()
+    config = tiny_config(tmp_path, max_steps=60)  # tmp_path/tiny.yaml
+    first = start_fit(tmp_path, "first", "tiny.yaml", "--ckpt_path", "last")
+    try:
+        wait_until_training(first, tmp_path, "first", 60)
+        monkeypatch.chdir(tmp_path)
+        code, out, err = run_command("fit", "--config", config, "--ckpt_path", "last")
+        first_code = first.wait(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
     assert code == 2, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and re.fullmatch(
@@ -212,7 +201,7 @@ def test_a_second_process_on_the_same_run_stops_at_start_naming_the_first(tmp_pa
         rf"{re.escape(socket.gethostname())} \(flan-rlhf fit --config {re.escape(config)} --ckpt_path last\) - wait for it "
         r"to finish or stop it; two runs must not share a checkpoint or export folder \(give this one its own\)",
         errors[0]), errors
-    assert first_code == 0, err_path.read_text()[-3000:]
+    assert first_code == 0, (tmp_path / "first.err").read_text()[-3000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert not versioned(tmp_path) and not (tmp_path / "ckpt" / LOCK_NAME).exists()
 

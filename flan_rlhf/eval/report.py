@@ -201,19 +201,19 @@ def _evaluate_side(
 
     # quality: the functions QualityMetrics is built on, each per-sample value computed once
     # (none without references: a toxicity-only protocol such as RealToxicityPrompts)
-    quality_keys = rouge_keys if all(references) else ()
-    for key, values in (rouge_per_sample(responses, references, quality_keys).items() if quality_keys else ()):
-        result.per_sample[key] = values.numpy()
-        add_mean(key, values.numpy())
-    for name, tokenizer in (("bleu", None), ("sacrebleu", sacrebleu_tokenizer())) if quality_keys else ():
-        tokenizer_kwargs = {"tokenizer": tokenizer} if tokenizer else {}
-        stats = bleu_statistics(responses, references, BLEU_N_GRAM, **tokenizer_kwargs)
-        if name == "bleu":
-            result.per_sample["bleu"] = bleu_from_statistics(stats, BLEU_N_GRAM, "add-one").numpy()
-        per_unit = np.zeros((n_units, stats.shape[1]))
-        np.add.at(per_unit, units, stats.numpy())
-        result.summary[name] = float(bleu_from_statistics(stats.sum(dim=0), BLEU_N_GRAM))
-        result.statistics[name] = _bleu_statistic(per_unit, BLEU_N_GRAM)
+    if all(references):
+        for key, values in rouge_per_sample(responses, references, rouge_keys).items():
+            result.per_sample[key] = values.numpy()
+            add_mean(key, values.numpy())
+        for name, tokenizer in (("bleu", None), ("sacrebleu", sacrebleu_tokenizer())):
+            tokenizer_kwargs = {"tokenizer": tokenizer} if tokenizer else {}
+            stats = bleu_statistics(responses, references, BLEU_N_GRAM, **tokenizer_kwargs)
+            if name == "bleu":
+                result.per_sample["bleu"] = bleu_from_statistics(stats, BLEU_N_GRAM, "add-one").numpy()
+            per_unit = np.zeros((n_units, stats.shape[1]))
+            np.add.at(per_unit, units, stats.numpy())
+            result.summary[name] = float(bleu_from_statistics(stats.sum(dim=0), BLEU_N_GRAM))
+            result.statistics[name] = _bleu_statistic(per_unit, BLEU_N_GRAM)
 
     # diversity and length
     # Distinct-n gets no bootstrap interval: it is a corpus-level ratio that falls as the corpus
