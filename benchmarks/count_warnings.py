@@ -31,6 +31,7 @@ EXPECTED = re.compile("|".join([
     r"^(fit|validate|test|predict|compare|score|generate|export|demo): ",  # closing summaries
     r"^  (?!warnings\.warn\()\S",  # the summaries' output lines (not the second line of a Python warning)
     r"^model: [\d.]+ [KMB]? ?parameters",  # model_summary.ParameterSummary
+    r"^data\[\w+ <- '",  # PromptDataModule's line per split (SplitReport.summary)
     r"^resumed from step \d+ \(",  # PPOModule on a resume
     r"^(note|warning|error): ",  # the project's own messages
     r"^metric +before +after", r"^-{5,}", r" [↓↑] +-?[\d.]+ ", r"^(response_len_mean|response_tokens_mean) ",  # report table
@@ -41,7 +42,7 @@ EXPECTED = re.compile("|".join([
 ]))
 
 
-ONCE = re.compile(r"^(resumed from step|note: |warning: )")  # the project's notices: a repeat is noise too
+ONCE = re.compile(r"^(resumed from step|note: |warning: |data\[)")  # the project's notices: a repeat is noise too
 
 
 def foreign_lines(output: str) -> list[str]:

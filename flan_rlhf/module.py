@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 import torch
 
 from flan_rlhf import ppo
@@ -21,18 +22,19 @@ from flan_rlhf.guards import NonFiniteGuard
 from flan_rlhf.optim import adamw, lr_schedule, step_unless
 from flan_rlhf.model_card import reward_description
 from flan_rlhf.output_dirs import GuardedExportMixin
-from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, load_policy_model
+from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, PromptLimitOfPolicy, load_policy_model
 from flan_rlhf.rewards.base import Reward
 from flan_rlhf.rollout import Rollout, collect_experience, response_mask, shift_right, tokenize_prompts
 from flan_rlhf.settings import GenerationSettings, PPOSettings
 from flan_rlhf.step_counting import count_as_one_step
 from flan_rlhf.update_tally import UpdateTally
 from flan_rlhf.t5_fused import set_fused_kernels
+from flan_rlhf.tokens import text_within_limit
 
 log = logging.getLogger(__name__)
 
 
-class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
+class PPOModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L.LightningModule):
     """RLHF-PPO of a seq2seq policy with LoRA against a reward.
 
     Args:
@@ -41,8 +43,10 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         lora: LoRA settings; ``null`` for full fine-tuning (a frozen copy is the reference).
         generation: rollout sampling settings.
         ppo: PPO hyperparameters (defaults: TRL 0.11's).
-        truncate_prompt_tokens: prompts are truncated to this many tokens (counted in
-            ``data/truncated_prompts``).
+        truncate_prompt_tokens: the model's prompt cap in tokens (``</s>`` included). The data module
+            cuts the inserted text of a longer prompt to fit (template kept, counted in its data line);
+            a prompt that still arrives longer is cut at its end here, counted in
+            ``data/truncated_prompts`` and warned about.
         gradient_checkpointing: recompute activations in backward to save memory.
         warmup_steps: linear learning-rate warm-up, in PPO iterations.
         sampling_seed: base of the per-iteration sampling seed (``seed``, iteration, rank), which makes
@@ -103,6 +107,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         self.tokenizer = None
         self._reward_ready = False
         self._resumed_from: str | None = None
+        self._warned_prompt_cut = False
         # LoRA checkpoints hold only what training changes; the frozen base is re-loaded.
         self.strict_loading = False
 
@@ -111,7 +116,7 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         """Build the actor-critic once (Lightning calls this before restoring a checkpoint)."""
         if self.actor is not None:
             return
-        model, self.tokenizer = load_policy_model(self.policy_spec)
+        model, self.tokenizer = load_policy_model(self.policy_spec, self.tokenizer)
         self.actor = ActorCritic(model, self.lora, self.hparams.gradient_checkpointing)
         # a weight read outside the wrapped forward is a shard under FSDP/DeepSpeed: their own forward then
         fused = self.hparams.fused_kernels and not (self._trainer is not None and shards_weights(self.trainer.strategy))
@@ -147,9 +152,11 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         the reference needs a teacher-forced forward (:func:`flan_rlhf.rollout.collect_experience`).
         ``scored=False`` skips the reward (``Rollout.scores`` is then ``None``).
         """
-        input_ids, attention_mask, n_truncated = tokenize_prompts(
+        input_ids, attention_mask, prompt_cut = tokenize_prompts(
             self.tokenizer, prompts, self.truncate_prompt_tokens, self.device
         )
+        if any(prompt_cut):
+            prompts = self._note_prompts_cut(prompts, prompt_cut)
         responses, logprobs, values, ref_logprobs, entropy = collect_experience(
             self.actor, input_ids, attention_mask, settings, self.tokenizer, self._decoder_start, with_reference
         )
@@ -159,7 +166,25 @@ class PPOModule(GuardedExportMixin, EvaluationMixin, L.LightningModule):
         scores, components = self.score_rollout(list(prompts), texts) if scored else (None, {})
         return Rollout(input_ids, attention_mask, responses, mask, logprobs,
                        ref_logprobs if ref_logprobs is not None else torch.zeros_like(logprobs),
-                       values, entropy, list(prompts), texts, n_truncated, scores, components)
+                       values, entropy, list(prompts), texts, prompt_cut, scores, components)
+
+    def _note_prompts_cut(self, prompts: list[str], prompt_cut: list[bool]) -> list[str]:
+        """The prompts as encoded (cut ones shortened to what the model keeps), after one warning per run.
+
+        Prompts from :class:`~flan_rlhf.data.PromptDataModule` are cut on their inserted text
+        before they get here; this is the safety net for prompts from elsewhere, and it takes the
+        end of the prompt, template included.
+        """
+        if not self._warned_prompt_cut:
+            self._warned_prompt_cut = True
+            rank_zero_warn(
+                f"{sum(prompt_cut)} of {len(prompts)} prompts in a batch are longer than "
+                f"truncate_prompt_tokens={self.truncate_prompt_tokens} and lose their end (a template's tail "
+                "such as 'Summary:' included); feed prompts through PromptDataModule, which cuts the inserted "
+                "text instead, or raise --model.truncate_prompt_tokens (counted in data/truncated_prompts)"
+            )
+        return [text_within_limit(self.tokenizer, prompt, self.truncate_prompt_tokens) if cut else prompt
+                for prompt, cut in zip(prompts, prompt_cut)]
 
     def score_rollout(self, prompts: list[str], texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Raw reward ``(batch,)`` on this device and each component ``(batch,)`` for decoded responses."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flan_rlhf.t5_fused import fused_forward
+from flan_rlhf.tokens import PromptTokenLimit
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,8 @@ def build_t5_from_config(
     return model
 
 
-def load_policy_model(spec: PolicySpec):
-    """Build or load ``(model, tokenizer)`` from a :class:`PolicySpec`.
-
-    Returns:
-        model: a HF encoder-decoder (``PreTrainedModel``).
-        tokenizer: its tokenizer (right padding, as T5 expects).
-    """
+def load_policy_tokenizer(spec: PolicySpec):
+    """The policy's tokenizer (right padding, as T5 expects) from a :class:`PolicySpec`."""
     if spec.name_or_path is None and spec.t5_config is None:
         raise ModelLoadError("policy needs either name_or_path (hub id or folder) or t5_config - set one of them")
     tok_name = spec.tokenizer or spec.name_or_path
@@ -188,6 +184,21 @@ def load_policy_model(spec: PolicySpec):
         raise ModelLoadError("a policy built from t5_config needs `tokenizer` (a folder, a hub id, or 'byt5')")
     tokenizer = load_tokenizer(tok_name, spec.trust_remote_code)
     tokenizer.padding_side = "right"  # T5 was trained with right padding (TRL PR #262: left padding broke T5)
+    return tokenizer
+
+
+def load_policy_model(spec: PolicySpec, tokenizer: Any = None):
+    """Build or load ``(model, tokenizer)`` from a :class:`PolicySpec`.
+
+    Args:
+        tokenizer: the spec's tokenizer when already loaded (:func:`load_policy_tokenizer`).
+
+    Returns:
+        model: a HF encoder-decoder (``PreTrainedModel``).
+        tokenizer: its tokenizer (right padding, as T5 expects).
+    """
+    if tokenizer is None:
+        tokenizer = load_policy_tokenizer(spec)
     if spec.name_or_path is not None:
         model = load_seq2seq_model(spec.name_or_path, spec.trust_remote_code, spec.dtype)
     else:
@@ -198,6 +209,21 @@ def load_policy_model(spec: PolicySpec):
         cfg.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
         model = build_t5_from_config(**cfg)
     return model, tokenizer
+
+
+class PromptLimitOfPolicy:
+    """Mixin for a LightningModule with ``policy_spec``, ``tokenizer`` and ``truncate_prompt_tokens``.
+
+    :meth:`prompt_token_limit` hands the module's prompt-token cap and tokenizer to the data module
+    (:meth:`flan_rlhf.data.PromptDataModule.follow_model`), which then cuts the inserted text of a
+    long prompt instead of letting the tokenizer cut the prompt's end (the template's tail).
+    """
+
+    def prompt_token_limit(self) -> PromptTokenLimit:
+        """The cap and the policy's tokenizer (loaded here when ``configure_model`` has not run yet)."""
+        if self.tokenizer is None:
+            self.tokenizer = load_policy_tokenizer(self.policy_spec)
+        return PromptTokenLimit(self.tokenizer, int(self.truncate_prompt_tokens))
 
 
 def hidden_size(model) -> int:

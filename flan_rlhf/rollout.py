@@ -38,8 +38,10 @@ class Rollout:
         logprobs / ref_logprobs / values / entropy: per response token under the rollout policy,
             the frozen reference and the value head, shape ``(batch, response_len)``
             (``ref_logprobs`` is zeros when the reference was not evaluated).
-        prompts / texts: the prompt strings and decoded responses.
-        n_truncated: how many prompts were cut to the prompt-token limit.
+        prompts / texts: the prompt strings as the model saw them (a prompt over the model's
+            token cap is shown cut, as it was encoded) and the decoded responses.
+        prompt_cut: per prompt, whether the model's token cap cut its end (the data module
+            normally cuts the inserted text first, so this stays all False).
         scores: scalar reward per response, shape ``(batch,)``; ``None`` when the rollout was
             sampled unscored (the before/after comparison scores with its own scorers).
         components: each reward component, shape ``(batch,)`` (empty when unscored).
@@ -55,25 +57,36 @@ class Rollout:
     entropy: torch.Tensor
     prompts: list[str]
     texts: list[str]
-    n_truncated: int
+    prompt_cut: list[bool]
     scores: torch.Tensor | None
     components: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n_truncated(self) -> int:
+        """How many prompts the model's token cap cut."""
+        return sum(self.prompt_cut)
 
 
 def response_rows(rollout: Rollout, batch: Mapping[str, Any], columns: Mapping[str, Sequence[float] | torch.Tensor]) -> list[dict[str, Any]]:
     """One dict per response of ``rollout``, for prediction files and before/after reports.
 
-    Keys, in order: ``prompt_id`` and ``sample`` (when ``batch`` carries them, as
-    :meth:`flan_rlhf.data.datamodule.PromptTable.batch` does), ``prompt``, ``response``,
+    Keys, in order: ``prompt_id``, ``sample`` and ``id`` (when ``batch`` carries them, as
+    :meth:`flan_rlhf.data.datamodule.PromptTable.batch` does), ``prompt`` (as the model saw it),
+    ``prompt_truncated`` (the data module or the model's cap cut the prompt), ``response``,
     ``references`` (``[]`` when the batch has none), then each of ``columns`` (shape ``(batch,)``;
     a tensor is read with one ``tolist`` per column, so integer columns stay ``int``).
     """
     values_of = {name: values.tolist() if isinstance(values, torch.Tensor) else [float(v) for v in values]
                  for name, values in columns.items()}
+    truncated_by_data = batch["truncated"].tolist() if "truncated" in batch else [False] * len(rollout.prompts)
     rows = []
     for i, (prompt, text) in enumerate(zip(rollout.prompts, rollout.texts)):
         row: dict[str, Any] = {key: int(batch[key][i]) for key in ("prompt_id", "sample") if key in batch}
-        row["prompt"], row["response"] = prompt, text
+        if "id" in batch:
+            row["id"] = batch["id"][i]
+        row["prompt"] = prompt
+        row["prompt_truncated"] = bool(truncated_by_data[i] or rollout.prompt_cut[i])
+        row["response"] = text
         row["references"] = list(batch["references"][i]) if batch.get("references") else []
         row.update({name: values[i] for name, values in values_of.items()})
         rows.append(row)
@@ -100,20 +113,20 @@ class SampledResponses:
     entropy: torch.Tensor
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Right-padded prompt tokens (T5's native padding; TRL PR #262).
 
     Returns:
         input_ids, attention_mask: shape ``(batch, prompt_len)`` with ``prompt_len`` the longest
         prompt in this batch (dynamic padding), capped at ``max_prompt_tokens``.
-        n_truncated: how many prompts were cut to ``max_prompt_tokens``.
+        cut: per prompt, whether it was longer than ``max_prompt_tokens`` and lost its end.
     """
     full = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    n_truncated = sum(len(ids) > max_prompt_tokens for ids in full)
+    cut = [len(ids) > max_prompt_tokens for ids in full]
     enc = tokenizer(
         list(prompts), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
     )
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device), n_truncated
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device), cut
 
 
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -29,7 +29,13 @@ import torch
 from flan_rlhf.checkpointing import CheckpointError, state_dict_mismatch
 from flan_rlhf.optim import adamw, lr_schedule
 from flan_rlhf.output_dirs import GuardedExportMixin
-from flan_rlhf.policy import LoraSettings, PolicySpec, enable_activation_checkpointing, load_policy_model
+from flan_rlhf.policy import (
+    LoraSettings,
+    PolicySpec,
+    PromptLimitOfPolicy,
+    enable_activation_checkpointing,
+    load_policy_model,
+)
 
 IGNORE_INDEX = -100  # label value torch's cross_entropy (and HF) skip
 
@@ -61,7 +67,7 @@ def first_references(batch: dict[str, Any]) -> list[str]:
     return [refs[0] for refs in batch["references"]]
 
 
-class SFTModule(GuardedExportMixin, L.LightningModule):
+class SFTModule(GuardedExportMixin, PromptLimitOfPolicy, L.LightningModule):
     """Supervised fine-tuning of a Hugging Face encoder-decoder: cross-entropy of ``references[0]``.
 
     Args:
@@ -74,7 +80,8 @@ class SFTModule(GuardedExportMixin, L.LightningModule):
         min_lr_ratio: the decay ends at ``learning_rate * min_lr_ratio``.
         decay_steps: optimizer steps at which the decay reaches its floor; ``null`` takes
             ``trainer.max_steps`` (the prompt stream is infinite, so set ``max_steps``).
-        truncate_prompt_tokens: prompts are truncated to this many tokens (``</s>`` included).
+        truncate_prompt_tokens: the prompt cap in tokens (``</s>`` included); the data module cuts the
+            inserted text of a longer prompt to fit, so the template is kept.
         truncate_target_tokens: targets are truncated to this many tokens (``</s>`` included).
         lora: LoRA adapter settings; ``null`` trains all weights. The saved model has the
             adapters merged in.
@@ -119,13 +126,14 @@ class SFTModule(GuardedExportMixin, L.LightningModule):
         self.lora = lora
         self.model: Any = None
         self.tokenizer: Any = None
+        self.truncate_prompt_tokens = truncate_prompt_tokens
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
         """Load or build the model once (Lightning calls this before restoring a checkpoint)."""
         if self.model is not None:
             return
-        model, self.tokenizer = load_policy_model(self.policy_spec)
+        model, self.tokenizer = load_policy_model(self.policy_spec, self.tokenizer)
         model.train()  # load_policy_model returns eval mode; Lightning keeps submodules' modes as found
         if self.hparams.gradient_checkpointing:
             enable_activation_checkpointing(model)

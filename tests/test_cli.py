@@ -158,7 +158,7 @@ def test_fit_validate_test_predict_compare_on_tiny_model(tmp_path, capsys):
     rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
     assert len(rows) == 5 * 2  # max_eval_prompts from the flag, samples_per_prompt from the overlay
     assert {"prompt", "response", "reward", "non_profanity", "kl"} <= set(rows[0])
-    assert list(rows[0])[:5] == ["prompt_id", "sample", "prompt", "response", "references"]  # rollout.response_rows
+    assert list(rows[0])[:6] == ["prompt_id", "sample", "prompt", "prompt_truncated", "response", "references"]  # rollout.response_rows
     assert len({row["prompt_id"] for row in rows}) == 5
 
     report = tmp_path / "report"

@@ -17,29 +17,33 @@ def _hand_rollout(prompts: list[str], texts: list[str]) -> Rollout:
     zeros = torch.zeros(n, 3)
     return Rollout(torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long),
                    torch.zeros(n, 3, dtype=torch.long), torch.ones(n, 3), zeros, zeros, zeros, zeros,
-                   prompts, texts, n_truncated=0, scores=None)
+                   prompts, texts, prompt_cut=[False] * len(prompts), scores=None)
 
 
 def test_response_rows_carry_ids_text_references_and_columns_in_order():
-    rollout = _hand_rollout(["p0", "p1"], ["r0", "r1"])
-    batch = {"prompt": ["p0", "p1"], "prompt_id": torch.tensor([7, 9]), "sample": torch.tensor([0, 2]),
-             "references": [["a", "b"], []]}
-    columns = {"reward": torch.tensor([0.5, -1.0]), "tokens": torch.tensor([3, 1]), "kl": [0.25, 0.0]}
+    rollout = dataclasses.replace(_hand_rollout(["p0", "p1", "p2"], ["r0", "r1", "r2"]),
+                                  prompt_cut=[True, False, False])
+    batch = {"prompt": ["p0", "p1", "p2"], "prompt_id": torch.tensor([7, 9, 4]), "sample": torch.tensor([0, 2, 1]),
+             "id": ["train_7", "train_9", 12], "truncated": torch.tensor([False, True, False]),
+             "references": [["a", "b"], [], ["c"]]}
+    columns = {"reward": torch.tensor([0.5, -1.0, 2.0]), "tokens": torch.tensor([3, 1, 2]), "kl": [0.25, 0.0, 1.0]}
     rows = response_rows(rollout, batch, columns)
-    assert rows == [
-        {"prompt_id": 7, "sample": 0, "prompt": "p0", "response": "r0", "references": ["a", "b"],
-         "reward": 0.5, "tokens": 3, "kl": 0.25},
-        {"prompt_id": 9, "sample": 2, "prompt": "p1", "response": "r1", "references": [],
-         "reward": -1.0, "tokens": 1, "kl": 0.0},
+    assert rows == [  # row 0 cut by the model's cap, row 1 by the data module, row 2 not cut
+        {"prompt_id": 7, "sample": 0, "id": "train_7", "prompt": "p0", "prompt_truncated": True, "response": "r0",
+         "references": ["a", "b"], "reward": 0.5, "tokens": 3, "kl": 0.25},
+        {"prompt_id": 9, "sample": 2, "id": "train_9", "prompt": "p1", "prompt_truncated": True, "response": "r1",
+         "references": [], "reward": -1.0, "tokens": 1, "kl": 0.0},
+        {"prompt_id": 4, "sample": 1, "id": 12, "prompt": "p2", "prompt_truncated": False, "response": "r2",
+         "references": ["c"], "reward": 2.0, "tokens": 2, "kl": 1.0},
     ]
-    assert [list(row) for row in rows][0] == ["prompt_id", "sample", "prompt", "response", "references",
-                                               "reward", "tokens", "kl"]
+    assert [list(row) for row in rows][0] == ["prompt_id", "sample", "id", "prompt", "prompt_truncated", "response",
+                                               "references", "reward", "tokens", "kl"]
     assert isinstance(rows[0]["tokens"], int) and isinstance(rows[0]["reward"], float)
 
 
 def test_response_rows_without_ids_or_references():
     rows = response_rows(_hand_rollout(["p"], ["r"]), {"prompt": ["p"]}, {"kl": torch.tensor([1.5])})
-    assert rows == [{"prompt": "p", "response": "r", "references": [], "kl": 1.5}]
+    assert rows == [{"prompt": "p", "prompt_truncated": False, "response": "r", "references": [], "kl": 1.5}]
 
 
 class PromptAndTextLength(Reward):
@@ -56,14 +60,16 @@ def test_rollout_is_built_scored_and_cannot_be_changed_afterwards():
     module = make_module(PromptAndTextLength(), truncate_prompt_tokens=5)
     module.configure_model()
     prompts = ["abcdefgh", "ab", "abcdef"]
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"2 of 3 prompts .* truncate_prompt_tokens=5 and lose their end"):
         rollout = module.rollout(prompts, module.generation)
-    assert rollout.n_truncated == 2
+    assert rollout.n_truncated == 2 and rollout.prompt_cut == [True, False, True]
     assert rollout.input_ids.shape == (3, 5)
-    expected = torch.tensor([10.0 * len(p) + len(t) for p, t in zip(prompts, rollout.texts)])
+    # the model's cap keeps 4 bytes + </s>: prompts and the reward see what the model saw
+    assert rollout.prompts == ["abcd", "ab", "abcd"] and len(rollout.texts) == 3
+    seen = rollout.prompts
+    expected = torch.tensor([10.0 * len(p) + len(t) for p, t in zip(seen, rollout.texts)])
     torch.testing.assert_close(rollout.scores, expected)  # row by row: each row's own prompt and text
     torch.testing.assert_close(rollout.components["lengths"], expected)
-    assert rollout.prompts == prompts and len(rollout.texts) == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         rollout.scores = torch.zeros(3)
 

@@ -3,23 +3,30 @@
 Batch format, for every stage (tokenisation is the LightningModule's job)::
 
     {
-        "prompt": list[str],               # (batch,) templated prompt texts
+        "prompt": list[str],               # (batch,) templated prompt texts, as the model sees them
         "references": list[list[str]],     # (batch,) reference texts per prompt, possibly []
         "prompt_id": LongTensor,           # (batch,) row index in the source split as loaded
         "sample": LongTensor,              # (batch,) sample index 0..k-1 of an eval prompt; 0 in training
+        "truncated": BoolTensor,           # (batch,) the prompt's inserted text was cut to a token limit
+        "id": list,                        # (batch,) the id column's value; only with ``id_column``
     }
 
 ``prompt_id`` is the row's position in the source split before any filtering or fractional
 split, so it points back at the file row (0-based; for JSON lines, line ``prompt_id + 1``
 when the file has no blank lines).
 
-Preparation of each split, in order (counts go to the log and to ``PromptDataModule.reports``):
+Preparation of each split, in order (each split's counts are printed as one line,
+:meth:`SplitReport.summary`, and kept in ``PromptDataModule.reports``):
 1. null, empty, whitespace-only or non-string prompts are dropped (or rejected);
-2. character filter on the raw prompt text: ``min_chars <= len(text) <= max_chars``;
-3. the template is applied;
-4. token limit on the templated prompt (``max_prompt_tokens``, special tokens included):
-   truncate the end of the text (never the template), drop, or reject;
-5. evaluation splits only: the first ``max_eval_prompts`` prompts are kept.
+2. character filter on the raw prompt text: ``min_chars <= len(text) <= max_chars`` (by default
+   on the training split only, ``filter_splits``);
+3. ``max_prompt_tokens`` with ``too_long`` drop or error: the templated prompt is counted;
+4. evaluation splits only: the first ``max_eval_prompts`` prompts are kept;
+5. truncation: a templated prompt over ``max_prompt_tokens`` (``too_long: truncate``), then over
+   the model's own cap (``--model.truncate_prompt_tokens``, counted with the model's tokenizer),
+   loses the end of its inserted text, never the template, so instructions such as
+   ``Summary:`` stay in place and the model's own cut (which takes the end of the prompt) does
+   not happen.
 
 The training dataloader is the infinite :class:`~flan_rlhf.data.stream.PromptBatchStream`
 starting at ``trainer.global_step`` (see that module for the exact order).
@@ -27,8 +34,7 @@ starting at ``trainer.global_step`` (see that module for the exact order).
 from __future__ import annotations
 
 import hashlib
-import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -42,9 +48,9 @@ from torch.utils.data import Dataset as TorchDataset
 from flan_rlhf.data.builtin import load_builtin
 from flan_rlhf.data.loading import DataConfigError, fractional_split_indices, get_split, load_source
 from flan_rlhf.data.stream import PromptBatchStream
-from flan_rlhf.data.templates import apply_template, count_tokens, resolve_template, truncate_to_token_limit
+from flan_rlhf.data.templates import apply_template, resolve_template, truncate_to_token_limit
+from flan_rlhf.tokens import PromptTokenLimit, count_tokens
 
-log = logging.getLogger(__name__)
 
 ROLES = ("train", "validation", "test", "predict")
 ROLE_OPTIONS = {
@@ -63,14 +69,22 @@ class PromptTable:
     """One prepared split: parallel lists, one entry per kept row.
 
     Attributes:
-        prompts: templated prompt texts.
+        prompts: templated prompt texts, exactly as the model sees them (after any truncation).
         references: reference texts of each row (empty list when none).
         prompt_ids: row index of each prompt in the source split as loaded.
+        truncated: whether the row's inserted text was cut to fit a prompt-token limit.
+        ids: the row's value of ``id_column`` (``None`` when no id column is set).
     """
 
     prompts: list[str]
     references: list[list[str]]
     prompt_ids: list[int]
+    truncated: list[bool] = field(default_factory=list)
+    ids: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.truncated:
+            object.__setattr__(self, "truncated", [False] * len(self.prompts))
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -79,19 +93,24 @@ class PromptTable:
         """The first ``n_rows`` rows (all when ``None``)."""
         if n_rows is None:
             return self
-        return PromptTable(self.prompts[:n_rows], self.references[:n_rows], self.prompt_ids[:n_rows])
+        return PromptTable(self.prompts[:n_rows], self.references[:n_rows], self.prompt_ids[:n_rows],
+                           self.truncated[:n_rows], None if self.ids is None else self.ids[:n_rows])
 
     def batch(self, rows: Sequence[int] | np.ndarray, samples: Sequence[int] | None = None) -> dict[str, Any]:
         """Collated batch of the given row positions (``samples`` default to 0). See module docstring."""
         positions = [int(row) for row in rows]
-        return {
+        batch = {
             "prompt": [self.prompts[i] for i in positions],
             "references": [list(self.references[i]) for i in positions],
             "prompt_id": torch.tensor([self.prompt_ids[i] for i in positions], dtype=torch.long),
             "sample": torch.tensor(
                 list(samples) if samples is not None else [0] * len(positions), dtype=torch.long
             ),
+            "truncated": torch.tensor([self.truncated[i] for i in positions], dtype=torch.bool),
         }
+        if self.ids is not None:
+            batch["id"] = [self.ids[i] for i in positions]
+        return batch
 
     def fingerprint(self) -> str:
         """SHA-256 of the (prompt_id, prompt) pairs in order: detects changed training data on resume."""
@@ -103,7 +122,11 @@ class PromptTable:
 
 @dataclass
 class SplitReport:
-    """What preparation did to one split (row counts)."""
+    """What preparation did to one split (row counts, in the order of the steps).
+
+    ``truncated`` counts kept rows whose inserted text was cut to ``max_prompt_tokens``;
+    ``truncated_to_model_limit`` those cut (further) to the model's prompt-token limit.
+    """
 
     role: str
     split: str
@@ -112,15 +135,16 @@ class SplitReport:
     shorter_than_min_chars: int = 0
     longer_than_max_chars: int = 0
     too_many_tokens_dropped: int = 0
-    truncated: int = 0
     beyond_max_eval_prompts: int = 0
+    truncated: int = 0
+    truncated_to_model_limit: int = 0
     kept: int = 0
     reference_columns: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """One log line, e.g. ``data[train <- 'train']: 100 loaded; 2 null/empty/non-string prompts dropped;
-        ...; 91 kept; references from: summary``."""
+        """One line, e.g. ``data[test <- 'test']: 500 loaded; 440 truncated to max_prompt_tokens=512 (end of
+        the text cut, template kept); 500 kept; references from: summary1, summary2, summary3``."""
         parts = [f"{self.loaded} loaded"]
         settings = self.settings
         counts = [
@@ -129,14 +153,21 @@ class SplitReport:
             (self.longer_than_max_chars, f"longer than max_chars={settings.get('max_chars')} dropped"),
             (self.too_many_tokens_dropped,
              f"over max_prompt_tokens={settings.get('max_prompt_tokens')} dropped"),
-            (self.truncated, f"truncated to max_prompt_tokens={settings.get('max_prompt_tokens')}"),
             (self.beyond_max_eval_prompts,
              f"beyond max_eval_prompts={settings.get('max_eval_prompts')} left out"),
+            (self.truncated,
+             f"truncated to max_prompt_tokens={settings.get('max_prompt_tokens')} (end of the text cut, template kept)"),
+            (self.truncated_to_model_limit,
+             f"truncated to {settings.get('model_limit')} (end of the text cut, template kept)"),
         ]
         parts += [f"{count} {what}" for count, what in counts if count]
         parts.append(f"{self.kept} kept")
         references = ", ".join(self.reference_columns) if self.reference_columns else "none"
         return f"data[{self.role} <- {self.split!r}]: {'; '.join(parts)}; references from: {references}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counts, settings and :meth:`summary` line as plain JSON values (for ``metrics.json``)."""
+        return {**asdict(self), "summary": self.summary()}
 
 
 def _column_values(dataset: Dataset, column: str, split: str, option: str) -> list[Any]:
@@ -162,6 +193,14 @@ def _reference_texts(values: Sequence[Any]) -> list[str]:
     return texts
 
 
+def _id_values(dataset: Dataset, id_column: str | None, split: str) -> list[Any] | None:
+    """The id column's values as JSON-ready scalars (text unless int), or None without an id column."""
+    if id_column is None:
+        return None
+    return [value if isinstance(value, (str, int)) or value is None else str(value)
+            for value in _column_values(dataset, id_column, split, "id_column")]
+
+
 def prepare_prompts(
     dataset: Dataset,
     *,
@@ -171,6 +210,7 @@ def prepare_prompts(
     reference_columns: Sequence[str],
     template: str,
     row_ids: Sequence[int] | None = None,
+    id_column: str | None = None,
     min_chars: int | None = None,
     max_chars: int | None = None,
     empty_prompts: str = "drop",
@@ -178,8 +218,9 @@ def prepare_prompts(
     max_prompt_tokens: int | None = None,
     too_long: str = "truncate",
     max_prompts: int | None = None,
+    model_limit: PromptTokenLimit | None = None,
 ) -> tuple[PromptTable, SplitReport]:
-    """Turn one split into a :class:`PromptTable` (steps 1-5 of the module docstring).
+    """Turn one split into a :class:`PromptTable` (steps 1-6 of the module docstring).
 
     Args:
         dataset: the split's rows (``datasets.Dataset``).
@@ -191,12 +232,15 @@ def prepare_prompts(
             Empty = no references. Non-empty but none present is an error.
         template: a resolved template (see :mod:`flan_rlhf.data.templates`).
         row_ids: source row index of each dataset row (default ``0..len-1``).
+        id_column: column whose value each row carries as its ``id`` (e.g. DialogSum's ``fname``).
         min_chars, max_chars: inclusive bounds on the raw prompt's character count.
         empty_prompts: ``"drop"`` or ``"error"`` for null/empty/whitespace/non-string prompts.
         tokenizer: Hugging Face tokenizer used for ``max_prompt_tokens``.
         max_prompt_tokens: maximum tokens of the templated prompt, special tokens included.
         too_long: ``"truncate"``, ``"drop"`` or ``"error"`` for prompts over ``max_prompt_tokens``.
         max_prompts: keep only the first this many prompts after filtering.
+        model_limit: the model's own prompt-token cap; prompts over it get their inserted text cut
+            with the model's tokenizer (so the model never cuts the template's tail).
 
     Raises:
         DataConfigError: empty split, missing columns, rejected prompts, nothing left after filtering.
@@ -204,8 +248,11 @@ def prepare_prompts(
     option = ROLE_OPTIONS[role]
     report = SplitReport(
         role=role, split=split, loaded=len(dataset),
-        settings={"min_chars": min_chars, "max_chars": max_chars, "max_prompt_tokens": max_prompt_tokens,
-                  "max_eval_prompts": max_prompts},
+        settings={"prompt_column": prompt_column, "id_column": id_column, "template": template,
+                  "min_chars": min_chars, "max_chars": max_chars, "max_prompt_tokens": max_prompt_tokens,
+                  "max_eval_prompts": max_prompts,
+                  "model_limit": None if model_limit is None
+                  else f"{model_limit.option.removeprefix('--')}={model_limit.max_tokens}"},
     )
     if len(dataset) == 0:
         raise DataConfigError(
@@ -213,6 +260,7 @@ def prepare_prompts(
             "choose another split"
         )
     raw_prompts = _column_values(dataset, prompt_column, split, "prompt_column")
+    row_id_values = _id_values(dataset, id_column, split)
     present = [column for column in reference_columns if column in dataset.column_names]
     if reference_columns and not present:
         raise DataConfigError(
@@ -244,12 +292,9 @@ def prepare_prompts(
         report.longer_than_max_chars = sum(len(raw_prompts[i]) > max_chars for i in keep)
         keep = [i for i in keep if len(raw_prompts[i]) <= max_chars]
 
-    # 3. template
-    prompts = [apply_template(template, raw_prompts[i]) for i in keep]
-
-    # 4. token limit
-    if max_prompt_tokens is not None and keep:
-        lengths = count_tokens(tokenizer, prompts)
+    # 3. max_prompt_tokens with too_long drop / error (the templated prompt is counted)
+    if max_prompt_tokens is not None and too_long != "truncate" and keep:
+        lengths = count_tokens(tokenizer, [apply_template(template, raw_prompts[i]) for i in keep])
         over = [j for j, length in enumerate(lengths) if length > max_prompt_tokens]
         if over and too_long == "error":
             raise DataConfigError(
@@ -258,32 +303,43 @@ def prepare_prompts(
                 f"{ids[keep[over[0]]]}); set --data.too_long truncate or drop, or raise "
                 "--data.max_prompt_tokens"
             )
-        if too_long == "drop":
-            report.too_many_tokens_dropped = len(over)
-            over_set = set(over)
-            prompts = [prompt for j, prompt in enumerate(prompts) if j not in over_set]
-            keep = [i for j, i in enumerate(keep) if j not in over_set]
-        else:
-            report.truncated = len(over)
-            for j in over:
-                prompts[j] = truncate_to_token_limit(
-                    tokenizer, template, raw_prompts[keep[j]], max_prompt_tokens
-                )
-
-    table = PromptTable(
-        prompts=prompts,
-        references=[_reference_texts([values[i] for values in reference_values]) for i in keep],
-        prompt_ids=[ids[i] for i in keep],
-    )
-    if not len(table):
+        report.too_many_tokens_dropped = len(over)
+        over_set = set(over)
+        keep = [i for j, i in enumerate(keep) if j not in over_set]
+    if not keep:
         raise DataConfigError(
             f"no prompts left in split {split!r} after filtering ({report.summary()}); loosen "
             "--data.min_chars / --data.max_chars / --data.max_prompt_tokens or fix the data"
         )
-    # 5. evaluation subset
-    if max_prompts is not None and len(table) > max_prompts:
-        report.beyond_max_eval_prompts = len(table) - max_prompts
-        table = table.head(max_prompts)
+
+    # 4. evaluation subset
+    if max_prompts is not None and len(keep) > max_prompts:
+        report.beyond_max_eval_prompts = len(keep) - max_prompts
+        keep = keep[:max_prompts]
+
+    # 5. truncation: cut the end of the inserted text, never the template
+    texts = [raw_prompts[i] for i in keep]
+    cut = [False] * len(texts)
+    limits = []
+    if max_prompt_tokens is not None and too_long == "truncate":
+        limits.append((PromptTokenLimit(tokenizer, max_prompt_tokens, "--data.max_prompt_tokens"), "truncated"))
+    if model_limit is not None:
+        limits.append((model_limit, "truncated_to_model_limit"))
+    for limit, counter in limits:
+        lengths = count_tokens(limit.tokenizer, [apply_template(template, text) for text in texts])
+        over = [j for j, length in enumerate(lengths) if length > limit.max_tokens]
+        for j in over:
+            texts[j] = truncate_to_token_limit(limit.tokenizer, template, texts[j], limit.max_tokens, limit.option)
+            cut[j] = True
+        setattr(report, counter, len(over))
+
+    table = PromptTable(
+        prompts=[apply_template(template, text) for text in texts],
+        references=[_reference_texts([values[i] for values in reference_values]) for i in keep],
+        prompt_ids=[ids[i] for i in keep],
+        truncated=cut,
+        ids=None if row_id_values is None else [row_id_values[i] for i in keep],
+    )
     report.kept = len(table)
     return table, report
 
@@ -362,6 +418,8 @@ class PromptDataModule(LightningDataModule):
             still disables validation).
         prompt_column: column with the prompt text (``a.b`` reaches a nested field, e.g.
             ``prompt.text`` in RealToxicityPrompts).
+        id_column: column whose value every prompt carries as ``id`` into predict rows, compare rows
+            and the report's samples (DialogSum: ``fname``); null = rows carry only ``prompt_id``.
         reference_columns: columns with reference texts; each split uses those of them it has,
             in this order (DialogSum: ``[summary, summary1, summary2, summary3]`` gives 1
             reference in train and 3 in test). Every listed column must exist in some split,
@@ -377,8 +435,9 @@ class PromptDataModule(LightningDataModule):
         max_prompt_tokens: maximum tokens of the templated prompt (special tokens included);
             needs ``tokenizer``.
         tokenizer: tokenizer name or local folder used to count prompt tokens.
-        too_long: prompts over ``max_prompt_tokens``: ``truncate`` the end of the text (count
-            logged), ``drop`` them (count logged), or ``error``.
+        too_long: prompts over ``max_prompt_tokens``: ``truncate`` the end of the inserted text (the
+            template is kept; counted), ``drop`` them (counted), or ``error``. Independently, a prompt
+            over the model's ``truncate_prompt_tokens`` always has its inserted text cut to fit.
         empty_prompts: null/empty/whitespace/non-string prompts: ``drop`` (count logged) or ``error``.
         batch_size: training prompts per batch on each device (one PPO iteration's rollout batch).
         eval_batch_size: prompts (samples) per evaluation batch on each device.
@@ -402,6 +461,7 @@ class PromptDataModule(LightningDataModule):
         predict_split: str | None = None,
         split_fractions: Sequence[float] | None = None,
         prompt_column: str = "dialogue",
+        id_column: str | None = None,
         reference_columns: Sequence[str] = ("summary",),
         template: str = "raw",
         min_chars: int | None = None,
@@ -463,6 +523,7 @@ class PromptDataModule(LightningDataModule):
                             "predict": predict_split if predict_split is not None else test_split}
         self.split_fractions = list(split_fractions) if split_fractions is not None else None
         self.prompt_column = prompt_column
+        self.id_column = id_column
         self.reference_columns = list(reference_columns)
         self.template = resolve_template(template)
         self.min_chars = min_chars
@@ -484,6 +545,24 @@ class PromptDataModule(LightningDataModule):
         self._source: DatasetDict | None = None
         self._tokenizer: Any = None
         self._resume_state: dict[str, Any] | None = None
+        self._model_limit: PromptTokenLimit | None = None
+
+    # ---- the model's prompt-token cap ----------------------------------------------------
+    def follow_model(self, model: Any) -> None:
+        """Cut prompts to ``model``'s prompt-token cap here, on the inserted text, before the model sees them.
+
+        ``model`` provides it through ``prompt_token_limit()`` (a :class:`~flan_rlhf.tokens.PromptTokenLimit`
+        or None); a model without that method leaves the prompts as they are. :meth:`setup` calls this with
+        the trainer's module; call it yourself before :meth:`setup` when no trainer runs the module.
+        Splits prepared under another cap are prepared again.
+        """
+        limit_of = getattr(model, "prompt_token_limit", None)
+        limit = limit_of() if callable(limit_of) else None
+        previous = self._model_limit
+        cap_of = (lambda cap: None if cap is None else cap.max_tokens)
+        if cap_of(previous) != cap_of(limit):
+            self.tables, self.reports = {}, {}
+        self._model_limit = limit
 
     # ---- loading -------------------------------------------------------------------------
     def _load_source(self) -> DatasetDict:
@@ -513,6 +592,9 @@ class PromptDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Prepare the splits a stage needs (fit: train + validation; validate; test; predict)."""
+        model = getattr(self.trainer, "lightning_module", None)
+        if model is not None:
+            self.follow_model(model)
         roles = STAGE_ROLES.get(stage, ROLES) if stage is not None else ROLES
         if stage is None and self.split_fractions is not None and len(self.split_fractions) == 2:
             roles = ("train", "validation")  # "everything" = the parts that exist
@@ -529,8 +611,8 @@ class PromptDataModule(LightningDataModule):
                 continue
             table, report = self._prepare_role(role)
             self.tables[role], self.reports[role] = table, report
-            if rank_zero_only.rank == 0:
-                log.info(report.summary())
+            if rank_zero_only.rank == 0:  # on stdout, beside the command's other lines
+                print(report.summary(), flush=True)
 
     def _tokenizer_or_none(self) -> Any:
         if self.max_prompt_tokens is None:
@@ -561,12 +643,12 @@ class PromptDataModule(LightningDataModule):
             dataset = whole.select(row_ids)
             split = f"{split}[part {part} of split_fractions]"
         return prepare_prompts(
-            dataset, role=role, split=split, prompt_column=self.prompt_column,
+            dataset, role=role, split=split, prompt_column=self.prompt_column, id_column=self.id_column,
             reference_columns=self.reference_columns, template=self.template, row_ids=row_ids,
             **self._character_filter(role), empty_prompts=self.empty_prompts,
             tokenizer=self._tokenizer_or_none(), max_prompt_tokens=self.max_prompt_tokens,
             too_long=self.too_long,
-            max_prompts=None if role == "train" else self.max_eval_prompts,
+            max_prompts=None if role == "train" else self.max_eval_prompts, model_limit=self._model_limit,
         )
 
     def _character_filter(self, role: str) -> dict[str, int | None]:

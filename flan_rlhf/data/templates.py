@@ -13,9 +13,10 @@ templates are never interpreted). Named presets:
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 from flan_rlhf.data.loading import DataConfigError
+from flan_rlhf.tokens import count_tokens, first_tokens_text
 
 TEXT_PLACEHOLDER = "{text}"
 
@@ -50,34 +51,9 @@ def apply_template(template: str, text: str) -> str:
     return head + text + tail
 
 
-def count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
-    """Token count of each text as the policy sees it (special tokens such as T5's ``</s>`` included)."""
-    if not texts:
-        return []
-    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-
-
-def _cut_to_first_tokens(tokenizer: Any, text: str, n_tokens: int) -> str:
-    """The prefix of ``text`` covered by its first ``n_tokens`` tokens (no special tokens).
-
-    Fast tokenizers cut the original string at the token's character offset, so the kept
-    text is byte-identical to the source; slow tokenizers (e.g. ByT5) decode the kept ids.
-    """
-    if n_tokens <= 0:
-        return ""
-    if getattr(tokenizer, "is_fast", False):
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoding["offset_mapping"]
-        if n_tokens >= len(offsets):
-            return text
-        return text[: offsets[n_tokens - 1][1]]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if n_tokens >= len(ids):
-        return text
-    return tokenizer.decode(ids[:n_tokens], skip_special_tokens=True)
-
-
-def truncate_to_token_limit(tokenizer: Any, template: str, text: str, max_tokens: int) -> str:
+def truncate_to_token_limit(
+    tokenizer: Any, template: str, text: str, max_tokens: int, option: str = "--data.max_prompt_tokens"
+) -> str:
     """Shorten ``text`` so that ``apply_template(template, text)`` has at most ``max_tokens`` tokens.
 
     The end of the text is cut, never the template, so instructions such as ``Summary:`` stay
@@ -85,22 +61,28 @@ def truncate_to_token_limit(tokenizer: Any, template: str, text: str, max_tokens
     with an empty text; because tokenisation is not exactly additive, the result is re-counted
     and the budget shrunk by the excess until it fits (at most a few rounds).
 
+    Args:
+        option: the setting that asked for ``max_tokens``, named in the error.
+
     Returns:
-        The templated, truncated prompt.
+        The kept part of ``text`` (a prefix; ``text`` itself when the prompt already fits).
 
     Raises:
-        DataConfigError: the template alone needs more than ``max_tokens`` tokens.
+        DataConfigError: the template alone needs ``max_tokens`` tokens or more.
     """
+    if count_tokens(tokenizer, [apply_template(template, text)])[0] <= max_tokens:
+        return text
     overhead = count_tokens(tokenizer, [apply_template(template, "")])[0]
     if overhead >= max_tokens:
         raise DataConfigError(
             f"the prompt template alone is {overhead} tokens, which leaves no room under "
-            f"max_prompt_tokens={max_tokens}; raise --data.max_prompt_tokens or use a shorter --data.template"
+            f"{option}={max_tokens}; raise {option} or use a shorter "
+            "--data.template"
         )
     budget = max_tokens - overhead
     while True:
-        prompt = apply_template(template, _cut_to_first_tokens(tokenizer, text, budget))
-        length = count_tokens(tokenizer, [prompt])[0]
+        kept = first_tokens_text(tokenizer, text, budget)
+        length = count_tokens(tokenizer, [apply_template(template, kept)])[0]
         if length <= max_tokens or budget <= 0:
-            return prompt
+            return kept
         budget -= length - max_tokens

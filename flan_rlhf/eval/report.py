@@ -478,8 +478,9 @@ def write_report(
             ``samples_before.jsonl``, ``samples_after.jsonl``, ``toxicity_hist.png`` and, with
             ``tb_logdir``, ``training_curves.png``.
         meta: run facts merged at the top level of ``metrics.json`` (e.g. ``n_test``,
-            ``ppo_steps``, ``wall_s``, ``decoding`` = ``{"mode": "sampled", "seed": 0, ...}``).
-            ``n_test`` defaults to the number of prompts.
+            ``ppo_steps``, ``wall_s``, ``decoding`` = ``{"mode": "sampled", "seed": 0, ...}``,
+            ``data`` = :meth:`flan_rlhf.data.SplitReport.as_dict` of the evaluated split, whose
+            ``summary`` line ``report.md`` shows). ``n_test`` defaults to the number of prompts.
         tb_logdir: TensorBoard log folder whose reward/KL/toxicity scalars are drawn.
         insult_vocabulary: words whose presence (or >= ``min_fragment``-letter fragments)
             gives ``insult_fraction``; omitted when None.
@@ -614,7 +615,10 @@ def _markdown_report(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> str
         markdown_table(metrics),
         "",
     ]
-    other_meta = {key: value for key, value in meta.items() if key != "decoding"}
+    data = meta.get("data")
+    if isinstance(data, Mapping) and "summary" in data:
+        lines += [f"Data: {data['summary']}", ""]
+    other_meta = {key: value for key, value in meta.items() if key not in ("decoding", "data")}
     if other_meta:
         lines += ["Run: " + ", ".join(f"{key} = {value}" for key, value in other_meta.items()), ""]
     lines += ["Notes:", *[f"- {note}" for note in metrics["notes"]], ""]

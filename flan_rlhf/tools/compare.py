@@ -142,8 +142,11 @@ class CompareOptions:
             checkpoint in the config's ModelCheckpoint folder.
         out: report folder (metrics.json, report.md, per-sample rows, figures).
         overwrite: replace the report files of an existing, non-empty ``out`` folder.
-        split: evaluation split of the data module: test or validation. Prompts per side and samples per
-            prompt are the data module's (``--data.max_eval_prompts``, ``--data.samples_per_prompt``).
+        split: evaluation split of the data module: test or validation. The rest of the protocol is the data
+            module's and the model's, settable here as in ``fit``: which dataset split (``--data.test_split``,
+            ``--data.val_split``), ``--data.id_column``, ``--data.reference_columns``, ``--data.template``,
+            ``--data.max_eval_prompts``, ``--data.samples_per_prompt`` and decoding
+            (``--model.eval_generation.*``, or ``--greedy``); ``metrics.json`` records them.
         greedy: greedy decoding instead of the config's seeded sampling.
         toxicity: toxicity scorer with a ``toxicity(texts)`` method (null: ProfanityReward).
         positivity: optional positivity scorer, e.g. VaderReward.
@@ -178,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     module, datamodule = cli.model, cli.datamodule
     load_trained_weights(module, ckpt_path)
     module.to(cli.trainer.strategy.root_device)
-    stage = "test" if options["split"] == "test" else "validate"
-    datamodule.setup(stage)
-    loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
+    role = options["split"]
+    datamodule.follow_model(module)  # long prompts lose the end of their inserted text, not the template
+    datamodule.setup("test" if role == "test" else "validate")  # prints the split's data line
+    loader = datamodule.test_dataloader() if role == "test" else datamodule.val_dataloader()
     generation = module.eval_generation
     if options["greedy"]:
         generation = replace(generation, do_sample=False)
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         set_up_reward(options["positivity"], module.device)
     batches = list(loader)
     metrics = compare_before_after(module, batches, str(out), toxicity, options["positivity"], generation,
-                                   meta={"checkpoint": ckpt_path, "split": options["split"]})
+                                   meta={"checkpoint": ckpt_path, "split": role,
+                                         "data": datamodule.reports[role].as_dict()})
     from flan_rlhf.eval.report import format_table
 
     print(format_table(metrics))

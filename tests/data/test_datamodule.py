@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import ByT5Tokenizer
 
 from flan_rlhf.data import DataConfigError, PromptDataModule
@@ -37,7 +35,7 @@ def test_batch_format_and_multi_reference_test_split(dialogsum_like, tmp_path):
     dm.setup("fit")
     assert dm.reports["train"].reference_columns == ["summary"]
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"prompt", "references", "prompt_id", "sample"}
+    assert set(batch) == {"prompt", "references", "prompt_id", "sample", "truncated"}
     assert batch["prompt_id"].dtype == torch.long and batch["prompt_id"].shape == (4,)
     assert batch["sample"].tolist() == [0, 0, 0, 0]
     rows = zip(batch["prompt"], batch["references"], batch["prompt_id"].tolist())
@@ -61,21 +59,21 @@ def test_samples_per_prompt_and_max_eval_prompts():
     assert dm.reports["validation"].beyond_max_eval_prompts == 6  # 8 validation prompts, 2 kept
 
 
-def test_char_filters_and_empty_prompts_are_counted_and_logged(tmp_path, caplog):
+def test_char_filters_and_empty_prompts_are_counted_and_printed(tmp_path, capsys):
     rows = [{"text": t, "ref": "r"} for t in
             ["abcd", "abcde", "abcdefghij", "abcdefghijk", None, "", "   ", 42, "abcdefg"]]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     dm = PromptDataModule(dataset=path, val_split=None, prompt_column="text", reference_columns=["ref"],
                           min_chars=5, max_chars=10, cache_dir=str(tmp_path / "cache"))
-    with caplog.at_level(logging.INFO, logger="flan_rlhf.data"):
-        dm.setup("fit")
+    dm.setup("fit")
     report = dm.reports["train"]
     assert (report.loaded, report.invalid_prompts_dropped, report.shorter_than_min_chars,
             report.longer_than_max_chars, report.kept) == (9, 4, 1, 1, 3)
     assert dm.tables["train"].prompts == ["abcde", "abcdefghij", "abcdefg"]
     assert dm.tables["train"].prompt_ids == [1, 2, 8]  # row numbers in the file
-    assert ("9 loaded; 4 null/empty/non-string prompts dropped; 1 shorter than min_chars=5 dropped; "
-            "1 longer than max_chars=10 dropped; 3 kept") in caplog.text
+    assert capsys.readouterr().out.splitlines() == [
+        "data[train <- 'train']: 9 loaded; 4 null/empty/non-string prompts dropped; 1 shorter than min_chars=5 "
+        "dropped; 1 longer than max_chars=10 dropped; 3 kept; references from: ref"]
 
 
 def test_character_filters_leave_evaluation_splits_whole_unless_asked(tmp_path):
@@ -106,17 +104,17 @@ def byt5_dir(tmp_path):
     return str(tmp_path / "byt5")
 
 
-def test_token_limit_truncates_with_a_count(tmp_path, byt5_dir, caplog):
+def test_token_limit_truncates_with_a_count(tmp_path, byt5_dir, capsys):
     texts = ["a" * 5, "b" * 9, "c" * 10, "d" * 30]  # ByT5: len + 1 tokens with </s>
     path = write_jsonl(tmp_path / "p.jsonl", [{"dialogue": t} for t in texts])
     dm = PromptDataModule(dataset=path, val_split=None, reference_columns=[], max_prompt_tokens=10,
                           tokenizer=byt5_dir, cache_dir=str(tmp_path / "cache"))
-    with caplog.at_level(logging.INFO, logger="flan_rlhf.data"):
-        dm.setup("fit")
+    dm.setup("fit")
     assert dm.tables["train"].prompts == ["aaaaa", "b" * 9, "c" * 9, "d" * 9]
     assert dm.reports["train"].truncated == 2
     assert dm.tables["train"].references == [[], [], [], []]
-    assert "2 truncated to max_prompt_tokens=10" in caplog.text
+    assert "2 truncated to max_prompt_tokens=10 (end of the text cut, template kept)" in capsys.readouterr().out
+    assert dm.tables["train"].truncated == [False, False, True, True]
 
     dropping = PromptDataModule(dataset=path, val_split=None, reference_columns=[], max_prompt_tokens=10,
                                 tokenizer=byt5_dir, too_long="drop", cache_dir=str(tmp_path / "cache"))

@@ -5,7 +5,8 @@ import pytest
 from transformers import ByT5Tokenizer
 
 from flan_rlhf.data.loading import DataConfigError
-from flan_rlhf.data.templates import apply_template, count_tokens, resolve_template, truncate_to_token_limit
+from flan_rlhf.data.templates import apply_template, resolve_template, truncate_to_token_limit
+from flan_rlhf.tokens import count_tokens, text_within_limit
 
 
 def test_presets_and_custom_templates():
@@ -33,8 +34,9 @@ def test_truncation_keeps_template_and_fits_the_token_limit():
     assert truncate_to_token_limit(tokenizer, "{text}", "abcdefghijklmno", 11) == "abcdefghij"
     template = resolve_template("summarize_dialogue")
     overhead = len(template.replace("{text}", "").encode()) + 1
-    prompt = truncate_to_token_limit(tokenizer, template, "abcdefgh", overhead + 2)
-    assert prompt == "Summarize the following conversation.\n\nab\n\nSummary:"
+    kept = truncate_to_token_limit(tokenizer, template, "abcdefgh", overhead + 2)
+    assert kept == "ab"
+    assert apply_template(template, kept) == "Summarize the following conversation.\n\nab\n\nSummary:"
     # a 2-byte character is never split: budget 2 bytes for "hé..." keeps only "h"
     assert truncate_to_token_limit(tokenizer, "{text}", "héllo", 4) == "hé"
     assert truncate_to_token_limit(tokenizer, "{text}", "héllo", 3) == "h"
@@ -44,3 +46,11 @@ def test_truncation_keeps_template_and_fits_the_token_limit():
 def test_template_longer_than_limit_is_rejected():
     with pytest.raises(DataConfigError, match=r"template alone is 50 tokens.*max_prompt_tokens=20"):
         truncate_to_token_limit(ByT5Tokenizer(), resolve_template("summarize_dialogue"), "abc", 20)
+
+
+def test_text_within_limit_is_what_the_tokenizer_keeps():
+    tokenizer = ByT5Tokenizer()
+    # max_length 5 keeps 4 byte tokens + </s>, as tokenizer(truncation=True) does
+    ids = tokenizer("abcdefgh", truncation=True, max_length=5)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text_within_limit(tokenizer, "abcdefgh", 5) == "abcd"
+    assert text_within_limit(tokenizer, "abc", 50) == "abc"
