@@ -28,6 +28,7 @@ from flan_rlhf.eval.metrics import (
     resolve_rouge_keys,
     rouge_per_sample,
     sentence_splitter_available,
+    split_sentences,
 )
 from flan_rlhf.eval.report import format_table, read_scalar_curves, write_report
 
@@ -57,5 +58,6 @@ __all__ = [
     "resolve_rouge_keys",
     "rouge_per_sample",
     "sentence_splitter_available",
+    "split_sentences",
     "write_report",
 ]

@@ -53,11 +53,14 @@ from torchmetrics.functional.text.sacre_bleu import _SacreBLEUTokenizer
 
 References = Union[Sequence[str], Sequence[Sequence[str]]]
 
-#: The nltk data folder shipped inside the package. It holds an *untrained* Punkt sentence
-#: splitter (``tokenizers/punkt_tab/english``): no collocations, no sentence starters, no
-#: orthographic statistics, and a hand-written list of 14 common English abbreviations
-#: (mr, mrs, dr, e.g, ...). It splits at ., ! and ? and is used only for ROUGE-Lsum, and
-#: only when nltk has no trained ``punkt_tab`` of its own (offline machines often lack nltk data).
+#: The nltk data folder shipped inside the package: Punkt parameters for English
+#: (``tokenizers/punkt_tab/english``) written by hand rather than trained (nltk's trained
+#: model has no stated licence to ship it under). ``abbrev_types.txt`` lists ~130 English
+#: abbreviations (titles, degrees such as b.a and ph.d, no, months, units, u.s, inc, ...) after
+#: which a period does not end a sentence, unless the next word is capitalised and in
+#: ``sent_starters.txt`` (pronouns, articles, then/but/so, ...), Punkt's frequent-sentence-starter
+#: rule (Kiss & Strunk 2006, section 4.1.3). No collocations or orthographic statistics. Used for
+#: ROUGE-Lsum only, and only when nltk has no trained ``punkt_tab`` of its own.
 PACKAGED_NLTK_DATA = Path(__file__).resolve().parent.parent / "assets" / "nltk_data"
 
 DEFAULT_ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
@@ -131,7 +134,7 @@ def sentence_splitter_available(use_packaged: bool = True) -> bool:
     """Whether nltk can split sentences for ROUGE-Lsum, without any download.
 
     A trained ``punkt_tab`` that nltk already finds wins. Otherwise, with ``use_packaged``,
-    the package's untrained splitter (:data:`PACKAGED_NLTK_DATA`) is appended to
+    the package's rule-based splitter (:data:`PACKAGED_NLTK_DATA`) is appended to
     ``nltk.data.path`` (a process-wide side effect) and used.
     """
     try:
@@ -228,12 +231,13 @@ def rouge_per_sample(
     return {key: out[key][inverse] for key in rouge_keys}
 
 
-def _rouge_lsum_best(predictions: list[str], references: list[list[str]], stemmer: Any) -> Tensor:
-    """Per-sample ROUGE-Lsum F, best reference, with torchmetrics' ``_rouge_lsum_score``.
+def split_sentences(text: str) -> list[str]:
+    """The sentences ROUGE-Lsum compares: nltk's ``sent_tokenize`` with the splitter of
+    :func:`sentence_splitter_available` (a trained ``punkt_tab`` if nltk has one, else the
+    package's abbreviation-aware one, so "Bus No. 5" and "a Ph.D. in math" stay whole).
 
-    Same result as torchmetrics ``ROUGEScore``'s ``rougeLsum``, but the sentence splitter is
-    looked up once (torchmetrics calls ``nltk.data.find`` for every text, which was ~1 ms
-    each here, the largest cost of a report).
+    Raises:
+        FileNotFoundError: no splitter at all (nltk missing).
     """
     import nltk
 
@@ -242,13 +246,23 @@ def _rouge_lsum_best(predictions: list[str], references: list[list[str]], stemme
             "ROUGE-Lsum needs nltk's punkt_tab sentence data: "
             "run nltk.download('punkt_tab') or leave rougeLsum out"
         )
+    return nltk.sent_tokenize(text)
 
+
+def _rouge_lsum_best(predictions: list[str], references: list[list[str]], stemmer: Any) -> Tensor:
+    """Per-sample ROUGE-Lsum F, best reference, with torchmetrics' ``_rouge_lsum_score``.
+
+    Same result as torchmetrics ``ROUGEScore``'s ``rougeLsum``, but the sentence splitter is
+    looked up once (torchmetrics calls ``nltk.data.find`` for every text, which was ~1 ms
+    each here, the largest cost of a report).
+    """
+    split_sentences("")  # fails at once, before any scoring, when there is no splitter
     cache: dict[str, list[Sequence[str]]] = {}
 
     def sentences(text: str) -> list[Sequence[str]]:
         if text not in cache:  # references repeat across a prompt's k samples
             cache[text] = [
-                _normalize_and_tokenize_text(sentence, stemmer) for sentence in nltk.sent_tokenize(text)
+                _normalize_and_tokenize_text(sentence, stemmer) for sentence in split_sentences(text)
             ]
         return cache[text]
 
@@ -284,10 +298,11 @@ def bleu_statistics(
 
     Columns: clipped n-gram matches for n = 1..N (a candidate n-gram is credited at most as
     often as it occurs in any one reference), candidate n-gram counts for n = 1..N, the
-    candidate length, and the length of the reference closest in length (the first one on
-    ties). Summing rows over any set of samples gives that set's corpus statistics. Pure
-    Python (torchmetrics' ``_bleu_score_update`` does the same with tensor ops, ~100x slower
-    per sample); tests check both agree.
+    candidate length, and the length of the reference closest in length (the shorter one on
+    a tie, as sacrebleu and nltk do; torchmetrics takes the first). Summing rows over any set
+    of samples gives that set's corpus statistics. Pure Python (torchmetrics'
+    ``_bleu_score_update`` counts the same with tensor ops, ~100x slower per sample); tests
+    check the totals against sacrebleu, nltk and torchmetrics.
 
     Args:
         predictions: ``n`` strings; references: ``n`` strings or lists of strings.
@@ -313,7 +328,8 @@ def bleu_statistics(
             reference_cache[tuple(ref_list)] = ([len(tokens) for tokens in ref_tokens], max_ref_counts)
         ref_lengths, max_ref_counts = reference_cache[tuple(ref_list)]
         pred_tokens = list(tokenizer(prediction)) if prediction else []
-        closest = min(ref_lengths, key=lambda length: abs(len(pred_tokens) - length))
+        # sacrebleu and nltk: the closest reference length, the shorter one on a tie
+        closest = min(ref_lengths, key=lambda length: (abs(len(pred_tokens) - length), length))
         row = [0.0] * (2 * n_gram + 2)
         for ngram, count in _ngram_counts(pred_tokens, n_gram).items():
             row[n_gram + len(ngram) - 1] += count
@@ -379,7 +395,7 @@ class QualityMetrics(Metric):
     * ROUGE: mean over samples of the per-sample F-measure; with several references each
       sample takes its best-matching reference (torchmetrics ``accumulate="best"``).
       ``rougeLsum`` splits sentences with nltk's ``punkt_tab``; when nltk has none, the
-      package's untrained splitter is used (see :data:`PACKAGED_NLTK_DATA`); with
+      package's abbreviation-aware splitter is used (see :data:`PACKAGED_NLTK_DATA`); with
       ``rouge_lsum="auto"`` and neither available, it is left out, never downloaded.
     * ``bleu``: corpus BLEU-4, whitespace tokens, no smoothing (= torchmetrics ``BLEUScore``);
       n-gram matches are clipped against all of a sample's references together and the

@@ -51,7 +51,7 @@ OPTIONAL_MEAN_KEYS = {
 #: Display order; metrics not computed for a run are skipped.
 METRIC_ORDER = (
     "toxicity_mean", "toxic_fraction", "expected_max_toxicity", "toxicity_probability", "insult_fraction",
-    "positivity_mean", "kl_mean", "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "sacrebleu",
+    "positivity_mean", "kl_mean", "rouge1", "rouge2", "rougeL", "rougeLsum", "sacrebleu", "bleu",
     "distinct1", "distinct2", "response_len_mean", "response_tokens_mean",
 )
 LOWER_IS_BETTER = frozenset({
@@ -540,7 +540,9 @@ def write_report(
     with_references = "bleu" in sides["before"].summary
     notes = [
         "ROUGE takes the best-matching reference per sample (torchmetrics accumulate='best').",
-        "BLEU/SacreBLEU are corpus-level (n-gram statistics summed over all responses), 0-1 scale.",
+        "BLEU is corpus-level (n-gram statistics summed over all responses), 0-1 scale. sacrebleu (13a tokens, "
+        "punctuation split off) is the figure papers report; bleu splits on spaces only, so 'park.' and 'park' "
+        "differ and it sits lower on real text.",
     ] if with_references else ["No references: ROUGE and BLEU are not computed."]
     notes += [
         f"Intervals: paired percentile bootstrap over prompts, {n_resamples} resamples, seed {seed}.",
@@ -548,8 +550,8 @@ def write_report(
     ]
     if "rougeLsum" in keys and with_references:
         notes.append(
-            "rougeLsum splits sentences with nltk punkt_tab (the package's untrained splitter when nltk "
-            "has no trained one)."
+            "rougeLsum splits sentences with nltk punkt_tab (when nltk has no trained one, the package's "
+            "own with an English abbreviation list)."
         )
     for name in sorted(set(sides["before"].summary) ^ set(sides["after"].summary)):
         notes.append(f"{name} is only available for one side; no delta.")

@@ -48,11 +48,37 @@ def test_rouge_lsum_by_hand_differs_from_rouge_l():
     # pred sentences [the cat sat] [it was fine]; ref sentences [it was fine] [the cat ran].
     # Lsum: union-LCS hits 3 (it was fine) + 2 (the cat) = 5 of 6 -> 5/6.
     # L on the whole text: LCS("the cat sat it was fine", "it was fine the cat ran") = 3 -> 1/2.
-    assert M.sentence_splitter_available()  # the packaged untrained splitter, offline
+    assert M.sentence_splitter_available()  # the packaged splitter, offline
     scores = rouge_per_sample(["The cat sat. It was fine."], ["It was fine. The cat ran."],
                               ("rougeL", "rougeLsum"))
     assert scores["rougeLsum"].item() == pytest.approx(5 / 6, abs=1e-6)
     assert scores["rougeL"].item() == pytest.approx(1 / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("text, sentences", [
+    ("They take Bus No. 5 to the station. It is late.", ["They take Bus No. 5 to the station.", "It is late."]),
+    ("She has a B.A. from Yale. He has a Ph.D. in math.", ["She has a B.A. from Yale.", "He has a Ph.D. in math."]),
+    ("He has a Ph.D. He teaches.", ["He has a Ph.D.", "He teaches."]),  # a sentence can end on one
+    ("Mr. Lee meets Dr. Brown at 5 p.m. on Jan. 3. They talk.", ["Mr. Lee meets Dr. Brown at 5 p.m. on Jan. 3.", "They talk."]),
+    ("#Person1# asks about the U.S. economy. #Person2# says it grows.",
+     ["#Person1# asks about the U.S. economy.", "#Person2# says it grows."]),
+    ("Ms. Dawson works at Acme Inc. in St. Louis. She likes it, e.g. the view.",
+     ["Ms. Dawson works at Acme Inc. in St. Louis.", "She likes it, e.g. the view."]),
+    ("He said no. Then he left! Is it far? No, it is near.", ["He said no.", "Then he left!", "Is it far?", "No, it is near."]),
+])
+def test_rouge_lsum_sentences_keep_abbreviations_whole(text, sentences):
+    """The packaged splitter (no trained punkt_tab offline) knows English abbreviations; a plain
+    split at every period would cut "Bus No." / "B.A." / "Ph.D." / "p.m." mid-sentence."""
+    assert M.split_sentences(text) == sentences
+
+
+def test_rouge_lsum_uses_the_abbreviation_aware_split():
+    # pred "He has a Ph.D. in math." is one sentence; ref "In math, he has a Ph.D." is one too.
+    # Tokens: pred [he has a ph d in math], ref [in math he has a ph d]: LCS 5 of 7 -> F = 5/7.
+    # Split after "Ph.D." the pred would be two sentences whose union LCS covers all 7 -> F = 1.
+    scores = rouge_per_sample(["He has a Ph.D. in math."], ["In math, he has a Ph.D."], ("rougeL", "rougeLsum"))
+    assert scores["rougeLsum"].item() == pytest.approx(5 / 7, abs=1e-6)
+    assert scores["rougeL"].item() == pytest.approx(5 / 7, abs=1e-6)
 
 
 def test_rouge_matches_torchmetrics_rougescore():
@@ -98,6 +124,47 @@ def test_bleu_multi_reference_clipping_and_closest_length_by_hand():
     stats = bleu_statistics(["the the the"], [["the cat", "the the dog"]], n_gram=1)
     assert stats.tolist() == [[2.0, 3.0, 3.0, 3.0]]
     assert bleu_from_statistics(stats[0], 1).item() == pytest.approx(2 / 3)
+
+
+def test_bleu_brevity_tie_takes_the_shorter_reference_by_hand():
+    # c = 3 tokens, references of 4 and 2 tokens: both 1 away. sacrebleu and nltk take r = 2
+    # (BP = 1); taking the first (r = 4) would give BP = exp(1 - 4/3).
+    stats = bleu_statistics(["a b c"], [["a b c d", "a b"]], n_gram=1)
+    assert stats.tolist() == [[3.0, 3.0, 3.0, 2.0]]
+    assert bleu_from_statistics(stats[0], 1).item() == pytest.approx(1.0)
+
+
+# Multi-reference corpus with brevity ties (c = 3 vs references of 4 and 2 tokens, 6 vs 7 and 4, ...)
+# and punctuation that only 13a tokenisation splits off. The whitespace check against nltk needs
+# every prediction to have 4 tokens or more: nltk counts 0 of 1 n-grams for an order a
+# prediction is too short to have.
+TIE_PREDS = ["the cat sat.", "a dog ran in the park", "he said no, twice", "we met at six today", "okay that is fine"]
+TIE_REFS = [["the cat sat down.", "cat sat."], ["a big dog ran in the park", "dog ran in park"],
+            ["he said no, then yes", "he said no"], ["we met at six", "we all met at six today"],
+            ["okay then that is fine", "that is fine"]]
+
+
+def test_bleu_matches_sacrebleu_and_nltk_with_several_references():
+    import sacrebleu
+    from nltk.translate.bleu_score import corpus_bleu
+
+    transposed = [list(column) for column in zip(*TIE_REFS)]  # sacrebleu: one stream per reference slot
+    whitespace = bleu_from_statistics(bleu_statistics(TIE_PREDS, TIE_REFS).sum(0)).item()
+    expected = sacrebleu.corpus_bleu(TIE_PREDS, transposed, smooth_method="none", tokenize="none").score / 100
+    assert 0.0 < expected < 1.0 and whitespace == pytest.approx(expected, abs=1e-9)
+    long_enough = [i for i, pred in enumerate(TIE_PREDS) if len(pred.split()) >= 4]
+    nltk_value = corpus_bleu([[ref.split() for ref in TIE_REFS[i]] for i in long_enough],
+                             [TIE_PREDS[i].split() for i in long_enough])
+    ours = bleu_from_statistics(bleu_statistics([TIE_PREDS[i] for i in long_enough],
+                                                [TIE_REFS[i] for i in long_enough]).sum(0)).item()
+    assert 0.0 < nltk_value < 1.0 and ours == pytest.approx(nltk_value, abs=1e-9)
+    tokens13a = bleu_from_statistics(bleu_statistics(TIE_PREDS, TIE_REFS, tokenizer=sacrebleu_tokenizer()).sum(0)).item()
+    expected13a = sacrebleu.corpus_bleu(TIE_PREDS, transposed, smooth_method="none").score / 100
+    assert tokens13a == pytest.approx(expected13a, abs=1e-9)
+    metric = QualityMetrics(rouge_lsum=False)
+    metric.update(TIE_PREDS, TIE_REFS)
+    values = metric.compute()
+    assert (values["bleu"].item(), values["sacrebleu"].item()) == pytest.approx((expected, expected13a), abs=1e-9)
 
 
 def test_bleu_and_sacrebleu_match_torchmetrics_on_a_corpus():
