@@ -1,72 +1,48 @@
 """Real-data fidelity on a DialogSum-format corpus the test builds (issue: step 8).
 
-The files have DialogSum's column names (``fname``, ``dialogue``, ``summary`` in train and dev,
-``summary1..3`` in test, topics beside them) and its length spread (dialogues of 120 to 3,000
-characters). A tiny policy is trained 2 iterations on them with the shipped DialogSum config's
-data settings; then ``predict`` and ``compare`` run on the test split. Every figure the commands
-print is recomputed here from the files with ByT5's one-token-per-byte count.
+The files (``tests/dialogsum_files.py``) have DialogSum's release names and columns (``fname``,
+``dialogue``, ``summary`` in train and dev, ``summary1..3`` in test, topics beside them) and its
+length spread (dialogues of 120 to 3,000 characters); the shipped ``configs/dialogsum_local.yaml``
+reads them. A tiny policy is trained 2 iterations on them; then ``predict`` and ``compare`` run
+on the test split. Every figure the commands print is recomputed here from the files with
+ByT5's one-token-per-byte count.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 
 import yaml
 
 from tests.conftest import run_command
+from tests.dialogsum_files import write_dialogsum_files
 from tests.test_cli import ROOT, tiny_config
 
 TEMPLATE_HEAD, TEMPLATE_TAIL = "Summarize the following conversation.\n\n", "\n\nSummary:"
 CAP = 400  # --model.truncate_prompt_tokens: ByT5 bytes + </s>
-TURNS = ["How are you doing today?", "I'm looking for a flat near the station.", "The rent is due on Monday.",
-         "Could you send me the report before lunch?", "We missed the bus again, so we walked.",
-         "Let's meet at the cafe at six."]
-
-
-def _dialogue(rng: random.Random, n_chars: int) -> str:
-    turns, speaker = [], 1
-    while sum(len(t) + 1 for t in turns) < n_chars:
-        turns.append(f"#Person{speaker}#: {rng.choice(TURNS)}")
-        speaker = 3 - speaker
-    return "\n".join(turns)[:n_chars].rstrip()
-
-
-def write_dialogsum_files(folder) -> dict[str, list[dict]]:
-    """train (14 rows), validation (6), test (9, three references each) as JSON lines."""
-    rng = random.Random(0)
-    lengths = {"train": [120, 150, 250, 400, 600, 800, 950, 1100, 1500, 2000, 300, 500, 700, 900],
-               "validation": [180, 350, 700, 1200, 2500, 260],
-               "test": [130, 210, 330, 390, 520, 1400, 2200, 3000, 610]}
-    splits: dict[str, list[dict]] = {}
-    for split, sizes in lengths.items():
-        rows = []
-        for i, n in enumerate(sizes):
-            row = {"fname": f"{split}_{i}", "dialogue": _dialogue(rng, n)}
-            if split == "test":
-                row.update({f"summary{k}": f"#Person1# and #Person2# talk, version {k} of {i}." for k in (1, 2, 3)})
-                row.update({f"topic{k}": "daily life" for k in (1, 2, 3)})
-            else:
-                row.update(summary=f"#Person1# talks to #Person2# ({i}).", topic="daily life")
-            rows.append(row)
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        splits[split] = rows
-    return splits
+LOCAL_CONFIG = os.path.join(ROOT, "configs", "dialogsum_local.yaml")
 
 
 def _too_long(dialogue: str) -> bool:
     return len((TEMPLATE_HEAD + dialogue + TEMPLATE_TAIL).encode()) + 1 > CAP
 
 
+def test_the_local_config_keeps_the_hub_configs_protocol():
+    """configs/dialogsum_local.yaml differs from the hub recipe's data only in where rows come from."""
+    hub = yaml.safe_load(open(os.path.join(ROOT, "configs", "flan_t5_base_dialogsum.yaml")))["data"]
+    local = yaml.safe_load(open(LOCAL_CONFIG))["data"]
+    assert local["class_path"] == hub["class_path"]
+    source_keys = {"dataset", "data_files", "builtin", "id_column"}
+    protocol = {key: value for key, value in local["init_args"].items() if key not in source_keys}
+    assert protocol and protocol == {key: hub["init_args"][key] for key in protocol}
+    assert (hub["init_args"]["id_column"], local["init_args"]["id_column"]) == ("id", "fname")  # hub copy vs release
+
+
 def _dialogsum_overlay(tmp_path) -> str:
-    """The shipped DialogSum config's data settings, read from the file, on the local release-format files."""
-    shipped = yaml.safe_load(open(os.path.join(ROOT, "configs", "flan_t5_base_dialogsum.yaml")))["data"]
-    assert shipped["init_args"]["id_column"] == "id"  # the hub copy's name; the release files say fname
-    shipped["init_args"].update(
-        id_column="fname", builtin=None, dataset="json", data_files={split: str(tmp_path / f"{split}.jsonl") for split in ("train", "validation", "test")},
-        batch_size=8, eval_batch_size=8, num_workers=0)
-    overlay = {"data": shipped, "model": {"init_args": {"truncate_prompt_tokens": CAP}}}
-    path = tmp_path / "dialogsum_local.yaml"
+    """Small batches, no workers and the test's prompt cap, on top of the shipped local config."""
+    overlay = {"data": {"init_args": {"batch_size": 8, "eval_batch_size": 8, "num_workers": 0}},
+               "model": {"init_args": {"truncate_prompt_tokens": CAP}}}
+    path = tmp_path / "small_batches.yaml"
     path.write_text(yaml.safe_dump(overlay))
     return str(path)
 
@@ -77,12 +53,12 @@ def _data_lines(stdout: str) -> list[str]:
 
 def test_predict_and_compare_show_what_happened_to_every_split(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    splits = write_dialogsum_files(tmp_path)
+    splits = write_dialogsum_files(tmp_path / "data" / "dialogsum")
     config = tiny_config(tmp_path, max_steps=2)
     overlay = _dialogsum_overlay(tmp_path)
 
     # fit: the 200-1,000 character filter applies to train only; every split is cut to the model's cap
-    code, out, err = run_command("fit", "--config", config, "--config", overlay)
+    code, out, err = run_command("fit", "--config", config, "--config", LOCAL_CONFIG, "--config", overlay)
     assert code == 0, (out + err)[-3000:]
     train = [r["dialogue"] for r in splits["train"]]
     short, long_ = sum(len(d) < 200 for d in train), sum(len(d) > 1000 for d in train)
@@ -103,7 +79,8 @@ def test_predict_and_compare_show_what_happened_to_every_split(tmp_path, monkeyp
               "kept); 9 kept; references from: summary1, summary2, summary3")
 
     # predict: one line for its split; rows carry the dataset's id, the sample, the prompt seen, the flag
-    code, out, err = run_command("predict", "--config", config, "--config", overlay, "--ckpt_path", "last")
+    code, out, err = run_command("predict", "--config", config, "--config", LOCAL_CONFIG, "--config", overlay,
+                                 "--ckpt_path", "last")
     assert code == 0, (out + err)[-3000:]
     assert _data_lines(out) == [f"data[predict <- 'test']: {counts}"]
     rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
@@ -117,8 +94,8 @@ def test_predict_and_compare_show_what_happened_to_every_split(tmp_path, monkeyp
 
     # compare: the same line, and the same counts in metrics.json and report.md
     report = tmp_path / "report"
-    code, out, err = run_command("compare", "--config", config, "--config", overlay, "--ckpt_path", "last",
-                                 "--out", str(report))
+    code, out, err = run_command("compare", "--config", config, "--config", LOCAL_CONFIG, "--config", overlay,
+                                 "--ckpt_path", "last", "--out", str(report))
     assert code == 0, (out + err)[-3000:]
     assert _data_lines(out) == [f"data[test <- 'test']: {counts}"]
     metrics = json.loads((report / "metrics.json").read_text())
@@ -138,13 +115,14 @@ def test_every_evaluation_option_reaches_compare_from_its_command_line(tmp_path,
     """split, dataset split, id column, references, template, samples per prompt, prompts and decoding,
     each set by a flag of `flan-rlhf compare` and each visible in what it wrote."""
     monkeypatch.chdir(tmp_path)
-    splits = write_dialogsum_files(tmp_path)
+    splits = write_dialogsum_files(tmp_path / "data" / "dialogsum")
     config = tiny_config(tmp_path, max_steps=1)
     overlay = _dialogsum_overlay(tmp_path)
-    assert run_command("fit", "--config", config, "--config", overlay)[0] == 0
+    assert run_command("fit", "--config", config, "--config", LOCAL_CONFIG, "--config", overlay)[0] == 0
     report = tmp_path / "report"
     code, out, err = run_command(
-        "compare", "--config", config, "--config", overlay, "--ckpt_path", "last", "--out", str(report),
+        "compare", "--config", config, "--config", LOCAL_CONFIG, "--config", overlay, "--ckpt_path", "last",
+        "--out", str(report),
         "--split", "validation", "--data.init_args.val_split", "test", "--data.init_args.id_column", "topic1",
         "--data.init_args.reference_columns", "[summary2]", "--data.init_args.template", "Dialogue: {text} TL;DR:",
         "--data.init_args.samples_per_prompt", "2", "--data.init_args.max_eval_prompts", "3",
@@ -164,7 +142,38 @@ def test_every_evaluation_option_reaches_compare_from_its_command_line(tmp_path,
     assert all(r["response_tokens"] <= 5 for r in rows)
 
     greedy = tmp_path / "greedy"
-    code, out, err = run_command("compare", "--config", config, "--config", overlay, "--ckpt_path", "last",
-                                 "--out", str(greedy), "--greedy", "true", "--data.init_args.max_eval_prompts", "2")
+    code, out, err = run_command("compare", "--config", config, "--config", LOCAL_CONFIG, "--config", overlay,
+                                 "--ckpt_path", "last", "--out", str(greedy), "--greedy", "true", "--data.init_args.max_eval_prompts", "2")
     assert code == 0, (out + err)[-3000:]
     assert json.loads((greedy / "metrics.json").read_text())["decoding"]["mode"] == "greedy"
+
+
+def test_the_worked_example_prints_the_documented_count_line(tmp_path, capsys):
+    """docs/data-and-evaluation.md's worked example: the demo policy's cap and tokenizer on the sample
+    files through configs/dialogsum_local.yaml give the count line the page shows."""
+    from flan_rlhf.data import PromptDataModule
+    from flan_rlhf.demo.prepare import prepare_demo_assets
+    from flan_rlhf.tokens import PromptTokenLimit
+    from transformers import AutoTokenizer
+
+    page = open(os.path.join(ROOT, "docs", "data-and-evaluation.md")).read()
+    section = page[page.index("### A worked DialogSum evaluation"):page.index("### Python API")]
+    assert "--config configs/demo_ppo.yaml --config configs/dialogsum_local.yaml --ckpt_path last" in section
+    documented = [line for line in section.splitlines() if line.startswith("data[")]
+
+    write_dialogsum_files(tmp_path / "data" / "dialogsum")
+    tokenizer = AutoTokenizer.from_pretrained(prepare_demo_assets(tmp_path / "demo")["tokenizer"])
+    demo_cap = yaml.safe_load(open(os.path.join(ROOT, "configs", "demo_ppo.yaml")))["model"]["init_args"]["truncate_prompt_tokens"]
+    settings = yaml.safe_load(open(LOCAL_CONFIG))["data"]["init_args"]
+    settings["data_files"] = {split: str(tmp_path / path) for split, path in settings["data_files"].items()}
+    datamodule = PromptDataModule(**settings)
+
+    class DemoPolicyCap:
+        def prompt_token_limit(self):
+            return PromptTokenLimit(tokenizer, demo_cap)
+
+    datamodule.follow_model(DemoPolicyCap())
+    capsys.readouterr()
+    datamodule.setup("test")
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data[")]
+    assert documented == printed == [datamodule.reports["test"].summary()]
