@@ -22,7 +22,8 @@ sample (Lightning's ``DistributedSampler`` pads to guarantee this).
 The ROUGE rules and the sacreBLEU tokenizer are torchmetrics' own, reached through its
 module-private helpers (``_rouge_score_update``, ``_rouge_lsum_score``,
 ``_SacreBLEUTokenizer``); ``tests/eval/test_metrics.py`` checks the results against the public
-``ROUGEScore``, ``BLEUScore`` and ``SacreBLEUScore`` so a torchmetrics change shows up there.
+``ROUGEScore``, ``BLEUScore`` and ``SacreBLEUScore`` so a torchmetrics change shows up there, and
+BLEU against the ``sacrebleu`` package and nltk.
 """
 from __future__ import annotations
 
@@ -397,10 +398,12 @@ class QualityMetrics(Metric):
       ``rougeLsum`` splits sentences with nltk's ``punkt_tab``; when nltk has none, the
       package's abbreviation-aware splitter is used (see :data:`PACKAGED_NLTK_DATA`); with
       ``rouge_lsum="auto"`` and neither available, it is left out, never downloaded.
-    * ``bleu``: corpus BLEU-4, whitespace tokens, no smoothing (= torchmetrics ``BLEUScore``);
-      n-gram matches are clipped against all of a sample's references together and the
-      closest reference length enters the brevity penalty.
-    * ``sacrebleu``: the same on sacrebleu's ``13a`` tokens (= torchmetrics ``SacreBLEUScore``).
+    * ``sacrebleu``: corpus BLEU-4 on sacrebleu's ``13a`` tokens, no smoothing (=
+      ``sacrebleu.corpus_bleu(..., smooth_method="none")``, the figure papers report); n-gram
+      matches are clipped against all of a sample's references together and the closest
+      reference length (the shorter on a tie) enters the brevity penalty.
+    * ``bleu``: the same on whitespace tokens (= nltk ``corpus_bleu``; torchmetrics ``BLEUScore``
+      differs only when two references are equally close in length, where it takes the first).
 
     All values are 0..1. :meth:`per_sample` gives the per-sample ROUGE values and
     sentence BLEU (add-one smoothed) of this process's samples (not synced).
