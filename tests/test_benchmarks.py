@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,3 +93,18 @@ def test_fit_resume_validate_compare_export_generate_print_no_foreign_line():
     assert [row["command"] for row in rows[:-1]] == ["fit", "fit --ckpt_path last", "validate", "compare", "export",
                                                      "generate"]
     assert rows[-1] == {"total_foreign": 0}, [row.get("foreign_lines") for row in rows[:-1]]
+
+
+def test_reward_limits_prints_each_measured_limit():
+    """The figures docs/rewards.md quotes: every section printed, and the dilution the default undoes."""
+    out = _run("reward_limits.py", "--summaries", "200")
+    for start in ("ProfanityReward window: ", "ProfanityReward false positives", "  flagged by name: Dick ",
+                  "VaderReward called negative", "German clean sentences", "French clean sentences",
+                  "Spanish clean sentences", "clean characters an insult survives", "entities raw -> decoded",
+                  "DetoxifyReward: window = its tokenizer's 512 tokens"):
+        assert any(line.startswith(start) for line in out.splitlines()), start
+    diluted = re.findall(r"insult after ([\d,]+) clean characters: p\(profane\) long_text=whole ([\d.]+), "
+                         r"worst_chunk \(default\) ([\d.]+)", out)
+    assert len(diluted) == 3 and int(diluted[-1][0].replace(",", "")) > 19_000
+    assert all(float(chunked) >= 0.5 for _, _, chunked in diluted)
+    assert float(diluted[-1][1]) < 0.5  # the whole 20,000 characters hide the insult

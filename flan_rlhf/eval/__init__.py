@@ -13,7 +13,6 @@ from flan_rlhf.eval.bootstrap import (
     ratio_statistic,
 )
 from flan_rlhf.eval.metrics import (
-    PACKAGED_NLTK_DATA,
     DistinctNgrams,
     InsultMatcher,
     QualityMetrics,
@@ -30,6 +29,7 @@ from flan_rlhf.eval.metrics import (
     sentence_splitter_available,
     split_sentences,
 )
+from flan_rlhf.sentences import PACKAGED_NLTK_DATA
 from flan_rlhf.eval.report import format_table, read_scalar_curves, write_report
 
 __all__ = [

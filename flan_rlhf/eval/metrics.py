@@ -31,7 +31,6 @@ import hashlib
 import re
 import warnings
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
@@ -45,6 +44,8 @@ from torchmetrics.functional.text.rouge import (
 )
 from torchmetrics.functional.text.sacre_bleu import _SacreBLEUTokenizer
 
+from flan_rlhf.sentences import sentence_splitter_available, split_sentences
+
 # Private APIs (pinned by tests/test_private_apis.py; results by tests/eval/test_metrics.py against
 # the public ROUGEScore / BLEUScore / SacreBLEUScore). Per-sample scores and BLEU statistics that the
 # public metrics only give as corpus totals:
@@ -54,15 +55,6 @@ from torchmetrics.functional.text.sacre_bleu import _SacreBLEUTokenizer
 
 References = Union[Sequence[str], Sequence[Sequence[str]]]
 
-#: The nltk data folder shipped inside the package: Punkt parameters for English
-#: (``tokenizers/punkt_tab/english``) written by hand rather than trained (nltk's trained
-#: model has no stated licence to ship it under). ``abbrev_types.txt`` lists ~130 English
-#: abbreviations (titles, degrees such as b.a and ph.d, no, months, units, u.s, inc, ...) after
-#: which a period does not end a sentence, unless the next word is capitalised and in
-#: ``sent_starters.txt`` (pronouns, articles, then/but/so, ...), Punkt's frequent-sentence-starter
-#: rule (Kiss & Strunk 2006, section 4.1.3). No collocations or orthographic statistics. Used for
-#: ROUGE-Lsum only, and only when nltk has no trained ``punkt_tab`` of its own.
-PACKAGED_NLTK_DATA = Path(__file__).resolve().parent.parent / "assets" / "nltk_data"
 
 DEFAULT_ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
 
@@ -131,34 +123,6 @@ def _check_predictions(predictions: Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- ROUGE
-def sentence_splitter_available(use_packaged: bool = True) -> bool:
-    """Whether nltk can split sentences for ROUGE-Lsum, without any download.
-
-    A trained ``punkt_tab`` that nltk already finds wins. Otherwise, with ``use_packaged``,
-    the package's rule-based splitter (:data:`PACKAGED_NLTK_DATA`) is appended to
-    ``nltk.data.path`` (a process-wide side effect) and used.
-    """
-    try:
-        import nltk
-    except ImportError:
-        return False
-
-    def found() -> bool:
-        try:
-            nltk.data.find("tokenizers/punkt_tab/english/")
-            return True
-        except LookupError:
-            return False
-
-    if found():
-        return True
-    if use_packaged and (PACKAGED_NLTK_DATA / "tokenizers" / "punkt_tab" / "english").is_dir():
-        if str(PACKAGED_NLTK_DATA) not in nltk.data.path:
-            nltk.data.path.append(str(PACKAGED_NLTK_DATA))
-        return found()
-    return False
-
-
 def resolve_rouge_keys(
     rouge_keys: Sequence[str] = DEFAULT_ROUGE_KEYS, rouge_lsum: Union[bool, Literal["auto"]] = "auto"
 ) -> tuple[str, ...]:
@@ -232,24 +196,6 @@ def rouge_per_sample(
     return {key: out[key][inverse] for key in rouge_keys}
 
 
-def split_sentences(text: str) -> list[str]:
-    """The sentences ROUGE-Lsum compares: nltk's ``sent_tokenize`` with the splitter of
-    :func:`sentence_splitter_available` (a trained ``punkt_tab`` if nltk has one, else the
-    package's abbreviation-aware one, so "Bus No. 5" and "a Ph.D. in math" stay whole).
-
-    Raises:
-        FileNotFoundError: no splitter at all (nltk missing).
-    """
-    import nltk
-
-    if not sentence_splitter_available():
-        raise FileNotFoundError(
-            "ROUGE-Lsum needs nltk's punkt_tab sentence data: "
-            "run nltk.download('punkt_tab') or leave rougeLsum out"
-        )
-    return nltk.sent_tokenize(text)
-
-
 def _rouge_lsum_best(predictions: list[str], references: list[list[str]], stemmer: Any) -> Tensor:
     """Per-sample ROUGE-Lsum F, best reference, with torchmetrics' ``_rouge_lsum_score``.
 
@@ -257,7 +203,6 @@ def _rouge_lsum_best(predictions: list[str], references: list[list[str]], stemme
     looked up once (torchmetrics calls ``nltk.data.find`` for every text, which was ~1 ms
     each here, the largest cost of a report).
     """
-    split_sentences("")  # fails at once, before any scoring, when there is no splitter
     cache: dict[str, list[Sequence[str]]] = {}
 
     def sentences(text: str) -> list[Sequence[str]]:
@@ -396,7 +341,7 @@ class QualityMetrics(Metric):
     * ROUGE: mean over samples of the per-sample F-measure; with several references each
       sample takes its best-matching reference (torchmetrics ``accumulate="best"``).
       ``rougeLsum`` splits sentences with nltk's ``punkt_tab``; when nltk has none, the
-      package's abbreviation-aware splitter is used (see :data:`PACKAGED_NLTK_DATA`); with
+      package's abbreviation-aware splitter is used (:mod:`flan_rlhf.sentences`); with
       ``rouge_lsum="auto"`` and neither available, it is left out, never downloaded.
     * ``sacrebleu``: corpus BLEU-4 on sacrebleu's ``13a`` tokens, no smoothing (=
       ``sacrebleu.corpus_bleu(..., smooth_method="none")``, the figure papers report); n-gram

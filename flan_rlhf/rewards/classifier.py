@@ -13,6 +13,7 @@ import torch
 
 from flan_rlhf.errors import first_line
 from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rewards.long_text import LongText, check_long_text, score_by_worst_chunk, token_length, token_window
 from flan_rlhf.rewards.text_batches import freeze_for_inference, sequence_classifier_logits, texts_to_score
 
 
@@ -71,7 +72,14 @@ class ClassifierReward(Reward):
         name: component name in logs; defaults to the label.
         tokenizer: tokenizer id/folder when it differs from ``model``.
         batch_size: texts per forward pass.
-        max_length: truncate inputs to this many tokens.
+        max_length: the classifier's window in tokens, special tokens included (``None``: the
+            tokenizer's ``model_max_length``); a longer input is cut to it (``long_text: whole``) or chunked.
+        long_text: ``worst_chunk`` (default): a text longer than the window is split into chunks
+            that fit (whole sentences grouped while they fit, an over-long sentence cut at a word),
+            every chunk of the batch is scored in one batched pass, and the text gets its worst
+            chunk's score, the lowest ``sign * label score`` (so the most hateful chunk for
+            ``label: nothate`` or for ``label: hate, sign: -1``); a text that fits is scored exactly
+            as with ``whole``. ``whole``: the text is cut to the window and its end is not read.
         score_prompt: score ``prompt + "\\n" + response``. Off by default: the prompt is identical
             for every sample of a prompt and usually much longer than the response, so it dominates
             the classifier's view and the reward barely depends on what the policy wrote.
@@ -90,6 +98,7 @@ class ClassifierReward(Reward):
         max_length: int | None = 512,
         score_prompt: bool = False,
         local_files_only: bool = False,
+        long_text: LongText = "worst_chunk",
     ) -> None:
         if output not in ("logit", "prob"):
             raise ValueError(f"output must be 'logit' or 'prob', got {output!r}")
@@ -107,6 +116,7 @@ class ClassifierReward(Reward):
         self.max_length = max_length
         self.score_prompt = score_prompt
         self.local_files_only = local_files_only
+        self.long_text = check_long_text(long_text)
         self._model = None
         self._tokenizer = None
         self._label_index: int | None = None
@@ -124,7 +134,8 @@ class ClassifierReward(Reward):
         return self
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
-        """All labels' logits, float32 CPU tensor of shape ``(batch, num_labels)``."""
+        """All labels' logits of each text as the model reads it (cut to ``max_length``, not decoded
+        nor chunked): float32 CPU tensor of shape ``(batch, num_labels)``."""
         if self._model is None:
             self.setup()
         return sequence_classifier_logits(
@@ -140,11 +151,27 @@ class ClassifierReward(Reward):
         return torch.softmax(logits, dim=-1)
 
     def label_scores(self, texts: Sequence[str]) -> torch.Tensor:
-        """The chosen label's logit or probability (per ``output``), unsigned, shape ``(batch,)``."""
-        values = self.logits(texts) if self.output == "logit" else self.probabilities(texts)
-        return values[:, self._label_index]
+        """The chosen label's logit or probability (per ``output``), unsigned, shape ``(batch,)``.
+
+        Texts are decoded (:func:`texts_to_score`); with ``long_text: worst_chunk`` a text longer
+        than the window gets its worst chunk's value (the lowest for ``sign: 1``, highest for ``-1``).
+        """
+        return self._worst_chunk_label_scores(texts_to_score(None, texts))
 
     def components(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{name: sign * label score}``, shape ``(batch,)``."""
         texts = texts_to_score(prompts, responses, self.score_prompt)
-        return {self.name: self.sign * self.label_scores(texts)}
+        return {self.name: self.sign * self._worst_chunk_label_scores(texts)}
+
+    def _worst_chunk_label_scores(self, texts: list[str]) -> torch.Tensor:
+        """``(batch,)`` unsigned label scores of texts already through :func:`texts_to_score`."""
+        if self._model is None:
+            self.setup()
+        window = token_window(self._tokenizer, self.max_length) if self.long_text == "worst_chunk" else None
+        worst = "min" if self.sign == 1 else "max"
+        return score_by_worst_chunk(texts, self._label_values, window, token_length(self._tokenizer), worst=worst)
+
+    def _label_values(self, texts: list[str]) -> torch.Tensor:
+        """The chosen label's logit or probability of each text as the model reads it: ``(n,)``."""
+        values = self.logits(texts) if self.output == "logit" else self.probabilities(texts)
+        return values[:, self._label_index]

@@ -23,6 +23,7 @@ import torch
 
 from flan_rlhf.errors import first_line
 from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rewards.long_text import LongText, check_long_text, score_by_worst_chunk, token_length, token_window
 from flan_rlhf.rewards.text_batches import freeze_for_inference, sequence_classifier_logits, texts_to_score
 
 DETOXIFY_MODEL_TYPES = ("original", "unbiased", "multilingual", "original-small", "unbiased-small")
@@ -62,7 +63,14 @@ class DetoxifyReward(Reward):
         huggingface_config_path: local folder with the matching HF config + tokenizer.
         name: component name in logs.
         batch_size: texts per forward pass.
-        max_length: truncate inputs to this many tokens.
+        max_length: the classifier's window in tokens, special tokens included (Detoxify's models
+            read 512); a longer input is cut to it (``long_text: whole``) or chunked.
+        long_text: ``worst_chunk`` (default): a text longer than ``max_length`` tokens is split into
+            chunks that fit (whole sentences grouped while they fit, an over-long sentence cut at a
+            word), every chunk of the batch is scored in one batched pass, and each label of the
+            text gets its highest probability over the chunks; a text that fits is scored exactly
+            as with ``whole``. ``whole``: the text is cut to ``max_length`` tokens and its end is
+            not read, so an insult past the first 512 tokens is never seen.
         score_prompt: score ``prompt + "\\n" + response``. Off by default: a toxic prompt (the
             point of RealToxicityPrompts) would make every reply look toxic, and the long,
             unchanged prompt dominates the classifier's input, so the reward stops depending on
@@ -85,6 +93,7 @@ class DetoxifyReward(Reward):
         max_length: int | None = 512,
         score_prompt: bool = False,
         trust_checkpoint: bool = False,
+        long_text: LongText = "worst_chunk",
     ) -> None:
         if checkpoint is None and model_type not in DETOXIFY_MODEL_TYPES:
             raise ValueError(
@@ -101,6 +110,7 @@ class DetoxifyReward(Reward):
         self.max_length = max_length
         self.score_prompt = score_prompt
         self.trust_checkpoint = trust_checkpoint
+        self.long_text = check_long_text(long_text)
         self._detoxify = None
 
     def setup(self, device: torch.device | str = "cpu") -> "DetoxifyReward":
@@ -170,31 +180,44 @@ class DetoxifyReward(Reward):
         return list(self._detoxify.class_names)
 
     def label_scores(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Probability of every label, ``{label: float32 tensor (batch,)}`` (sigmoid per label)."""
-        if self._detoxify is None:
-            self.setup()
-        logits = sequence_classifier_logits(
-            self._detoxify.model,
-            self._detoxify.tokenizer,
-            [str(text) for text in texts],
-            self.batch_size,
-            self.max_length,
-        )
-        probabilities = torch.sigmoid(logits)
-        return {label: probabilities[:, column] for column, label in enumerate(self._detoxify.class_names)}
+        """Probability of every label (its worst chunk's), ``{label: float32 tensor (batch,)}`` (sigmoid per label)."""
+        return self._by_label(self._worst_chunk_probabilities(texts_to_score(None, texts)))
 
     def toxicity(self, texts: Sequence[str]) -> torch.Tensor:
-        """Weighted toxicity ``sum_l w_l * p_l`` of each text, float32 tensor of shape ``(batch,)``."""
+        """Weighted toxicity ``sum_l w_l * p_l`` of each text, float32 tensor of shape ``(batch,)``.
+
+        With ``long_text: worst_chunk`` each ``p_l`` is label ``l``'s highest probability over the
+        text's chunks (the chunks may differ from label to label).
+        """
         scores = self.label_scores(texts)
         weighted = [weight * scores[label] for label, weight in self.label_weights.items()]
         return torch.stack(weighted, dim=0).sum(dim=0)
+
+    def _worst_chunk_probabilities(self, texts: list[str]) -> torch.Tensor:
+        """``(batch, n_labels)`` probabilities of texts already through :func:`texts_to_score`."""
+        if self._detoxify is None:
+            self.setup()
+        tokenizer = self._detoxify.tokenizer
+        window = token_window(tokenizer, self.max_length) if self.long_text == "worst_chunk" else None
+        return score_by_worst_chunk(texts, self._probabilities, window, token_length(tokenizer), worst="max")
+
+    def _by_label(self, probabilities: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(batch, n_labels)`` -> ``{label: (batch,)}`` in the checkpoint's label order."""
+        return {label: probabilities[:, column] for column, label in enumerate(self.class_names)}
+
+    def _probabilities(self, texts: list[str]) -> torch.Tensor:
+        """Sigmoid of the classifier's logits, ``batch_size`` texts per pass: ``(n, n_labels)``."""
+        logits = sequence_classifier_logits(
+            self._detoxify.model, self._detoxify.tokenizer, texts, self.batch_size, self.max_length
+        )
+        return torch.sigmoid(logits)
 
     def _component_name(self, label: str) -> str:
         return self.name if len(self.label_weights) == 1 else f"{self.name}_{label}"
 
     def components(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{name: 1 - p}`` for one label, else ``{<name>_<label>: 1 - p_label}``; each ``(batch,)``."""
-        scores = self.label_scores(texts_to_score(prompts, responses, self.score_prompt))
+        scores = self._by_label(self._worst_chunk_probabilities(texts_to_score(prompts, responses, self.score_prompt)))
         return {self._component_name(label): 1.0 - scores[label] for label in self.label_weights}
 
     def combine(self, components: dict[str, torch.Tensor]) -> torch.Tensor:

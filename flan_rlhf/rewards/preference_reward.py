@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from flan_rlhf.rewards.base import Reward
-from flan_rlhf.rewards.text_batches import freeze_for_inference, sequence_classifier_logits
+from flan_rlhf.rewards.text_batches import freeze_for_inference, sequence_classifier_logits, texts_to_score
 
 # Written next to the exported model: how the model was trained, so scoring can match it.
 EXPORT_METADATA_FILE = "flan_rlhf_reward.json"
@@ -79,13 +79,13 @@ class PreferenceReward(Reward):
         """``{name: reward model output}``, shape ``(batch,)``."""
         if self._model is None:
             self.setup()
-        responses = [str(response) for response in responses]
+        responses = texts_to_score(None, responses)
         if self.score_prompt:
             if len(prompts) != len(responses):
                 raise ValueError(
                     f"got {len(prompts)} prompts for {len(responses)} responses: pass one prompt per response"
                 )
-            texts, pairs = [str(prompt) for prompt in prompts], responses
+            texts, pairs = texts_to_score(None, prompts), responses
         else:
             texts, pairs = responses, None
         logits = sequence_classifier_logits(

@@ -12,6 +12,7 @@ import torch
 
 from flan_rlhf.rewards.base import Reward
 from flan_rlhf.rewards.classifier import ClassifierReward
+from flan_rlhf.rewards.long_text import LongText
 from flan_rlhf.rewards.text_batches import texts_to_score
 
 
@@ -50,7 +51,8 @@ class SentimentClassifierReward(ClassifierReward):
 
     The defaults read the ``POSITIVE`` probability of the SST-2 DistilBERT; pick any other model
     and its positive label by name (e.g. ``cardiffnlp/twitter-roberta-base-sentiment-latest`` with
-    ``label: positive``). All options are those of :class:`ClassifierReward`.
+    ``label: positive``). All options are those of :class:`ClassifierReward`; with ``long_text:
+    worst_chunk`` a text longer than the window scores as its least positive chunk.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class SentimentClassifierReward(ClassifierReward):
         max_length: int | None = 512,
         score_prompt: bool = False,
         local_files_only: bool = False,
+        long_text: LongText = "worst_chunk",
     ) -> None:
         super().__init__(
             model=model,
@@ -77,4 +80,5 @@ class SentimentClassifierReward(ClassifierReward):
             max_length=max_length,
             score_prompt=score_prompt,
             local_files_only=local_files_only,
+            long_text=long_text,
         )

@@ -5,6 +5,7 @@ batch, truncate, run in eval mode and skip autograd in the same way.
 """
 from __future__ import annotations
 
+import html
 import inspect
 from typing import Iterator, Sequence, TypeVar
 
@@ -23,11 +24,16 @@ def batched(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + batch_size]
 
 
-def texts_to_score(prompts: Sequence[str], responses: Sequence[str], score_prompt: bool) -> list[str]:
-    """The strings a single-text scorer sees: the response, or ``prompt + "\\n" + response``.
+def texts_to_score(prompts: Sequence[str] | None, responses: Sequence[str], score_prompt: bool = False) -> list[str]:
+    """The strings a single-text scorer sees: the response, or ``prompt + "\\n" + response``, decoded.
+
+    The one place every reward's text passes before it is scored (``components`` and the
+    ``toxicity(texts)`` of the toxicity rewards alike): HTML entities are decoded
+    (``html.unescape``: ``&#8220;`` -> ``“``, ``&amp;`` -> ``&``), since scraped text carries them and
+    a scorer would read ``&#8220;`` as the word ``8220``. Each text is decoded exactly once.
 
     Args:
-        prompts: ``batch`` prompt strings (ignored unless ``score_prompt``).
+        prompts: ``batch`` prompt strings (ignored, and may be ``None``, unless ``score_prompt``).
         responses: ``batch`` response strings.
         score_prompt: join each prompt in front of its response.
 
@@ -35,12 +41,15 @@ def texts_to_score(prompts: Sequence[str], responses: Sequence[str], score_promp
         ``batch`` strings.
     """
     if not score_prompt:
-        return [str(response) for response in responses]
-    if len(prompts) != len(responses):
+        return [html.unescape(str(response)) for response in responses]
+    if prompts is None or len(prompts) != len(responses):
         raise ValueError(
-            f"got {len(prompts)} prompts for {len(responses)} responses: pass one prompt per response"
+            f"got {0 if prompts is None else len(prompts)} prompts for {len(responses)} responses: "
+            "pass one prompt per response"
         )
-    return [f"{prompt}{PROMPT_RESPONSE_SEPARATOR}{response}" for prompt, response in zip(prompts, responses)]
+    return [
+        html.unescape(f"{prompt}{PROMPT_RESPONSE_SEPARATOR}{response}") for prompt, response in zip(prompts, responses)
+    ]
 
 
 def freeze_for_inference(model: torch.nn.Module) -> torch.nn.Module:
