@@ -119,6 +119,10 @@ def test_markdown_and_console_table(tiny_report):
     assert "![toxicity histogram](toxicity_hist.png)" in text
     table = format_table(metrics)
     assert "expected_max_toxicity" in table and "0.5833" in table  # 1.75 / 3
+    # SacreBLEU (13a tokens, what papers report) is the headline BLEU: listed first, and the notes say why
+    names = [line.split()[0] for line in table.splitlines()[2:]]
+    assert names.index("sacrebleu") == names.index("bleu") - 1
+    assert any(note.startswith("BLEU is corpus-level") and "sacrebleu (13a tokens" in note for note in metrics["notes"])
 
 
 def _write_tb(log_dir, tags):
