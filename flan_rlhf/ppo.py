@@ -35,12 +35,18 @@ __all__ = [
     "masked_ratio_mean",
     "masked_var",
     "masked_whiten",
+    "per_token_kl",
+    "aggregate_tokens",
     "policy_loss",
     "value_loss",
 ]
 
-#: Per-token KL estimators accepted by :func:`kl_penalized_rewards` (TRL's ``kl_penalty``).
-KL_ESTIMATORS = ("kl", "abs", "mse")
+#: Per-token KL estimators accepted by :func:`kl_penalized_rewards` (TRL's ``kl_penalty``) and
+#: :func:`per_token_kl`; ``k3`` is the one GRPO puts in its loss.
+KL_ESTIMATORS = ("kl", "abs", "mse", "k3")
+
+#: How a per-token loss becomes a scalar (:func:`aggregate_tokens`).
+LOSS_AGGREGATIONS = ("token", "sequence")
 
 # Added to the variance before the inverse square root in whitening (TRL's value).
 _WHITEN_EPS = 1e-8
@@ -118,6 +124,29 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None, 
             f"masked_mean: mask has no nonzero entries {where}; every row needs at least one response token"
         )
     return total / count.to(total.dtype)
+
+
+def aggregate_tokens(x: torch.Tensor, mask: torch.Tensor, aggregation: str = "token", *, check: bool = True) -> torch.Tensor:
+    """A per-token loss ``(batch, response_len)`` as one scalar.
+
+    ``"token"``: the mean over every response token of the batch, so each token weighs the same
+    and a long response weighs more (TRL's PPO, DAPO). ``"sequence"``: the mean over responses of
+    each response's own token mean, so each response weighs the same and a long one's tokens
+    each weigh less (GRPO as published, Shao et al. 2024, eq. 3).
+
+    Args:
+        x: ``(batch, response_len)``.
+        mask: ``(batch, response_len)``; with ``"sequence"`` every row needs a nonzero entry.
+        aggregation: one of :data:`LOSS_AGGREGATIONS`.
+        check: as in :func:`masked_mean`.
+    Returns:
+        a scalar tensor.
+    """
+    if aggregation == "token":
+        return masked_mean(x, mask, check=check)
+    if aggregation == "sequence":
+        return masked_mean(x, mask, dim=-1, check=check).mean()
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; use one of {LOSS_AGGREGATIONS}")
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -247,10 +276,19 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------- rewards
 
 
-def _per_token_kl(log_ratio: torch.Tensor, kl_estimator: str) -> torch.Tensor:
-    """TRL's ``PPOTrainer._kl_penalty`` on ``log_ratio = logprobs - ref_logprobs``.
+def per_token_kl(log_ratio: torch.Tensor, kl_estimator: str) -> torch.Tensor:
+    """A per-token estimate of ``KL(policy || reference)`` from ``log_ratio = logprobs - ref_logprobs``.
 
-    Estimators from http://joschu.net/blog/kl-approx.html: ``"kl"`` is k1, ``"mse"`` is k2.
+    Estimators from http://joschu.net/blog/kl-approx.html, for tokens sampled from the policy:
+    ``"kl"`` is k1 (``log_ratio``, unbiased, can be negative), ``"mse"`` is k2
+    (``0.5 * log_ratio**2``), ``"k3"`` is ``exp(-log_ratio) - 1 + log_ratio`` (unbiased and
+    never negative; the KL term of GRPO's loss, Shao et al. 2024, eq. 4), ``"abs"`` is
+    ``|log_ratio|``. The first three are TRL's ``PPOTrainer._kl_penalty``.
+
+    Args:
+        log_ratio: any shape, e.g. ``(batch, response_len)``.
+    Returns:
+        the same shape.
     """
     if kl_estimator == "kl":
         return log_ratio
@@ -258,6 +296,8 @@ def _per_token_kl(log_ratio: torch.Tensor, kl_estimator: str) -> torch.Tensor:
         return log_ratio.abs()
     if kl_estimator == "mse":
         return 0.5 * log_ratio.square()
+    if kl_estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
     if kl_estimator == "full":
         raise ValueError(
             "kl_estimator='full' needs the full-vocabulary log-probs, which this function does not get; "
@@ -299,8 +339,9 @@ def kl_penalized_rewards(
         ref_logprobs: ``(batch, response_len)`` the same under the frozen reference model.
         mask: ``(batch, response_len)``; every row needs at least one nonzero entry.
         kl_coef: KL penalty coefficient (e.g. ``AdaptiveKLController.value``), ``>= 0``.
-        kl_estimator: ``"kl"`` (``logp - ref``), ``"abs"`` (``|logp - ref|``) or
-            ``"mse"`` (``0.5 * (logp - ref)**2``). ``"full"`` is not supported here.
+        kl_estimator: ``"kl"`` (``logp - ref``), ``"abs"`` (``|logp - ref|``),
+            ``"mse"`` (``0.5 * (logp - ref)**2``) or ``"k3"`` (:func:`per_token_kl`).
+            ``"full"`` is not supported here.
 
     Returns:
         ``(rewards, kl)``, both ``(batch, response_len)`` and 0 where ``mask`` is 0.
@@ -320,7 +361,7 @@ def kl_penalized_rewards(
         )
 
     log_ratio = _zero_masked(logprobs, bool_mask) - _zero_masked(ref_logprobs, bool_mask)
-    kl = _zero_masked(_per_token_kl(log_ratio, kl_estimator), bool_mask)
+    kl = _zero_masked(per_token_kl(log_ratio, kl_estimator), bool_mask)
     rewards = -kl_coef * kl
 
     # Last nonzero mask index per row: the largest position once masked positions are set to -1.
@@ -387,12 +428,14 @@ def policy_loss(
     mask: torch.Tensor,
     cliprange: float,
     *,
+    aggregation: str = "token",
     check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
 
     ``ratio = exp(logprobs - old_logprobs)``;
-    ``pg_loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))``.
+    ``pg_loss = aggregate(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))``, aggregated over
+    tokens as :func:`aggregate_tokens` says (``"token"``, the default, is TRL's masked mean).
 
     Args:
         logprobs: ``(batch, response_len)`` current policy log-probs (carries gradient).
@@ -400,6 +443,7 @@ def policy_loss(
         advantages: ``(batch, response_len)`` (treated as constant; usually whitened).
         mask: ``(batch, response_len)``.
         cliprange: ``c`` above, e.g. 0.2.
+        aggregation: ``"token"`` or ``"sequence"`` (:func:`aggregate_tokens`).
         check: test that ``mask`` selects something (see :func:`masked_mean`).
 
     Returns:
@@ -417,7 +461,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.maximum(unclipped, clipped), bool_mask, check=check)
+    pg_loss = aggregate_tokens(torch.maximum(unclipped, clipped), bool_mask, aggregation, check=check)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), bool_mask, check=False)
         approx_kl = 0.5 * masked_mean(log_ratio.square(), bool_mask, check=False)

@@ -50,7 +50,7 @@ class PPOSettings:
         init_kl_coef: initial (or fixed) KL coefficient.
         kl_target: target of the adaptive controller, in summed per-sequence KL (TRL: 6).
         kl_horizon: horizon of the adaptive controller, in samples (TRL: 10000).
-        kl_estimator: per-token KL penalty estimator: ``kl`` (logp - ref), ``abs`` or ``mse``.
+        kl_estimator: per-token KL penalty estimator: ``kl`` (logp - ref), ``abs``, ``mse`` or ``k3`` (exp(ref - logp) - 1 - (ref - logp), never negative).
         max_grad_norm: global gradient-norm clip; ``None`` disables (not recommended).
         ratio_threshold: skip a minibatch (no gradient; no optimiser step if nothing else in its
             accumulation group counts) whose mean importance ratio over response tokens exceeds

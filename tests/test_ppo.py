@@ -183,7 +183,7 @@ def test_kl_penalized_rewards_bad_input():
     with pytest.raises(ValueError, match="full"):
         kl_penalized_rewards(torch.zeros(2), z, z, torch.ones(2, 3), 0.1, kl_estimator="full")
     with pytest.raises(ValueError, match="unknown kl_estimator"):
-        kl_penalized_rewards(torch.zeros(2), z, z, torch.ones(2, 3), 0.1, kl_estimator="k3")
+        kl_penalized_rewards(torch.zeros(2), z, z, torch.ones(2, 3), 0.1, kl_estimator="k4")
     with pytest.raises(ValueError, match="all 0"):
         kl_penalized_rewards(torch.zeros(2), z, z, t([[1, 0, 0], [0, 0, 0]]), 0.1)
     with pytest.raises(ValueError, match="scores"):
@@ -425,3 +425,40 @@ def test_check_token_ids_names_the_range():
         check_token_ids(torch.tensor([[-100, 4]]), 5)
     with pytest.raises(ValueError, match=r"got range \[0, 5\]"):
         check_token_ids(torch.tensor([5, 0]), 5)
+
+
+# ----------------------------------------------------------- k3 KL and loss aggregation (RLOO, GRPO)
+
+
+def test_k3_kl_by_hand_and_never_negative():
+    from flan_rlhf.ppo import per_token_kl
+
+    # log_ratio = logp - ref: k3 = exp(-log_ratio) - 1 + log_ratio
+    log_ratio = torch.tensor([math.log(2.0), 0.0, -math.log(2.0)], dtype=torch.float64)
+    expected = [0.5 - 1 + math.log(2.0), 0.0, 2.0 - 1 - math.log(2.0)]
+    assert per_token_kl(log_ratio, "k3").tolist() == pytest.approx(expected, abs=1e-12)
+    assert (per_token_kl(torch.linspace(-5, 5, 101), "k3") >= 0).all()
+    rewards, kl = kl_penalized_rewards(torch.tensor([1.0]), t([[math.log(2.0), 0.0]]), t([[0.0, 0.0]]),
+                                       torch.ones(1, 2), 0.5, kl_estimator="k3")
+    assert kl[0].tolist() == pytest.approx([expected[0], 0.0], abs=1e-6)
+    assert rewards[0].tolist() == pytest.approx([-0.5 * expected[0], 1.0], abs=1e-6)
+
+
+def test_token_and_sequence_aggregation_by_hand():
+    from flan_rlhf.ppo import aggregate_tokens
+
+    x, mask = t([[1.0, 2.0, 99.0], [4.0, 99.0, 99.0]]), t([[1, 1, 0], [1, 0, 0]])
+    assert aggregate_tokens(x, mask, "token").item() == pytest.approx(7 / 3)  # (1 + 2 + 4) / 3 tokens
+    assert aggregate_tokens(x, mask, "sequence").item() == pytest.approx(2.75)  # mean(1.5, 4)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate_tokens(x, mask, "batch")
+
+
+def test_policy_loss_aggregates_per_sequence_when_asked():
+    # ratio 1 everywhere, so the loss is the aggregate of -A: A = +1 on the two tokens of row 0,
+    # -2 on the one token of row 1. Token mean: (-1 - 1 + 2) / 3 = 0; sequence mean: (-1 + 2) / 2 = 0.5.
+    logprobs = t([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    advantages, mask = t([[1.0, 1.0, 0.0], [-2.0, 0.0, 0.0]]), t([[1, 1, 0], [1, 0, 0]])
+    token, _, _ = policy_loss(logprobs, logprobs, advantages, mask, 0.2)
+    sequence, _, _ = policy_loss(logprobs, logprobs, advantages, mask, 0.2, aggregation="sequence")
+    assert (token.item(), sequence.item()) == pytest.approx((0.0, 0.5))
