@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from datasets import Dataset, DatasetDict
 
 from flan_rlhf.data.builtin import load_builtin

@@ -18,7 +18,7 @@ from flan_rlhf.policy import save_adapter
 from flan_rlhf.output_dirs import MANIFEST
 from flan_rlhf.settings import GenerationSettings
 from flan_rlhf.tools.generate import decode, generate_ids
-from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, build_t5_from_config, load_policy_model
+from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, build_t5_from_config
 from flan_rlhf.tools.quantize import INT8_MARKER, is_int8_folder, load_int8
 from tests.conftest import TINY_T5, TokenFractionReward
 
