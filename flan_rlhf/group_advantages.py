@@ -39,6 +39,13 @@ def check_group_size(k: int) -> int:
     return k
 
 
+def _group_size(rewards: torch.Tensor) -> int:
+    """``k`` of a ``(n_groups, k)`` rewards tensor, after :func:`check_group_size`."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (n_groups, k), got shape {tuple(rewards.shape)}")
+    return check_group_size(rewards.shape[-1])
+
+
 def group_rewards(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``(batch,)`` rewards of contiguous groups as ``(batch // k, k)``, one row per prompt.
 
@@ -67,9 +74,7 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(n_groups, k)``, detached.
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be (n_groups, k), got shape {tuple(rewards.shape)}")
-    k = check_group_size(rewards.shape[-1])
+    k = _group_size(rewards)
     rewards = rewards.detach()
     others_mean = (rewards.sum(dim=-1, keepdim=True) - rewards) / (k - 1)
     return rewards - others_mean
@@ -90,9 +95,7 @@ def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float
     Returns:
         ``(n_groups, k)``, detached.
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be (n_groups, k), got shape {tuple(rewards.shape)}")
-    check_group_size(rewards.shape[-1])
+    _group_size(rewards)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     rewards = rewards.detach()
@@ -112,9 +115,7 @@ def group_reward_statistics(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
         groups of the within-group sample std) and ``frac_reward_zero_std`` (the share of groups
         whose rewards are all equal, which teach nothing: every advantage there is 0).
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be (n_groups, k), got shape {tuple(rewards.shape)}")
-    check_group_size(rewards.shape[-1])
+    _group_size(rewards)
     rewards = rewards.detach()
     std = rewards.std(dim=-1)
     all_equal = (rewards == rewards[:, :1]).all(dim=-1)

@@ -37,14 +37,18 @@ def first_tokens_text(tokenizer: Any, text: str, n_tokens: int) -> str:
     return tokenizer.decode(ids[:n_tokens], skip_special_tokens=True)
 
 
+def special_token_count(tokenizer: Any) -> int:
+    """How many special tokens the tokenizer adds to one text (T5: 1, ``</s>``; BERT: 2); 0 if it cannot say."""
+    return int(tokenizer.num_special_tokens_to_add()) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+
+
 def text_within_limit(tokenizer: Any, text: str, max_tokens: int) -> str:
     """What ``tokenizer(text, truncation=True, max_length=max_tokens)`` keeps of ``text``, as text.
 
     The tokenizer keeps the first ``max_tokens - num_special_tokens_to_add()`` tokens and adds
     its special tokens (T5: ``</s>``), so the kept text is those tokens' prefix of ``text``.
     """
-    special = int(tokenizer.num_special_tokens_to_add()) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
-    return first_tokens_text(tokenizer, text, max_tokens - special)
+    return first_tokens_text(tokenizer, text, max_tokens - special_token_count(tokenizer))
 
 
 @dataclass(frozen=True)

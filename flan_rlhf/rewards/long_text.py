@@ -16,7 +16,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from flan_rlhf.sentences import sentence_pieces
-from flan_rlhf.tokens import count_tokens
+from flan_rlhf.tokens import count_tokens, special_token_count
 
 #: ``worst_chunk``: texts longer than the window are split and scored by their worst chunk (a text
 #: that fits is one chunk, scored exactly as ``whole``); ``whole``: every text is scored as one
@@ -189,8 +189,7 @@ def token_window(tokenizer, max_length: int | None) -> int | None:
     window = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
     if window is None or window > 1_000_000:
         return None
-    special = int(tokenizer.num_special_tokens_to_add()) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
-    return int(window) if window > special else None
+    return int(window) if window > special_token_count(tokenizer) else None
 
 
 def token_length(tokenizer) -> Callable[[str], int]:
