@@ -39,8 +39,17 @@ def _dialogue(rng: random.Random, n_chars: int) -> str:
 
 
 def write_dialogsum_files(folder: str | Path) -> dict[str, list[dict]]:
-    """Write the three files into ``folder`` (created); returns ``{split role: rows}``."""
+    """Write the three files into ``folder`` (created); returns ``{split role: rows}``.
+
+    Raises:
+        FileExistsError: one of the three files is already there (it may be the real release,
+            where ``configs/dialogsum_local.yaml`` looks for it): nothing is written.
+    """
     folder = Path(folder)
+    present = [name for name in RELEASE_FILES.values() if (folder / name).exists()]
+    if present:
+        raise FileExistsError(f"{folder / present[0]} already exists - choose an empty folder for the sample "
+                              "(this would overwrite it)")
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     splits: dict[str, list[dict]] = {}
@@ -63,6 +72,10 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m tests.dialogsum_files FOLDER")
     target = Path(sys.argv[1])
-    written = write_dialogsum_files(target)
+    try:
+        written = write_dialogsum_files(target)
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {', '.join(f'{len(rows)} {split}' for split, rows in written.items())} rows "
           f"in DialogSum's format to {target}/")

@@ -38,6 +38,22 @@ def test_the_local_config_keeps_the_hub_configs_protocol():
     assert (hub["init_args"]["id_column"], local["init_args"]["id_column"]) == ("id", "fname")  # hub copy vs release
 
 
+def test_the_sample_never_overwrites_dialogsum_files(tmp_path):
+    """data/dialogsum/ is where the real release goes: the sample refuses to write over any of its files."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "data" / "dialogsum"
+    folder.mkdir(parents=True)
+    (folder / "dialogsum.dev.jsonl").write_text("the real dev split\n")
+    done = subprocess.run([sys.executable, "-m", "tests.dialogsum_files", str(folder)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "dialogsum.dev.jsonl already exists - choose an empty folder" in done.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["dialogsum.dev.jsonl"]
+    assert (folder / "dialogsum.dev.jsonl").read_text() == "the real dev split\n"
+
+
 def _dialogsum_overlay(tmp_path) -> str:
     """Small batches, no workers and the test's prompt cap, on top of the shipped local config."""
     overlay = {"data": {"init_args": {"batch_size": 8, "eval_batch_size": 8, "num_workers": 0}},
