@@ -96,11 +96,11 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flan_rlhf.guards import NonFiniteError
     from flan_rlhf.output_dirs import OutputDirError
     from flan_rlhf.policy import ModelLoadError
-    from flan_rlhf.rewards.base import RewardOutputError, RewardSetupError
+    from flan_rlhf.rewards.base import RewardOptionError, RewardOutputError, RewardSetupError
     from flan_rlhf.run_lock import RunLockedError
 
-    return (CheckpointError, DataConfigError, ModelLoadError, OutputDirError, RewardOutputError, RewardSetupError,
-            NonFiniteError, RunLockedError)
+    return (CheckpointError, DataConfigError, ModelLoadError, OutputDirError, RewardOptionError, RewardOutputError,
+            RewardSetupError, NonFiniteError, RunLockedError)
 
 
 def main(argv: list[str] | None = None) -> int:

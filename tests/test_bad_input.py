@@ -268,6 +268,9 @@ CASES: dict[str, BadInput] = {
         fit_fails(_wrong_yaml_type),
         r"Parser key \"model\": .*Parser key \"generation.max_new_tokens\": Expected a <class 'int'>. Got value: "
         r"lots - fix the config or flag .*"),
+    "reward option out of range": BadInput(
+        fit_fails(set_model(reward={"class_path": "flan_rlhf.rewards.ProfanityReward", "init_args": {"window": 0}})),
+        r"window must be >= 1 character, got 0: pass a positive window, e\.g\. 80"),
     "reward of the wrong shape": BadInput(
         fit_fails(set_model(reward={"class_path": f"{__name__}.WrongShapeReward"})),
         r"reward 'wrong_shape' returned shape \(3,\), expected \(8,\): return one score per response"),
@@ -310,3 +313,18 @@ def test_data_cases_cover_the_issue():
     """The data table keeps a case for every data problem the issue names (run there, not here)."""
     missing = {problem: name for problem, name in DATA_CASES_REQUIRED.items() if name not in DATA_CASES}
     assert not missing, missing
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--reward.window=0", "window must be >= 1 character, got 0: pass a positive window, e.g. 80"),
+    ("--reward.batch_size=0", "batch_size must be >= 1, got 0: pass a positive batch size"),
+])
+def test_a_tool_given_a_reward_option_out_of_range_says_so_in_one_line(option, message, tmp_path, capsys):
+    """A reward constructor's refusal is one line and exit 2 from a tool too, before it reads or writes."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"response": "hello"}) + "\n")
+    output = tmp_path / "scored.jsonl"
+    code = main(["score", "--input", str(source), "--output", str(output), "--reward", "ProfanityReward", option])
+    err = capsys.readouterr().err
+    assert (code, err) == (2, f"error: {message}\n")
+    assert not output.exists()

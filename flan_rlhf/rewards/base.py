@@ -19,6 +19,12 @@ class RewardOutputError(ValueError):
     """A reward returned something that is not one finite-or-not float per response."""
 
 
+class RewardOptionError(ValueError):
+    """A reward built with an option it cannot take (``batch_size: 0``, an unknown mode...); the
+    message names the option and what works. Raised by the constructors, so a bad config stops
+    with one line before anything loads."""
+
+
 class RewardSetupError(RuntimeError):
     """A reward that cannot load (missing checkpoint offline, unknown label...)."""
 

@@ -12,7 +12,7 @@ from typing import Literal, Sequence
 import torch
 
 from flan_rlhf.errors import first_line
-from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rewards.base import Reward, RewardOptionError
 from flan_rlhf.rewards.long_text import LongText, check_long_text, score_by_worst_chunk, token_length, token_window
 from flan_rlhf.rewards.text_batches import freeze_for_inference, sequence_classifier_logits, texts_to_score
 
@@ -101,11 +101,11 @@ class ClassifierReward(Reward):
         long_text: LongText = "worst_chunk",
     ) -> None:
         if output not in ("logit", "prob"):
-            raise ValueError(f"output must be 'logit' or 'prob', got {output!r}")
+            raise RewardOptionError(f"output must be 'logit' or 'prob', got {output!r}")
         if sign not in (1, -1):
-            raise ValueError(f"sign must be 1 or -1, got {sign!r}")
+            raise RewardOptionError(f"sign must be 1 or -1, got {sign!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}: pass a positive batch size")
+            raise RewardOptionError(f"batch_size must be >= 1, got {batch_size}: pass a positive batch size")
         self.model_name = model
         self.label = label
         self.output = output

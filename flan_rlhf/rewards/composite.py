@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rewards.base import Reward, RewardOptionError
 
 
 class CompositeReward(Reward):
@@ -36,17 +36,17 @@ class CompositeReward(Reward):
     ) -> None:
         rewards = list(rewards)
         if not rewards:
-            raise ValueError("CompositeReward needs at least one reward in `rewards`")
+            raise RewardOptionError("CompositeReward needs at least one reward in `rewards`")
         weights = [1.0] * len(rewards) if weights is None else [float(w) for w in weights]
         if len(weights) != len(rewards):
-            raise ValueError(
+            raise RewardOptionError(
                 f"CompositeReward got {len(weights)} weights for {len(rewards)} rewards: "
                 "give one weight per reward"
             )
         names = [reward.name for reward in rewards]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(
+            raise RewardOptionError(
                 f"CompositeReward children share the name(s) {duplicates}: give each a distinct `name`"
             )
         self.rewards = rewards

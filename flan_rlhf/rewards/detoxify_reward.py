@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from flan_rlhf.errors import first_line
-from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rewards.base import Reward, RewardOptionError
 from flan_rlhf.rewards.long_text import LongText, check_long_text, score_by_worst_chunk, token_length, token_window
 from flan_rlhf.rewards.text_batches import freeze_for_inference, sequence_classifier_logits, texts_to_score
 
@@ -39,13 +39,13 @@ def normalise_label_weights(labels: str | dict[str, float]) -> dict[str, float]:
         return {labels: 1.0}
     weights = {str(label): float(weight) for label, weight in dict(labels).items()}
     if not weights:
-        raise ValueError("labels is empty: name one Detoxify label or give {label: weight, ...}")
+        raise RewardOptionError("labels is empty: name one Detoxify label or give {label: weight, ...}")
     negative = [label for label, weight in weights.items() if weight < 0]
     if negative:
-        raise ValueError(f"Detoxify label weights must be >= 0, got negative weights for {negative}")
+        raise RewardOptionError(f"Detoxify label weights must be >= 0, got negative weights for {negative}")
     total = sum(weights.values())
     if total <= 0:
-        raise ValueError("Detoxify label weights sum to 0: give at least one label a positive weight")
+        raise RewardOptionError("Detoxify label weights sum to 0: give at least one label a positive weight")
     return {label: weight / total for label, weight in weights.items()}
 
 
@@ -96,11 +96,11 @@ class DetoxifyReward(Reward):
         long_text: LongText = "worst_chunk",
     ) -> None:
         if checkpoint is None and model_type not in DETOXIFY_MODEL_TYPES:
-            raise ValueError(
+            raise RewardOptionError(
                 f"unknown Detoxify model_type {model_type!r}: pick one of {', '.join(DETOXIFY_MODEL_TYPES)}"
             )
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}: pass a positive batch size")
+            raise RewardOptionError(f"batch_size must be >= 1, got {batch_size}: pass a positive batch size")
         self.model_type = model_type
         self.label_weights = normalise_label_weights(labels)
         self.checkpoint = checkpoint

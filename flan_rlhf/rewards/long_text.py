@@ -15,6 +15,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from flan_rlhf.rewards.base import RewardOptionError
 from flan_rlhf.sentences import sentence_pieces
 from flan_rlhf.tokens import count_tokens, special_token_count
 
@@ -31,7 +32,7 @@ _LAST_SPACE = re.compile(r"\s\S*\Z")
 def check_long_text(long_text: str) -> str:
     """``long_text`` if it is one of :data:`LONG_TEXT_MODES`, else ``ValueError`` naming them."""
     if long_text not in LONG_TEXT_MODES:
-        raise ValueError(f"long_text must be one of {', '.join(LONG_TEXT_MODES)}, got {long_text!r}")
+        raise RewardOptionError(f"long_text must be one of {', '.join(LONG_TEXT_MODES)}, got {long_text!r}")
     return long_text
 
 

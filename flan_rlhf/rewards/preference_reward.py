@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rewards.base import Reward, RewardOptionError
 from flan_rlhf.rewards.text_batches import freeze_for_inference, sequence_classifier_logits, texts_to_score
 
 # Written next to the exported model: how the model was trained, so scoring can match it.
@@ -44,7 +44,7 @@ class PreferenceReward(Reward):
         max_length: int | None = None,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}: pass a positive batch size")
+            raise RewardOptionError(f"batch_size must be >= 1, got {batch_size}: pass a positive batch size")
         self.path = path
         self.score_prompt = score_prompt
         self.name = name

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from flan_rlhf.rewards.base import Reward
+from flan_rlhf.rewards.base import Reward, RewardOptionError
 from flan_rlhf.rewards.long_text import LongText, check_long_text, score_by_worst_chunk
 from flan_rlhf.rewards.text_batches import batched, texts_to_score
 
@@ -47,9 +47,9 @@ class ProfanityReward(Reward):
         window: int = 80,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}: pass a positive batch size")
+            raise RewardOptionError(f"batch_size must be >= 1, got {batch_size}: pass a positive batch size")
         if window < 1:
-            raise ValueError(f"window must be >= 1 character, got {window}")
+            raise RewardOptionError(f"window must be >= 1 character, got {window}: pass a positive window, e.g. 80")
         self.name = name
         self.batch_size = batch_size
         self.score_prompt = score_prompt

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from flan_rlhf.errors import condense_parser_error, first_line, say
+from flan_rlhf.errors import condense_parser_error, first_cause, first_line, say
 
 
 class UsageError(ValueError):
@@ -81,6 +81,7 @@ def run_tool(name: str, argv: list[str] | None, function: Callable[..., str],
     from jsonargparse import ArgumentError
 
     from flan_rlhf.policy import ModelLoadError
+    from flan_rlhf.rewards.base import RewardOptionError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = tool_parser(name, function)
@@ -88,6 +89,12 @@ def run_tool(name: str, argv: list[str] | None, function: Callable[..., str],
         options = parser.instantiate_classes(parser.parse_args(argv))
     except ArgumentError as err:
         say(parse_error_line(name, str(err)))
+        return 2
+    except Exception as err:  # a class built from the options refused one (jsonargparse may wrap it)
+        refused = first_cause(err, lambda cause: isinstance(cause, RewardOptionError))
+        if refused is None:
+            raise
+        say(f"error: {first_line(refused)}")
         return 2
     kwargs = {key: value for key, value in vars(options).items() if key != "config"}
     quiet_progress_bars()
