@@ -34,7 +34,7 @@ def count_syncs(args) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from flan_rlhf import module as module_lib
+    from flan_rlhf import on_policy as module_lib
 
     torch.set_num_threads(args.threads)
     model = bench.build_module(args)

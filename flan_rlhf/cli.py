@@ -38,7 +38,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "fit": Command("train a stage from a YAML: PPO (PPOModule), supervised fine-tuning (SFTModule) or a reward model",
+    "fit": Command("train a stage from a YAML: PPO, RLOO or GRPO (PPOModule, RLOOModule, GRPOModule), supervised "
+                   "fine tuning (SFTModule) or a reward model",
                    "flan_rlhf.lightning_cli:lightning_main", lightning=True),
     "validate": Command("score a checkpoint on the validation split (reward, KL, ROUGE, BLEU)",
                         "flan_rlhf.lightning_cli:lightning_main", lightning=True),
@@ -98,9 +99,10 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flan_rlhf.policy import ModelLoadError
     from flan_rlhf.rewards.base import RewardOptionError, RewardOutputError, RewardSetupError
     from flan_rlhf.run_lock import RunLockedError
+    from flan_rlhf.settings import SettingsError
 
     return (CheckpointError, DataConfigError, ModelLoadError, OutputDirError, RewardOptionError, RewardOutputError,
-            RewardSetupError, NonFiniteError, RunLockedError)
+            RewardSetupError, NonFiniteError, RunLockedError, SettingsError)
 
 
 def main(argv: list[str] | None = None) -> int:

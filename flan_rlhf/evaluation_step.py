@@ -15,7 +15,7 @@ EVAL_SEED_OFFSET = 1_000_000  # evaluation batches use seeds disjoint from train
 
 
 class EvaluationMixin:
-    """Adds ``validation_step``, ``test_step`` and ``predict_step`` to :class:`PPOModule`.
+    """Adds ``validation_step``, ``test_step`` and ``predict_step`` to the RL modules (:class:`~flan_rlhf.on_policy.OnPolicyModule`).
 
     Sampling uses ``eval_generation`` with a seed fixed per batch, so two evaluations of the
     same checkpoint see the same samples.

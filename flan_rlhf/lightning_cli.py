@@ -1,7 +1,8 @@
 """The LightningCLI of ``flan-rlhf fit / validate / test / predict``, and building a run from a YAML.
 
 Training stages are LightningModules chosen in YAML (``model: class_path: ...``):
-:class:`flan_rlhf.module.PPOModule`, :class:`flan_rlhf.sft.SFTModule`,
+:class:`flan_rlhf.module.PPOModule`, :class:`flan_rlhf.critic_free.RLOOModule`,
+:class:`flan_rlhf.critic_free.GRPOModule`, :class:`flan_rlhf.sft.SFTModule`,
 :class:`flan_rlhf.reward_model.PreferenceRewardModel`.
 """
 from __future__ import annotations

@@ -17,7 +17,8 @@ CARD_FILE = "README.md"
 TAGS = ["flan-rlhf", "rlhf", "ppo", "text2text-generation"]
 # The PPO settings a reader needs to judge and repeat a run (the rest are in the checkpoint).
 KEY_PPO_SETTINGS = ("learning_rate", "ppo_epochs", "mini_batch_size", "init_kl_coef", "adaptive_kl", "kl_target",
-                    "cliprange", "vf_coef", "gamma", "lam")
+                    "cliprange", "vf_coef", "gamma", "lam", "samples_per_prompt", "kl_penalty", "loss_aggregation",
+                    "scale_rewards")
 LOAD_SNIPPETS = {
     "adapter": ("from peft import AutoPeftModelForSeq2SeqLM\n"
                 "model = AutoPeftModelForSeq2SeqLM.from_pretrained(\"{folder}\")"),
@@ -64,18 +65,20 @@ def _plain(value: Any) -> dict[str, Any]:
 
 def facts_from_settings(export_format: str, policy: Any, lora: Any, ppo: Any, reward: Any = None,
                         steps: int | None = None, metrics: Mapping[str, Any] | None = None,
-                        command: str | None = None) -> CardFacts:
-    """:class:`CardFacts` of a PPO run from its settings (dataclasses or their dicts, as checkpoints store them)."""
+                        command: str | None = None, algorithm: str = "PPO") -> CardFacts:
+    """:class:`CardFacts` of an RL run from its settings (dataclasses or their dicts, as checkpoints store
+    them); ``ppo`` is the algorithm's settings group, ``algorithm`` its name (``PPO``, ``RLOO``, ``GRPO``)."""
     policy, lora, ppo = _plain(policy), _plain(lora), _plain(ppo)
     hyperparameters: dict[str, Any] = {}
     if lora:
         hyperparameters.update({f"lora.{key}": lora.get(key) for key in ("r", "alpha", "dropout", "target_modules")})
-    hyperparameters.update({f"ppo.{key}": ppo[key] for key in KEY_PPO_SETTINGS if key in ppo})
+    prefix = algorithm.lower()
+    hyperparameters.update({f"{prefix}.{key}": ppo[key] for key in KEY_PPO_SETTINGS if key in ppo})
     reward_text = reward if isinstance(reward, str) or reward is None else reward_description(reward)
     return CardFacts(export_format=export_format, base_model=policy.get("name_or_path"), reward=reward_text,
                      steps=steps, hyperparameters=hyperparameters, metrics=metrics,
                      command=command_line() if command is None else command,
-                     method="PPO (RLHF) with LoRA" if lora else "PPO (RLHF), full fine-tuning")
+                     method=f"{algorithm} (RLHF) with LoRA" if lora else f"{algorithm} (RLHF), full fine-tuning")
 
 
 def reward_description(reward: Any) -> str:

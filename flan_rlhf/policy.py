@@ -285,9 +285,12 @@ class ActorCritic(nn.Module):
         lora: adapter settings, or ``None`` for full fine-tuning (a frozen deep copy then
             serves as reference).
         gradient_checkpointing: recompute activations in backward to save memory.
+        with_value_head: build the value head (PPO's critic); critic-free methods (RLOO, GRPO)
+            pass ``False`` and ``value_head`` is ``None``.
     """
 
-    def __init__(self, model: nn.Module, lora: LoraSettings | None = None, gradient_checkpointing: bool = False):
+    def __init__(self, model: nn.Module, lora: LoraSettings | None = None, gradient_checkpointing: bool = False,
+                 with_value_head: bool = True):
         super().__init__()
         disable_dropout(model)
         # from_pretrained returns eval mode and Lightning keeps submodules' modes as found; HF's
@@ -317,17 +320,19 @@ class ActorCritic(nn.Module):
             reference.eval()
             self.policy = model
             # Kept out of the module tree's parameters list via a plain attribute would break
-            # device moves; register it but exclude it from checkpoints in PPOModule.
+            # device moves; register it but exclude it from checkpoints in OnPolicyModule.
             self.frozen_reference = reference
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             base = self.policy.get_base_model() if self.uses_lora else self.policy
             enable_activation_checkpointing(base)
             base.config.use_cache = False
-        self.value_head = nn.Linear(hidden_size(model), 1)
-        # Small init keeps the first value estimates near 0 (TRL ValueHead uses default Linear init + dropout).
-        nn.init.normal_(self.value_head.weight, std=hidden_size(model) ** -0.5 * 0.1)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head: nn.Linear | None = None
+        if with_value_head:
+            self.value_head = nn.Linear(hidden_size(model), 1)
+            # Small init keeps the first value estimates near 0 (TRL ValueHead uses default Linear init + dropout).
+            nn.init.normal_(self.value_head.weight, std=hidden_size(model) ** -0.5 * 0.1)
+            nn.init.zeros_(self.value_head.bias)
 
     @property
     def base_model(self) -> nn.Module:
@@ -342,7 +347,7 @@ class ActorCritic(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced pass of the policy and value head.
 
         Args:
@@ -353,9 +358,11 @@ class ActorCritic(nn.Module):
 
         Returns:
             logits: shape ``(batch, response_len, vocab)``, float32.
-            values: shape ``(batch, response_len)``, float32.
+            values: shape ``(batch, response_len)``, float32; ``None`` without a value head.
         """
         hidden, logits = self._teacher_forced(self.policy, input_ids, attention_mask, decoder_input_ids)
+        if self.value_head is None:
+            return logits.float(), None
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logits.float(), values.float()
 
@@ -412,14 +419,15 @@ def save_adapter(actor: ActorCritic, tokenizer, out_dir: str, final_dir: str | N
     + ``adapter_model.safetensors``, whose ``base_model_name_or_path`` loads from any folder
     (:func:`portable_base_name`); a base built from ``t5_config`` exists nowhere else, so it is
     saved in ``base/`` beside the adapter. Full fine-tuning: a whole HF model folder. Both:
-    ``value_head.safetensors`` and the tokenizer.
+    the tokenizer, and ``value_head.safetensors`` when the actor has a value head (PPO).
     """
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     actor.policy.save_pretrained(out_dir, safe_serialization=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in actor.value_head.state_dict().items()},
-              os.path.join(out_dir, "value_head.safetensors"))
+    if actor.value_head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in actor.value_head.state_dict().items()},
+                  os.path.join(out_dir, "value_head.safetensors"))
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out_dir)
     config_path = os.path.join(out_dir, "adapter_config.json")

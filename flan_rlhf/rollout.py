@@ -28,7 +28,7 @@ from flan_rlhf.t5_fused import is_fused_t5, prepare_sampling
 
 @dataclass(frozen=True)
 class Rollout:
-    """One batch of experience, built once by ``PPOModule.rollout``. Token tensors are right-padded.
+    """One batch of experience, built once by ``OnPolicyModule.rollout``. Token tensors are right-padded.
 
     Attributes:
         input_ids: prompt tokens, shape ``(batch, prompt_len)``.
@@ -103,7 +103,8 @@ class SampledResponses:
             every row emitted EOS early).
         logprobs: ``log_softmax(logits / temperature)`` of each sampled token, with no
             top-k/top-p/min-length warping (the distribution PPO optimises), ``(batch, response_len)``.
-        values: value-head output on the decoder's last hidden state, ``(batch, response_len)``.
+        values: value-head output on the decoder's last hidden state, ``(batch, response_len)``;
+            zeros when the actor has no value head.
         entropy: entropy of ``softmax(logits / temperature)``, ``(batch, response_len)``.
     """
 
@@ -247,7 +248,8 @@ def sample_with_statistics(
         :class:`SampledResponses`; every tensor ``(batch, response_len)``, normal (not
         inference-mode) tensors.
     """
-    sampled = _sample(actor.base_model, input_ids, attention_mask, settings, tokenizer, actor.value_head)
+    sampled = _sample(actor.base_model, input_ids, attention_mask, settings, tokenizer, statistics=True,
+                      value_head=actor.value_head)
     assert sampled is not None
     return sampled
 
@@ -260,18 +262,19 @@ def fused_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Returns:
         responses ``(batch, response_len)`` without the decoder start token, pad after EOS.
     """
-    sampled = _sample(model, input_ids, attention_mask, settings, tokenizer, value_head=None, fused_only=True)
+    sampled = _sample(model, input_ids, attention_mask, settings, tokenizer, statistics=False, fused_only=True)
     return None if sampled is None else sampled.responses
 
 
 @torch.no_grad()
-def _sample(model, input_ids, attention_mask, settings: GenerationSettings, tokenizer, value_head=None,
-            fused_only: bool = False) -> SampledResponses | None:
+def _sample(model, input_ids, attention_mask, settings: GenerationSettings, tokenizer, statistics: bool,
+            value_head=None, fused_only: bool = False) -> SampledResponses | None:
     """The sampling loop behind :func:`sample_with_statistics` and :func:`fused_generate`.
 
-    With ``value_head`` the log-probs, values and entropies are measured on the way; without
-    it only tokens are drawn (the other fields hold empty tensors). ``fused_only``: return
-    ``None`` instead of stepping through the model's own ``forward``.
+    With ``statistics`` the log-probs and entropies are measured on the way, and the values
+    too when there is a ``value_head`` (zeros without one); without ``statistics`` only tokens
+    are drawn (the other fields hold empty tensors). ``fused_only``: return ``None`` instead of
+    stepping through the model's own ``forward``.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     start = _decoder_start_token_id(model, tokenizer)
@@ -300,24 +303,26 @@ def _sample(model, input_ids, attention_mask, settings: GenerationSettings, toke
         if eos is not None:
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
         out_tokens.append(tokens)
-        if value_head is not None:
+        if statistics:
             scaled = logits / temperature
             # the formula of ppo.logprobs_from_logits: label logit - logsumexp
             out_logprobs.append(scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1))
             out_entropy.append(entropy_from_logits(scaled))
-            out_values.append(value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float())
+            if value_head is not None:
+                out_values.append(value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float())
         if eos is not None:
             unfinished &= tokens != eos
             if not bool(unfinished.any()):
                 break
     responses = torch.stack(out_tokens, dim=1)
-    if value_head is None:
+    if not statistics:
         empty = responses.new_zeros((batch, 0), dtype=torch.float32)
         return SampledResponses(responses=responses, logprobs=empty, values=empty, entropy=empty)
+    logprobs = torch.stack(out_logprobs, dim=1)
     return SampledResponses(
         responses=responses,
-        logprobs=torch.stack(out_logprobs, dim=1),
-        values=torch.stack(out_values, dim=1),
+        logprobs=logprobs,
+        values=torch.stack(out_values, dim=1) if out_values else torch.zeros_like(logprobs),
         entropy=torch.stack(out_entropy, dim=1),
     )
 
@@ -357,11 +362,14 @@ def evaluate_responses(
     numbers from :func:`collect_experience` without this second forward.)
 
     Returns:
-        logprobs, values, ref_logprobs (or ``None``), entropy: each ``(batch, response_len)``.
+        logprobs, values (zeros without a value head), ref_logprobs (or ``None``), entropy: each
+        ``(batch, response_len)``.
     """
     decoder_input_ids = shift_right(responses, decoder_start_token_id)
     logits, values = actor(input_ids, attention_mask, decoder_input_ids)
     logits = logits / temperature
+    if values is None:
+        values = logits.new_zeros(responses.shape)
     ref = None
     if with_reference:
         ref = reference_logprobs(actor, input_ids, attention_mask, responses, decoder_start_token_id, temperature)

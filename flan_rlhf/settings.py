@@ -1,7 +1,10 @@
-"""Typed settings groups of the PPO module; LightningCLI turns each field into a YAML key/flag."""
+"""Typed settings groups of the RL modules; LightningCLI turns each field into a YAML key/flag."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from flan_rlhf.group_advantages import check_group_size
+from flan_rlhf.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 
 @dataclass
@@ -31,26 +34,23 @@ class GenerationSettings:
 
 
 @dataclass
-class PPOSettings:
-    """PPO hyperparameters. Defaults are TRL 0.11's PPOConfig, so known recipes carry over.
+class UpdateSettings:
+    """What PPO, RLOO and GRPO share: the optimiser, clipped-ratio passes, KL accounting, guards, shaping.
 
     Attributes:
         learning_rate: AdamW learning rate (TRL default 1.41e-5; LoRA usually wants ~1e-4..5e-4).
         weight_decay: AdamW weight decay.
-        ppo_epochs: passes over each rollout batch.
-        mini_batch_size: prompts per gradient step (per process).
+        ppo_epochs: passes over each rollout batch (1 with RLOO/GRPO: on-policy REINFORCE, the
+            ratio is 1 on the first and only pass).
+        mini_batch_size: responses per gradient step (per process). PPO samples one response per
+            prompt; RLOO/GRPO sample ``samples_per_prompt``, so a batch of B prompts holds B x k rows.
         gradient_accumulation_steps: minibatches whose gradients are summed before a step.
         cliprange: policy ratio clip epsilon.
-        cliprange_value: value clip range around the rollout values.
-        vf_coef: weight of the value loss in the total loss.
-        gamma: discount factor of GAE.
-        lam: GAE lambda.
-        whiten_advantages: normalise advantages per rollout batch (N details #3).
         adaptive_kl: adaptive KL controller (Ziegler et al. 2019) if True, fixed otherwise.
-        init_kl_coef: initial (or fixed) KL coefficient.
+        init_kl_coef: initial (or fixed) KL coefficient (beta).
         kl_target: target of the adaptive controller, in summed per-sequence KL (TRL: 6).
         kl_horizon: horizon of the adaptive controller, in samples (TRL: 10000).
-        kl_estimator: per-token KL penalty estimator: ``kl`` (logp - ref), ``abs``, ``mse`` or ``k3`` (exp(ref - logp) - 1 - (ref - logp), never negative).
+        kl_estimator: per-token KL estimator: ``kl`` (logp - ref), ``abs``, ``mse`` or ``k3`` (exp(ref - logp) - 1 - (ref - logp), never negative).
         max_grad_norm: global gradient-norm clip; ``None`` disables (not recommended).
         ratio_threshold: skip a minibatch (no gradient; no optimiser step if nothing else in its
             accumulation group counts) whose mean importance ratio over response tokens exceeds
@@ -72,11 +72,6 @@ class PPOSettings:
     mini_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
     adaptive_kl: bool = True
     init_kl_coef: float = 0.2
     kl_target: float = 6.0
@@ -91,3 +86,120 @@ class PPOSettings:
     score_normalize: bool = False
     score_scale: float = 1.0
     score_clip: float | None = None
+
+
+@dataclass
+class PPOSettings(UpdateSettings):
+    """PPO hyperparameters. Defaults are TRL 0.11's PPOConfig, so known recipes carry over.
+
+    Attributes:
+        cliprange_value: value clip range around the rollout values.
+        vf_coef: weight of the value loss in the total loss.
+        gamma: discount factor of GAE.
+        lam: GAE lambda.
+        whiten_advantages: normalise advantages per rollout batch (N details #3).
+    """
+
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+
+
+#: Where a critic-free module puts the KL to the reference.
+KL_PENALTIES = ("reward", "loss")
+
+
+@dataclass
+class GroupSettings(UpdateSettings):
+    """What RLOO and GRPO add: k responses per prompt, judged against each other (no value head).
+
+    Attributes:
+        samples_per_prompt: k, responses sampled per prompt (>= 2); the k of a prompt form one
+            group, kept whole on one process.
+        kl_penalty: ``reward``: each response's score loses ``beta * sum_t KL_t`` before the group
+            baseline (RLOO's paper and TRL's RLOOTrainer); ``loss``: the score is used alone and
+            ``beta * KL`` (per token, ``kl_estimator``, aggregated like the policy loss) is added
+            to the loss (GRPO's paper, with ``kl_estimator: k3``).
+        loss_aggregation: how per-token losses become one number: ``token`` (mean over every
+            response token of the minibatch: long responses weigh more) or ``sequence`` (mean
+            per response, then over responses: each response weighs the same).
+    """
+
+    samples_per_prompt: int = 4
+    kl_penalty: str = "reward"
+    loss_aggregation: str = "token"
+
+
+@dataclass
+class RLOOSettings(GroupSettings):
+    """RLOO hyperparameters (Ahmadian et al. 2024: k = 4; TRL's RLOOConfig: KL 0.05 in the reward,
+    4 passes, token-mean loss). The advantage is the score minus the mean of the other k - 1.
+
+    Attributes:
+        ppo_epochs: passes over each rollout batch (TRL RLOOConfig.num_ppo_epochs: 4).
+        adaptive_kl: fixed KL coefficient by default, as TRL's RLOO.
+        init_kl_coef: beta, the KL coefficient (TRL RLOOConfig.kl_coef: 0.05).
+    """
+
+    ppo_epochs: int = 4
+    adaptive_kl: bool = False
+    init_kl_coef: float = 0.05
+
+
+@dataclass
+class GRPOSettings(GroupSettings):
+    """GRPO hyperparameters (Shao et al. 2024: group-normalised advantage, k3 KL as a loss term,
+    per-sequence loss mean; TRL's GRPOConfig: 8 generations, beta 0.04, one pass).
+
+    Attributes:
+        samples_per_prompt: k, responses per prompt (TRL GRPOConfig.num_generations: 8).
+        ppo_epochs: passes over each rollout batch (TRL GRPOConfig.num_iterations: 1).
+        adaptive_kl: fixed KL coefficient by default, as GRPO.
+        init_kl_coef: beta, the KL coefficient (TRL GRPOConfig.beta: 0.04).
+        kl_estimator: per-token KL estimator (``kl``, ``abs``, ``mse`` or ``k3``); ``k3``, the
+            paper's (unbiased and never negative), by default.
+        kl_penalty: ``loss`` (the paper's, by default): the KL is a loss term; ``reward``: taken
+            from each score before the group baseline.
+        loss_aggregation: ``sequence`` (the paper's 1/|o_i| per response, then the mean, by
+            default) or ``token`` (mean over every response token; DAPO, Dr. GRPO).
+        scale_rewards: divide each group's centred rewards by its std (GRPO); ``false`` keeps
+            them centred only (Dr. GRPO, Liu et al. 2025).
+    """
+
+    samples_per_prompt: int = 8
+    ppo_epochs: int = 1
+    adaptive_kl: bool = False
+    init_kl_coef: float = 0.04
+    kl_estimator: str = "k3"
+    kl_penalty: str = "loss"
+    loss_aggregation: str = "sequence"
+    scale_rewards: bool = True
+
+
+class SettingsError(ValueError):
+    """An RL module's settings hold a value the algorithm cannot run with (the message names the fix)."""
+
+
+def check_update_settings(settings: UpdateSettings) -> UpdateSettings:
+    """``settings`` if every choice and count is valid, else :class:`SettingsError` with one line."""
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise SettingsError(message)
+
+    for name in ("ppo_epochs", "mini_batch_size", "gradient_accumulation_steps"):
+        value = getattr(settings, name)
+        require(isinstance(value, int) and value >= 1, f"{name} is {value!r}; it counts passes or rows: use 1 or more")
+    require(settings.kl_estimator in KL_ESTIMATORS,
+            f"kl_estimator {settings.kl_estimator!r} is unknown; use one of {', '.join(KL_ESTIMATORS)}")
+    if isinstance(settings, GroupSettings):
+        try:
+            check_group_size(settings.samples_per_prompt)
+        except ValueError as err:
+            raise SettingsError(str(err).replace("samples per prompt", "samples_per_prompt", 1)) from None
+        require(settings.kl_penalty in KL_PENALTIES,
+                f"kl_penalty {settings.kl_penalty!r} is unknown; use one of {', '.join(KL_PENALTIES)}")
+        require(settings.loss_aggregation in LOSS_AGGREGATIONS,
+                f"loss_aggregation {settings.loss_aggregation!r} is unknown; use one of {', '.join(LOSS_AGGREGATIONS)}")
+    return settings

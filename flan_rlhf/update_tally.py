@@ -1,6 +1,6 @@
 """Device-side bookkeeping of one PPO update: guard decisions, accumulation groups, loss sums.
 
-:meth:`flan_rlhf.module.PPOModule.ppo_epoch` hands each minibatch's guard flags and statistics
+:meth:`flan_rlhf.on_policy.OnPolicyModule.ppo_epoch` hands each minibatch's guard flags and statistics
 to an :class:`UpdateTally`, which keeps them as tensors on the training device, so the minibatch
 loop never waits for the device. :meth:`UpdateTally.read` converts everything once, at the end
 of the update.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+#: PPO's minibatch statistics (the critic-free modules log their own keys, without ``value``).
 LOSS_KEYS = ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/approxkl",
              "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/policy/ratio_mean")
 
@@ -23,11 +24,11 @@ class UpdateTally:
     one had a non-finite loss (:meth:`end_group`). ``group_size`` is a host int (no read).
     """
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, loss_keys: tuple[str, ...] = LOSS_KEYS):
         def zero(dtype=torch.float32):
             return torch.zeros((), dtype=dtype, device=device)
 
-        self.sums = {key: zero() for key in LOSS_KEYS}
+        self.sums = {key: zero() for key in loss_keys}
         self.accepted, self.applied = zero(), zero()
         self.skipped_nonfinite, self.skipped_ratio = zero(), zero()
         self.stopped = zero(torch.bool)
@@ -40,7 +41,7 @@ class UpdateTally:
 
         Args:
             nonfinite, too_far, kl_exceeded: 0-dim bool tensors (already agreed across ranks).
-            stats: 0-dim tensors keyed by :data:`LOSS_KEYS` (NaN allowed when skipped).
+            stats: 0-dim tensors keyed by the tally's ``loss_keys`` (NaN allowed when skipped).
         """
         live = ~self.stopped
         skip = self.stopped | nonfinite | too_far
@@ -51,7 +52,7 @@ class UpdateTally:
         self.group_accepted += accepted.float()
         self.group_nonfinite |= nonfinite & live
         self.stopped |= kl_exceeded & accepted
-        for key in LOSS_KEYS:
+        for key in self.sums:
             # torch.where, not a product: a NaN statistic of a skipped minibatch must not reach the sum
             self.sums[key] += torch.where(accepted, stats[key].detach().float(), 0.0)
         self.group_size += 1

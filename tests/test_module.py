@@ -79,18 +79,18 @@ def test_each_minibatch_row_receives_its_own_advantage_logprob_value_and_return(
     seen = {}
     original_update = module.ppo_update
 
-    def spy_update(rollout, advantages, returns, optimizer, iteration):
-        seen["rollout"], seen["advantages"], seen["returns"] = rollout, advantages, returns
-        return original_update(rollout, advantages, returns, optimizer, iteration)
+    def spy_update(rollout, targets, optimizer, iteration):
+        seen["rollout"], seen["advantages"], seen["returns"] = rollout, targets["advantages"], targets["returns"]
+        return original_update(rollout, targets, optimizer, iteration)
 
-    import flan_rlhf.module as module_lib
+    import flan_rlhf.on_policy as on_policy
 
     selected, policy_args, value_args = [], [], []
-    original_minibatch, original_policy_loss, original_value_loss = module_lib._minibatch, ppo.policy_loss, ppo.value_loss
+    original_minibatch, original_policy_loss, original_value_loss = on_policy._minibatch, ppo.policy_loss, ppo.value_loss
 
-    def spy_minibatch(rollout, decoder_input_ids, advantages, returns, idx, lengths):
+    def spy_minibatch(rollout, decoder_input_ids, targets, idx, lengths):
         selected.append(idx.clone())
-        return original_minibatch(rollout, decoder_input_ids, advantages, returns, idx, lengths)
+        return original_minibatch(rollout, decoder_input_ids, targets, idx, lengths)
 
     def spy_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, **kwargs):
         policy_args.append((old_logprobs.detach().clone(), advantages.detach().clone(), mask.clone()))
@@ -101,7 +101,7 @@ def test_each_minibatch_row_receives_its_own_advantage_logprob_value_and_return(
         return original_value_loss(values, old_values, returns, mask, cliprange_value, **kwargs)
 
     monkeypatch.setattr(module, "ppo_update", spy_update)
-    monkeypatch.setattr(module_lib, "_minibatch", spy_minibatch)
+    monkeypatch.setattr(on_policy, "_minibatch", spy_minibatch)
     monkeypatch.setattr("flan_rlhf.module.ppo.policy_loss", spy_policy_loss)
     monkeypatch.setattr("flan_rlhf.module.ppo.value_loss", spy_value_loss)
     fit(module, steps=1, batch_size=8)

@@ -49,11 +49,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- loading
-def settings_globals() -> list[Any]:
-    """The settings dataclasses a PPOModule built in Python keeps in its hyper-parameters, allowed in a safe load."""
-    from flan_rlhf.settings import GenerationSettings, PPOSettings
+#: The settings group of each RL module in a checkpoint's hyper-parameters, and its algorithm.
+ALGORITHM_SETTINGS = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}
 
-    return [PolicySpec, LoraSettings, GenerationSettings, PPOSettings]
+
+def settings_globals() -> list[Any]:
+    """The settings dataclasses an RL module built in Python keeps in its hyper-parameters, allowed in a safe load."""
+    from flan_rlhf.settings import GenerationSettings, GRPOSettings, PPOSettings, RLOOSettings
+
+    return [PolicySpec, LoraSettings, GenerationSettings, PPOSettings, RLOOSettings, GRPOSettings]
+
+
+def algorithm_settings(checkpoint: dict[str, Any]) -> tuple[str, Any]:
+    """``(algorithm, its settings as stored)`` of an RL module's checkpoint (``("PPO", None)`` if none is stored)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return next(((name, hparams[key]) for key, name in ALGORITHM_SETTINGS.items() if key in hparams), ("PPO", None))
 
 
 def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
@@ -68,14 +78,14 @@ def _as_dataclass(value: Any, cls: type, what: str):
         value = asdict(value)
     if isinstance(value, dict):
         return cls(**{k: v for k, v in value.items() if not k.startswith("_")})
-    raise ValueError(f"checkpoint hyper-parameter '{what}' is a {type(value).__name__}, expected {cls.__name__} - is this a PPOModule checkpoint?")
+    raise ValueError(f"checkpoint hyper-parameter '{what}' is a {type(value).__name__}, expected {cls.__name__} - is this an RL module checkpoint (PPOModule, RLOOModule, GRPOModule)?")
 
 
 def policy_settings(checkpoint: dict[str, Any]) -> tuple[PolicySpec, LoraSettings | None]:
     """The ``policy`` and ``lora`` hyper-parameters a PPOModule saved (reward is not among them)."""
     hparams = checkpoint.get("hyper_parameters") or {}
     if "policy" not in hparams:
-        raise ValueError("checkpoint has no 'policy' hyper-parameter - pass a checkpoint of flan_rlhf.module.PPOModule")
+        raise ValueError("checkpoint has no 'policy' hyper-parameter - pass a checkpoint of an RL module (PPOModule, RLOOModule, GRPOModule)")
     spec = _as_dataclass(hparams["policy"], PolicySpec, "policy")
     lora = _as_dataclass(hparams.get("lora"), LoraSettings, "lora")
     return spec, lora
@@ -99,9 +109,9 @@ def actor_from_checkpoint(checkpoint: dict[str, Any], base: str | None = None) -
     state = {key[len("actor."):]: value for key, value in checkpoint.get("state_dict", {}).items()
              if key.startswith("actor.") and not key.startswith("actor.frozen_reference.")}
     if not state:
-        raise ValueError("checkpoint state_dict holds no 'actor.*' weights - pass a checkpoint of flan_rlhf.module.PPOModule")
+        raise ValueError("checkpoint state_dict holds no 'actor.*' weights - pass a checkpoint of an RL module (PPOModule, RLOOModule, GRPOModule)")
     model, tokenizer = load_policy_model(spec)
-    actor = ActorCritic(model, lora)
+    actor = ActorCritic(model, lora, with_value_head=any(key.startswith("value_head.") for key in state))
     problem = state_dict_mismatch(state, actor.state_dict(), required=set(actor.trainable_state_dict()))
     if problem is not None:
         raise ValueError(f"checkpoint weights do not fit the policy its hyper-parameters describe: {problem} - pass "
@@ -296,12 +306,13 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
                           "epoch": checkpoint.get("epoch"), "policy": asdict(spec)}
         lora = policy_settings(checkpoint)[1]
         info["lora"] = asdict(lora) if lora is not None else None
-        card = facts_from_settings(format, spec, lora, (checkpoint.get("hyper_parameters") or {}).get("ppo"),
-                                   (checkpoint.get("flan_rlhf") or {}).get("reward"), checkpoint.get("global_step"), metrics)
+        algorithm, settings = algorithm_settings(checkpoint)
+        card = facts_from_settings(format, spec, lora, settings, (checkpoint.get("flan_rlhf") or {}).get("reward"),
+                                   checkpoint.get("global_step"), metrics, algorithm=algorithm)
         del checkpoint
         if format == "adapter":  # a base built from t5_config is saved beside the adapter (policy.save_adapter)
             write_adapter(actor, tokenizer, out, info, check, card)
-            label = "LoRA adapter + value head" if actor.uses_lora else "full model + value head"
+            label = ("LoRA adapter" if actor.uses_lora else "full model") + (" + value head" if actor.value_head is not None else "")
             return _pushed(_summary(label, source, out, started), out, push_to_hub, dry_run)
         from flan_rlhf.policy import merged_model
 
