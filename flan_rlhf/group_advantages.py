@@ -25,16 +25,19 @@ __all__ = [
 GRPO_STD_EPS = 1e-4
 
 
-def check_group_size(k: int) -> int:
+def check_group_size(k: int, name: str = "k") -> int:
     """``k`` if a group of ``k`` responses can judge each of them against the others, else one line.
 
+    Args:
+        k: responses per prompt.
+        name: what the caller calls ``k`` (the option a user sets), for the message.
     Raises:
         ValueError: ``k < 2``: with one response per prompt there is nothing to compare it with.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise ValueError(
-            f"samples per prompt is {k!r}, but a group baseline needs at least 2 responses per prompt "
-            "(with 1 there is nothing to compare against): use k >= 2, e.g. 4"
+            f"{name} is {k!r}, but a group baseline needs at least 2 responses per prompt "
+            f"(with 1 there is nothing to compare against): set {name} to 2 or more, e.g. 4"
         )
     return k
 

@@ -195,9 +195,9 @@ def check_update_settings(settings: UpdateSettings) -> UpdateSettings:
             f"kl_estimator {settings.kl_estimator!r} is unknown; use one of {', '.join(KL_ESTIMATORS)}")
     if isinstance(settings, GroupSettings):
         try:
-            check_group_size(settings.samples_per_prompt)
+            check_group_size(settings.samples_per_prompt, "samples_per_prompt")
         except ValueError as err:
-            raise SettingsError(str(err).replace("samples per prompt", "samples_per_prompt", 1)) from None
+            raise SettingsError(str(err)) from None
         require(settings.kl_penalty in KL_PENALTIES,
                 f"kl_penalty {settings.kl_penalty!r} is unknown; use one of {', '.join(KL_PENALTIES)}")
         require(settings.loss_aggregation in LOSS_AGGREGATIONS,

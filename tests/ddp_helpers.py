@@ -8,11 +8,24 @@ import lightning as L
 
 
 class RankRolloutRecorder(L.Callback):
-    """Writes ``<out_dir>/rank<r>.json`` with this process's rollout prompts and final global_step."""
+    """Writes ``<out_dir>/rank<r>.json`` with this process's batch prompts, the prompts of its training
+    rollouts' rows (RLOO/GRPO: each batch prompt k times), its final global_step and trainable weights."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.prompts: list[str] = []
+        self.rollout_rows: list[list[str]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        sample = pl_module.rollout
+
+        def recorded(prompts, settings, **kwargs):
+            rollout = sample(prompts, settings, **kwargs)
+            if pl_module.training:
+                self.rollout_rows.append(list(rollout.prompts))
+            return rollout
+
+        pl_module.rollout = recorded
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.prompts.extend(batch["prompt"])
@@ -21,7 +34,8 @@ class RankRolloutRecorder(L.Callback):
         os.makedirs(self.out_dir, exist_ok=True)
         lora = {k: float(v.float().abs().sum()) for k, v in pl_module.actor.trainable_state_dict().items()}
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
-            json.dump({"prompts": self.prompts, "global_step": trainer.global_step, "weights": lora}, handle)
+            json.dump({"prompts": self.prompts, "rollout_rows": self.rollout_rows, "global_step": trainer.global_step,
+                       "weights": lora}, handle)
 
 
 class RankStopRecorder(L.Callback):

@@ -31,10 +31,12 @@ from safetensors.torch import load_file
 
 from flan_rlhf.checkpointing import AtomicCheckpointIO, newest_complete_checkpoint, read_checkpoint_file
 from flan_rlhf.data import PromptDataModule
+from flan_rlhf.critic_free import GRPOModule, RLOOModule
 from flan_rlhf.module import PPOModule
 from tests.conftest import TokenFractionReward, run_command, shrunk_tiny_config
 from tests.resume_helpers import CrashAt, SimulatedCrash
-from tests.test_checkpointing import cut_in_half  # what a non-atomic save killed midway would leave
+from tests.test_checkpointing import cut_in_half
+from tests.test_critic_free import make as make_critic_free  # what a non-atomic save killed midway would leave
 from tests.test_module import MetricsRecorder, make_module, trainable_copy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -85,13 +87,14 @@ class CrashingReward(TokenFractionReward):
         return super().components(prompts, responses)
 
 
-def train(ckpt_dir: Path, callbacks=(), reward=None, ckpt_path: str | None = None) -> tuple[PPOModule, L.Trainer, Recorder]:
-    """``STEPS`` iterations of a fresh ``make_module`` on the builtin prompts (batches of 8; the stream
-    restarts at batch ``global_step`` on resume) with a checkpoint every iteration in ``ckpt_dir``
-    (atomic writes, as the CLI's); ``ckpt_path`` resumes. Adaptive KL with a short horizon and
-    reward normalisation make the KL coefficient and the shaper's moments move every iteration,
-    so losing either on resume changes them (and the weights)."""
-    module = make_module(reward=reward, truncate_prompt_tokens=64, kl_horizon=200, score_normalize=True)
+def train(ckpt_dir: Path, callbacks=(), reward=None, ckpt_path: str | None = None, build=make_module,
+          ) -> tuple[PPOModule, L.Trainer, Recorder]:
+    """``STEPS`` iterations of a fresh module from ``build`` (``make_module``: PPO) on the builtin prompts
+    (batches of 8; the stream restarts at batch ``global_step`` on resume) with a checkpoint every
+    iteration in ``ckpt_dir`` (atomic writes, as the CLI's); ``ckpt_path`` resumes. Adaptive KL with a
+    short horizon and reward normalisation make the KL coefficient and the shaper's moments move
+    every iteration, so losing either on resume changes them (and the weights)."""
+    module = build(reward=reward, truncate_prompt_tokens=64, adaptive_kl=True, kl_horizon=200, score_normalize=True)
     recorder = Recorder()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, save_last=True)
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -188,6 +191,24 @@ def test_crash_inside_an_iteration_before_its_checkpoint_then_resume_matches_uni
 
     assert_resumed_like_uninterrupted(*train(ckpt_dir, ckpt_path=str(ckpt_dir / f"epoch=0-step={CRASH_STEP}.ckpt")),
                                       uninterrupted)
+
+
+@pytest.mark.parametrize("cls", [RLOOModule, GRPOModule])
+def test_critic_free_modules_resume_exactly_after_a_crash_inside_an_iteration(tmp_path, cls):
+    """RLOO and GRPO (4 responses per prompt, KL as a loss for GRPO) crash inside iteration 3 after
+    its update; resuming from iteration 2's checkpoint ends like their uninterrupted run: weights,
+    Adam, scheduler, KL controller, shaper and every resumed iteration's metrics."""
+    def build(**kwargs):
+        return make_critic_free(cls, **kwargs)
+
+    straight_run = train(tmp_path / "straight", build=build)
+    uninterrupted = final_state(*straight_run[:2]), iteration_metrics(straight_run[2])
+    assert "group/reward_std" in uninterrupted[1][-1]  # the metrics compared include the group statistics
+    ckpt_dir = tmp_path / "ckpt"
+    with pytest.raises(SimulatedCrash, match="global_step 3"):
+        train(ckpt_dir, callbacks=[CrashAt(CRASH_STEP + 1, "on_train_batch_end")], build=build)
+    assert_resumed_like_uninterrupted(*train(ckpt_dir, ckpt_path=str(ckpt_dir / f"epoch=0-step={CRASH_STEP}.ckpt"),
+                                             build=build), uninterrupted)
 
 
 # ====================================================================== one real kill
