@@ -55,7 +55,7 @@ COMMANDS: dict[str, Command] = {
                         "flan_rlhf.tools.generate:main"),
     "export": Command("turn a checkpoint or adapter into a merged, int8 or adapter-only model folder",
                       "flan_rlhf.tools.export:main"),
-    "demo": Command("the whole pipeline offline: corpus, tokenizer, SFT, PPO, before/after report",
+    "demo": Command("the whole pipeline offline: corpus, tokenizer, SFT, PPO (or RLOO, GRPO), before/after report",
                     "flan_rlhf.demo.pipeline:main"),
 }
 
