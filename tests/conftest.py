@@ -63,6 +63,16 @@ def shrunk_tiny_config(out_dir, max_new_tokens: int, **trainer_updates) -> dict:
     return config
 
 
+def as_critic_free(config: dict, class_name: str, settings: dict) -> dict:
+    """``config`` (a PPO training config as a dict) turned into ``flan_rlhf.critic_free.<class_name>``
+    (``RLOOModule`` or ``GRPOModule``) with ``settings`` as its settings group, in place; returned."""
+    init = dict(config["model"]["init_args"])
+    del init["ppo"]
+    key = class_name.removesuffix("Module").lower()
+    config["model"] = {"class_path": f"flan_rlhf.critic_free.{class_name}", "init_args": {**init, key: settings}}
+    return config
+
+
 def run_command(*argv: str) -> tuple[int, str, str]:
     """``flan-rlhf *argv`` in-process through :func:`flan_rlhf.cli.main`: ``(exit code, stdout, stderr)``."""
     import contextlib

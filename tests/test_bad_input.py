@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from flan_rlhf.cli import main
 from flan_rlhf.output_dirs import MANIFEST
 from flan_rlhf.rewards.base import Reward
-from tests.conftest import shrunk_tiny_config
+from tests.conftest import as_critic_free, shrunk_tiny_config
 from tests.data.test_data_bad_input import CASES as DATA_CASES
 
 
@@ -113,15 +113,9 @@ def detoxify_checkpoint(path: Path, model_type: str) -> Path:
     return path
 
 
-def _critic_free(class_name: str, key: str, **settings) -> Callable[[dict], None]:
+def _critic_free(class_name: str, **settings) -> Callable[[dict], None]:
     """An ``edit`` that turns the PPO config into ``flan_rlhf.critic_free.<class_name>`` with ``settings``."""
-
-    def edit(config: dict) -> None:
-        init = dict(config["model"]["init_args"])
-        del init["ppo"]
-        config["model"] = {"class_path": f"flan_rlhf.critic_free.{class_name}", "init_args": {**init, key: settings}}
-
-    return edit
+    return lambda config: as_critic_free(config, class_name, settings)
 
 
 class WrongShapeReward(Reward):
@@ -283,11 +277,11 @@ CASES: dict[str, BadInput] = {
         fit_fails(set_model(reward={"class_path": "flan_rlhf.rewards.ProfanityReward", "init_args": {"window": 0}})),
         r"window must be >= 1 character, got 0: pass a positive window, e\.g\. 80"),
     "RLOO with one response per prompt": BadInput(
-        fit_fails(_critic_free("RLOOModule", "rloo", samples_per_prompt=1)),
+        fit_fails(_critic_free("RLOOModule", samples_per_prompt=1)),
         r"samples_per_prompt is 1, but a group baseline needs at least 2 responses per prompt \(with 1 there is "
         r"nothing to compare against\): set samples_per_prompt to 2 or more, e\.g\. 4"),
     "GRPO with an unknown KL placement": BadInput(
-        fit_fails(_critic_free("GRPOModule", "grpo", kl_penalty="both")),
+        fit_fails(_critic_free("GRPOModule", kl_penalty="both")),
         r"kl_penalty 'both' is unknown; use one of reward, loss"),
     "reward of the wrong shape": BadInput(
         fit_fails(set_model(reward={"class_path": f"{__name__}.WrongShapeReward"})),

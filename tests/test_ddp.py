@@ -10,18 +10,18 @@ import sys
 import pytest
 import yaml
 
+from tests.conftest import as_critic_free
 from tests.test_cli import ROOT, tiny_config
 
 
-def ddp_fit(tmp_path, max_steps: int, *callbacks: dict, model: dict | None = None) -> tuple[dict, subprocess.CompletedProcess]:
-    """``flan-rlhf fit`` of the tiny config on two DDP processes (gloo), with ``callbacks`` added and
-    ``model`` (a ``class_path`` and its settings group) replacing PPO: ``(config, finished process)``;
-    the config is ``tmp_path/ddp.yaml``."""
+def ddp_fit(tmp_path, max_steps: int, *callbacks: dict, critic_free: tuple[str, dict] | None = None,
+            ) -> tuple[dict, subprocess.CompletedProcess]:
+    """``flan-rlhf fit`` of the tiny config on two DDP processes (gloo), with ``callbacks`` added and,
+    with ``critic_free = (class name, settings)``, RLOO or GRPO instead of PPO: ``(config, finished
+    process)``; the config is ``tmp_path/ddp.yaml``."""
     config = yaml.safe_load(open(tiny_config(tmp_path)))
-    if model is not None:
-        init = config["model"]["init_args"]
-        del init["ppo"]
-        config["model"] = {"class_path": model["class_path"], "init_args": {**init, **model["init_args"]}}
+    if critic_free is not None:
+        as_critic_free(config, *critic_free)
     config["trainer"].update(devices=2, strategy="ddp", max_steps=max_steps, val_check_interval=3, limit_val_batches=1)
     config["trainer"]["callbacks"] += list(callbacks)
     config_path = tmp_path / "ddp.yaml"
@@ -71,9 +71,8 @@ def test_sigterm_on_one_ddp_process_stops_every_rank_at_the_same_iteration(tmp_p
     assert not (tmp_path / "adapter").exists()
 
 
-@pytest.mark.parametrize("class_path, key", [("flan_rlhf.critic_free.RLOOModule", "rloo"),
-                                             ("flan_rlhf.critic_free.GRPOModule", "grpo")])
-def test_critic_free_modules_keep_each_group_on_the_rank_that_drew_its_prompt(tmp_path, class_path, key):
+@pytest.mark.parametrize("class_name", ["RLOOModule", "GRPOModule"])
+def test_critic_free_modules_keep_each_group_on_the_rank_that_drew_its_prompt(tmp_path, class_name):
     """RLOO / GRPO on two DDP processes: each process samples its own prompts' k responses (its rollout
     rows are its batch prompts, each k times in a row), the groups of the two ranks differ, and the
     all-reduced adapters end identical and trained."""
@@ -81,7 +80,7 @@ def test_critic_free_modules_keep_each_group_on_the_rank_that_drew_its_prompt(tm
     settings = {"learning_rate": 1e-3, "mini_batch_size": 6, "samples_per_prompt": k}
     config, result = ddp_fit(tmp_path, 2, {"class_path": "tests.ddp_helpers.RankRolloutRecorder",
                                            "init_args": {"out_dir": str(tmp_path / "ranks")}},
-                             model={"class_path": class_path, "init_args": {key: settings}})
+                             critic_free=(class_name, settings))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.load(open(tmp_path / "ranks" / f"rank{r}.json")) for r in (0, 1)]
     batch_size = config["data"]["init_args"]["batch_size"]

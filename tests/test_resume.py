@@ -33,7 +33,7 @@ from flan_rlhf.checkpointing import AtomicCheckpointIO, newest_complete_checkpoi
 from flan_rlhf.data import PromptDataModule
 from flan_rlhf.critic_free import GRPOModule, RLOOModule
 from flan_rlhf.module import PPOModule
-from tests.conftest import TokenFractionReward, run_command, shrunk_tiny_config
+from tests.conftest import TokenFractionReward, as_critic_free, run_command, shrunk_tiny_config
 from tests.resume_helpers import CrashAt, SimulatedCrash
 from tests.test_checkpointing import cut_in_half
 from tests.test_critic_free import make as make_critic_free  # what a non-atomic save killed midway would leave
@@ -217,12 +217,15 @@ KILL_AFTER_STEP = 3
 RUN_TIMEOUT_S = 300
 
 
-def resume_config(run_dir: Path, kill_after_step: int | None = None) -> Path:
+def resume_config(run_dir: Path, kill_after_step: int | None = None, critic_free: tuple[str, dict] | None = None) -> Path:
     """``configs/tiny.yaml`` shrunk (batch 8, 8 new tokens, 6 iterations), a checkpoint every
     iteration, validation every 3 iterations, and every output under ``run_dir``, written to
-    ``run_dir/tiny.yaml``. With ``kill_after_step``, also a copy that SIGKILLs itself right after
-    that iteration's checkpoint, ``run_dir/victim.yaml`` (returned)."""
+    ``run_dir/tiny.yaml`` (``critic_free = (class name, settings)``: RLOO or GRPO instead of PPO).
+    With ``kill_after_step``, also a copy that SIGKILLs itself right after that iteration's
+    checkpoint, ``run_dir/victim.yaml`` (returned)."""
     config = shrunk_tiny_config(run_dir, max_new_tokens=8, max_steps=MAX_STEPS, val_check_interval=3)
+    if critic_free is not None:
+        as_critic_free(config, *critic_free)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -274,6 +277,42 @@ def fit_in_process(run_dir: Path, monkeypatch, *extra: str) -> tuple[str, str]:
     return out, err
 
 
+def straight_and_killed_runs(tmp_path: Path, monkeypatch, critic_free: tuple[str, dict] | None = None) -> tuple[Path, Path]:
+    """An uninterrupted run (in this process) beside a victim ``fit`` subprocess that SIGKILLs itself
+    right after iteration ``KILL_AFTER_STEP``'s checkpoint; returns their folders once both ended."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    resume_config(straight, critic_free=critic_free)
+    resume_config(killed, kill_after_step=KILL_AFTER_STEP, critic_free=critic_free)
+    victim = start_fit(killed, "victim", "victim.yaml")
+    try:
+        fit_in_process(straight, monkeypatch)
+        code = victim.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert code == -signal.SIGKILL, f"fit exited with {code}, not by its SIGKILL:\n{output_of(killed, 'victim')[-4000:]}"
+    assert not (killed / "adapter").exists(), "the killed run must not have finished"
+    return straight, killed
+
+
+def assert_same_end(straight: Path, killed: Path, exported: tuple[str, ...]) -> None:
+    """The two runs' ``exported`` files agree to ``TOLERANCE``, and so do their final checkpoints:
+    weights, Adam moments, scheduler, KL controller, reward shaper; the adapter trained."""
+    for name in exported:
+        difference = max_abs_difference(load_file(straight / "adapter" / name), load_file(killed / "adapter" / name))
+        assert difference <= TOLERANCE, f"{name}: max abs difference {difference}"
+    a, b = read(straight / "ckpt" / "last.ckpt"), read(killed / "ckpt" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == MAX_STEPS
+    assert max_abs_difference(a["state_dict"], b["state_dict"]) <= TOLERANCE
+    assert max_abs_difference(optimizer_tensors(a["optimizer_states"][0]), optimizer_tensors(b["optimizer_states"][0])) <= TOLERANCE
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == MAX_STEPS
+    assert a["flan_rlhf"]["kl_controller"] == b["flan_rlhf"]["kl_controller"]
+    assert a["flan_rlhf"]["shaper"] == b["flan_rlhf"]["shaper"]
+    # A run that trained at all: the adapter moved away from its initialisation (lora_B starts at 0).
+    lora_b = [v for k, v in load_file(killed / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and max(v.abs().max().item() for v in lora_b) > 0
+
+
 @pytest.mark.timeout(900)
 def test_sigkill_mid_run_then_resume_last_matches_uninterrupted_run(tmp_path, monkeypatch):
     """The victim, a real ``fit`` process, SIGKILLs itself right after iteration 3's checkpoint; cut
@@ -284,18 +323,8 @@ def test_sigkill_mid_run_then_resume_last_matches_uninterrupted_run(tmp_path, mo
     The uninterrupted run and the resume go through the same entry point (``cli.main``) in this
     process: the first while the victim runs (two cores), the second from nothing but the files
     the victim left. That saves two interpreter start-ups (~8 s of imports each) over subprocesses."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    resume_config(straight), resume_config(killed, kill_after_step=KILL_AFTER_STEP)
+    straight, killed = straight_and_killed_runs(tmp_path, monkeypatch)
     ckpt_dir = killed / "ckpt"
-    victim = start_fit(killed, "victim", "victim.yaml")
-    try:
-        fit_in_process(straight, monkeypatch)
-        code = victim.wait(timeout=RUN_TIMEOUT_S)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-    assert code == -signal.SIGKILL, f"fit exited with {code}, not by its SIGKILL:\n{output_of(killed, 'victim')[-4000:]}"
-    assert not (killed / "adapter").exists(), "the killed run must not have finished"
     assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == step_files(KILL_AFTER_STEP)
     newest, rejected = newest_complete_checkpoint(str(ckpt_dir))
     assert newest is not None and not rejected, rejected
@@ -317,18 +346,22 @@ def test_sigkill_mid_run_then_resume_last_matches_uninterrupted_run(tmp_path, mo
         assert reported.count(line) == 1, reported[:20]
     assert reported.count(f"ignoring {leftover} (an interrupted write; safe to delete)") == 1
 
-    # The exported adapter and value head (safetensors) agree to 1e-6 ...
-    for name in ("adapter_model.safetensors", "value_head.safetensors"):
-        difference = max_abs_difference(load_file(straight / "adapter" / name), load_file(killed / "adapter" / name))
-        assert difference <= TOLERANCE, f"{name}: max abs difference {difference}"
-    # ... and so do the final checkpoints: weights, Adam moments, scheduler, KL controller.
-    a, b = read(straight / "ckpt" / "last.ckpt"), read(ckpt_dir / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == MAX_STEPS
-    assert max_abs_difference(a["state_dict"], b["state_dict"]) <= TOLERANCE
-    assert max_abs_difference(optimizer_tensors(a["optimizer_states"][0]), optimizer_tensors(b["optimizer_states"][0])) <= TOLERANCE
-    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == MAX_STEPS
-    assert a["flan_rlhf"]["kl_controller"] == b["flan_rlhf"]["kl_controller"]
-    assert a["flan_rlhf"]["shaper"] == b["flan_rlhf"]["shaper"]
-    # A run that trained at all: the adapter moved away from its initialisation (lora_B starts at 0).
-    lora_b = [v for k, v in load_file(killed / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
-    assert lora_b and max(v.abs().max().item() for v in lora_b) > 0
+    assert_same_end(straight, killed, ("adapter_model.safetensors", "value_head.safetensors"))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("class_name", ["RLOOModule", "GRPOModule"])
+def test_critic_free_sigkill_then_resume_last_matches_uninterrupted_run(tmp_path, monkeypatch, class_name):
+    """RLOO / GRPO (3 responses per prompt, adaptive KL, reward normalisation): a real ``fit`` process
+    SIGKILLs itself right after iteration 3's checkpoint; ``--ckpt_path last`` resumes from it and the
+    run ends like an uninterrupted one: adapter, weights, Adam, scheduler, KL controller, shaper.
+    (Corrupt checkpoints and partial writes are the shared code's, tested above on PPO.)"""
+    settings = {"samples_per_prompt": 3, "learning_rate": 1e-3, "mini_batch_size": 8, "ppo_epochs": 2,
+                "adaptive_kl": True, "kl_horizon": 200, "score_normalize": True}
+    straight, killed = straight_and_killed_runs(tmp_path, monkeypatch, critic_free=(class_name, settings))
+    resumed_output, resumed_err = fit_in_process(killed, monkeypatch, "--ckpt_path", "last")
+    said = re.findall(r"resumed from step (\d+)", resumed_output + resumed_err)
+    assert said == [str(KILL_AFTER_STEP)], resumed_output[-2000:]
+
+    assert not (killed / "adapter" / "value_head.safetensors").exists()
+    assert_same_end(straight, killed, ("adapter_model.safetensors",))
