@@ -16,7 +16,13 @@ Timing (per measured iteration, averaged over ``--steps`` after ``--warmup`` ite
   reward_s_per_step wall time of ``PPOModule.score_rollout`` (decoded texts -> vowel fraction)
   train_s_per_step  the rest of ``training_step``: the reference forward, KL-penalised rewards, GAE, ppo_epochs x minibatch forward/backward/AdamW, statistics,
                     LR scheduler. With logger=False ``self.log_dict`` writes nothing.
-  samples_per_s     batch_size * steps / sum(whole training_step time) over measured iterations
+  samples_per_s     responses * steps / sum(whole training_step time) over measured iterations
+                    (responses = batch_size, or batch_size x samples_per_prompt for RLOO/GRPO)
+
+``--algorithm rloo`` / ``grpo`` fits :class:`flan_rlhf.critic_free.RLOOModule` / ``GRPOModule``
+instead (``--samples-per-prompt`` responses to each of the ``--batch-size`` prompts, no value
+head; the other hyperparameters as for PPO), for ``benchmarks/host_syncs.py`` and comparisons
+inside the package (the TRL anchor is PPO only).
 """
 from __future__ import annotations
 
@@ -44,10 +50,16 @@ from torch.utils.data import DataLoader
 from flan_rlhf import module as module_lib
 from flan_rlhf import ppo as ppo_lib
 from flan_rlhf import rollout as rollout_lib
+from flan_rlhf.critic_free import GRPOModule, RLOOModule
 from flan_rlhf.module import PPOModule
+from flan_rlhf.on_policy import OnPolicyModule
 from flan_rlhf.policy import LoraSettings, PolicySpec
 from flan_rlhf.rewards.base import Reward
-from flan_rlhf.settings import GenerationSettings, PPOSettings
+from flan_rlhf.settings import GenerationSettings, GRPOSettings, PPOSettings, RLOOSettings
+
+#: --algorithm -> (module class, its settings class, the settings' argument name)
+ALGORITHMS = {"ppo": (PPOModule, PPOSettings, "ppo"), "rloo": (RLOOModule, RLOOSettings, "rloo"),
+              "grpo": (GRPOModule, GRPOSettings, "grpo")}
 
 # The anchor's word list and prompt sampler, verbatim (same prompts for the same seed).
 WORDS = (
@@ -99,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--mini-batch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=4)
+    p.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="ppo",
+                   help="ppo (the anchor's), or the critic-free rloo / grpo on the same workload")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="k responses per prompt (rloo, grpo only)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -124,25 +139,33 @@ class VowelFractionReward(Reward):
         return {self.name: torch.tensor([vowel_fraction(t) for t in responses], dtype=torch.float32)}
 
 
-def build_module(args: argparse.Namespace) -> PPOModule:
-    """The package's PPO module for the benchmark configuration, model built (``configure_model``)."""
+def build_module(args: argparse.Namespace) -> OnPolicyModule:
+    """The package's module for the benchmark configuration (PPO unless ``--algorithm`` says otherwise),
+    model built (``configure_model``)."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=["q", "v"]) if args.lora else None
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=0, temperature=1.0,
                                     top_k=0, top_p=1.0, do_sample=True)
-    ppo_settings = PPOSettings(learning_rate=1.41e-5, ppo_epochs=args.ppo_epochs, mini_batch_size=args.mini_batch_size,
-                               adaptive_kl=True, init_kl_coef=0.2,
-                               max_grad_norm=args.max_grad_norm if args.max_grad_norm >= 0 else None)
+    module_class, settings_class, settings_name = ALGORITHMS[args.algorithm]
+    group = {} if args.algorithm == "ppo" else {"samples_per_prompt": args.samples_per_prompt}
+    ppo_settings = settings_class(learning_rate=1.41e-5, ppo_epochs=args.ppo_epochs, mini_batch_size=args.mini_batch_size,
+                                  adaptive_kl=True, init_kl_coef=0.2,
+                                  max_grad_norm=args.max_grad_norm if args.max_grad_norm >= 0 else None, **group)
     policy = PolicySpec(tokenizer="byt5", t5_config={
         "d_model": args.d_model, "d_ff": args.d_ff, "num_layers": args.layers, "num_heads": args.heads,
         "dropout_rate": args.dropout, "seed": args.seed,
     })
-    model = PPOModule(policy=policy, reward=VowelFractionReward(), lora=lora, generation=generation, ppo=ppo_settings,
-                      sampling_seed=args.seed, log_samples_every_n_steps=0)
+    model = module_class(policy=policy, reward=VowelFractionReward(), lora=lora, generation=generation,
+                         sampling_seed=args.seed, log_samples_every_n_steps=0, **{settings_name: ppo_settings})
     model.configure_model()
     return model
+
+
+def responses_per_step(args: argparse.Namespace) -> int:
+    """Responses sampled per iteration: one per prompt for PPO, ``samples_per_prompt`` for RLOO/GRPO."""
+    return args.batch_size * (1 if args.algorithm == "ppo" else args.samples_per_prompt)
 
 
 def main(argv=None) -> None:
@@ -243,7 +266,7 @@ def main(argv=None) -> None:
     train = [t["total"] - g - r for t, g, r in zip(measured, gen, reward)]
     out = {
         "impl": "flan-rlhf",
-        "samples_per_s": round(args.batch_size * args.steps / sum(t["total"] for t in measured), 4),
+        "samples_per_s": round(responses_per_step(args) * args.steps / sum(t["total"] for t in measured), 4),
         "gen_s_per_step": round(float(np.mean(gen)), 4),
         "train_s_per_step": round(float(np.mean(train)), 4),
         "reward_s_per_step": round(float(np.mean(reward)), 6),
@@ -265,6 +288,7 @@ def main(argv=None) -> None:
             "lora_r": args.lora_r if args.lora else None, "lora_alpha": args.lora_alpha if args.lora else None,
             "params_total": n_params, "params_trainable": n_train,
             "steps": args.steps, "warmup": args.warmup, "num_prompts": args.num_prompts,
+            "algorithm": args.algorithm, "responses_per_step": responses_per_step(args),
             "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size, "ppo_epochs": args.ppo_epochs,
             "max_new_tokens": args.max_new_tokens, "learning_rate": ppo_settings.learning_rate,
             "init_kl_coef": ppo_settings.init_kl_coef, "adap_kl_ctrl": ppo_settings.adaptive_kl,
