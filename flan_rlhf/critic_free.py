@@ -53,9 +53,7 @@ class CriticFreeModule(OnPolicyModule):
         row's advantage on its response tokens, 0 after them) and the per-token KL estimate.
         """
         s = self.settings
-        # the same per-token KL (and the same check that every row has a token) as PPO's rewards
-        _, kl = ppo.kl_penalized_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.mask, kl_coef,
-                                         s.kl_estimator)
+        kl = ppo.response_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask, s.kl_estimator)
         rewards = scores.float()
         if s.kl_penalty == "reward":
             rewards = rewards - kl_coef * kl.sum(dim=1)

@@ -30,6 +30,7 @@ __all__ = [
     "entropy_from_logits",
     "gae",
     "kl_penalized_rewards",
+    "response_kl",
     "logprobs_from_logits",
     "masked_mean",
     "masked_ratio_mean",
@@ -319,6 +320,33 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
     return ((logprobs - ref_logprobs) * mask).sum(dim=1)
 
 
+def response_kl(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_estimator: str = "kl"
+) -> torch.Tensor:
+    """Per-token KL estimate of each response (:func:`per_token_kl` of ``logprobs - ref_logprobs``), 0 off it.
+
+    Args:
+        logprobs: ``(batch, response_len)`` log-probs of the generated tokens under the policy.
+        ref_logprobs: ``(batch, response_len)`` the same under the frozen reference model.
+        mask: ``(batch, response_len)``; every row needs at least one nonzero entry.
+        kl_estimator: one of :data:`KL_ESTIMATORS`.
+
+    Returns:
+        ``(batch, response_len)``, 0 where ``mask`` is 0.
+
+    Raises:
+        ValueError: shapes differ, or a mask row is all 0 (a response with no token).
+    """
+    _same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be (batch, response_len), got shape {tuple(logprobs.shape)}")
+    bool_mask = _bool_mask(mask, logprobs, "logprobs")
+    if not bool(bool_mask.any(dim=-1).all()):
+        raise ValueError("some mask row is all 0; every response needs at least one token (EOS)")
+    log_ratio = _zero_masked(logprobs, bool_mask) - _zero_masked(ref_logprobs, bool_mask)
+    return _zero_masked(per_token_kl(log_ratio, kl_estimator), bool_mask)
+
+
 def kl_penalized_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
@@ -344,27 +372,20 @@ def kl_penalized_rewards(
             ``"full"`` is not supported here.
 
     Returns:
-        ``(rewards, kl)``, both ``(batch, response_len)`` and 0 where ``mask`` is 0.
+        ``(rewards, kl)``, both ``(batch, response_len)`` and 0 where ``mask`` is 0
+        (``kl`` is :func:`response_kl`).
     """
-    _same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be (batch, response_len), got shape {tuple(logprobs.shape)}")
-    if tuple(scores.shape) != (logprobs.shape[0],):
+    if tuple(scores.shape) != (logprobs.shape[0],) or logprobs.dim() != 2:
         raise ValueError(
-            f"scores must have shape (batch,) = ({logprobs.shape[0]},), got {tuple(scores.shape)}"
+            f"scores must have shape (batch,) = ({logprobs.shape[0]},) for logprobs (batch, response_len), "
+            f"got {tuple(scores.shape)} and {tuple(logprobs.shape)}"
         )
     _check_non_negative("kl_coef", kl_coef)
-    bool_mask = _bool_mask(mask, logprobs, "logprobs")
-    if not bool(bool_mask.any(dim=-1).all()):
-        raise ValueError(
-            "kl_penalized_rewards: some mask row is all 0; every response needs at least one token (EOS)"
-        )
-
-    log_ratio = _zero_masked(logprobs, bool_mask) - _zero_masked(ref_logprobs, bool_mask)
-    kl = _zero_masked(per_token_kl(log_ratio, kl_estimator), bool_mask)
+    kl = response_kl(logprobs, ref_logprobs, mask, kl_estimator)
     rewards = -kl_coef * kl
 
     # Last nonzero mask index per row: the largest position once masked positions are set to -1.
+    bool_mask = _bool_mask(mask, logprobs, "logprobs")
     positions = torch.arange(logprobs.shape[-1], device=logprobs.device)
     last_index = torch.where(bool_mask, positions, -1).argmax(dim=-1, keepdim=True)
     rewards = rewards.scatter_add(-1, last_index, scores.to(rewards.dtype).unsqueeze(-1))

@@ -181,3 +181,15 @@ def test_reward_the_policy_can_move_rises_with_finite_kl(cls):
                   ppo_epochs=2, init_kl_coef=0.05)
     fit(module, steps=20, batch_size=8, callbacks=[recorder])
     assert_reward_rose(recorder)
+
+
+def test_one_pass_over_one_minibatch_is_on_policy_reinforce():
+    """``ppo_epochs: 1`` with the whole rollout in one minibatch: the update sees the rollout's own
+    policy, so the ratio is 1 and nothing is clipped (REINFORCE with a group baseline), even at a
+    large learning rate; adapters at init make the policy the reference (KL 0)."""
+    recorder = MetricsRecorder()
+    fit(make(GRPOModule, learning_rate=1e-2, ppo_epochs=1, mini_batch_size=16), steps=1, batch_size=4,
+        callbacks=[recorder])
+    row = recorder.rows[-1]
+    assert abs(row["ppo/policy/ratio_mean"] - 1.0) < 1e-5 and row["ppo/policy/clipfrac"] == 0.0
+    assert row["ppo/updates"] == 1.0 and abs(row["objective/kl"]) < 1e-5

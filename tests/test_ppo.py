@@ -19,6 +19,7 @@ from flan_rlhf.ppo import (
     entropy_from_logits,
     gae,
     kl_penalized_rewards,
+    response_kl,
     logprobs_from_logits,
     masked_mean,
     masked_ratio_mean,
@@ -188,6 +189,18 @@ def test_kl_penalized_rewards_bad_input():
         kl_penalized_rewards(torch.zeros(2), z, z, t([[1, 0, 0], [0, 0, 0]]), 0.1)
     with pytest.raises(ValueError, match="scores"):
         kl_penalized_rewards(torch.zeros(3), z, z, torch.ones(2, 3), 0.1)
+
+
+def test_response_kl_is_the_estimator_on_response_tokens_and_zero_after():
+    logprobs = t([[-1.0, -2.0, -0.5], [-0.3, -7.0, -9.0]])
+    ref = t([[-1.5, -1.0, -0.5], [-0.3, -1.0, -2.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    # k1: logp - ref; k3 of d = logp - ref: exp(-d) - 1 + d (e.g. d = 0.5 -> 0.6065 - 1 + 0.5 = 0.1065)
+    torch.testing.assert_close(response_kl(logprobs, ref, mask), t([[0.5, -1.0, 0.0], [0.0, 0.0, 0.0]]))
+    k3 = response_kl(logprobs, ref, mask, "k3")
+    torch.testing.assert_close(k3, t([[math.exp(-0.5) - 0.5, math.exp(1.0) - 2.0, 0.0], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="all 0"):
+        response_kl(logprobs, ref, t([[1, 0, 0], [0, 0, 0]]))
 
 
 # ------------------------------------------------------------------------ advantages
