@@ -175,6 +175,42 @@ def test_fit_validate_test_predict_compare_on_tiny_model(tmp_path, capsys):
     walk_export_generate_score(tmp_path, [config, str(overlay)], capsys)
 
 
+@pytest.mark.parametrize("class_name", ["RLOOModule", "GRPOModule"])
+def test_critic_free_fit_validate_predict_compare_export_on_tiny_model(tmp_path, capsys, class_name):
+    """RLOO and GRPO go through every Lightning command, compare and export like PPO: fit logs the
+    shared tags and the group statistics (no value-head tags); evaluation samples one response per
+    prompt; the export holds no value head."""
+    from tests.conftest import as_critic_free
+
+    config_path = tiny_config(tmp_path, max_steps=2, val_check_interval=2)
+    config = as_critic_free(yaml.safe_load(open(config_path)), class_name, {"samples_per_prompt": 2,
+                                                                             "mini_batch_size": 8})
+    config["data"]["init_args"]["max_eval_prompts"] = 4
+    open(config_path, "w").write(yaml.safe_dump(config))
+    assert main(["fit", "--config", config_path]) == 0
+    scalars = read_scalars(str(tmp_path / "logs"))
+    shared = [tag for tag in TRAINING_TAGS if not tag.startswith(("ppo/loss/value", "ppo/val/", "ppo/returns/"))]
+    missing = [tag for tag in shared + ["group/reward_std", "group/frac_reward_zero_std", "ppo/loss/kl"]
+               if tag not in scalars]
+    assert not missing, missing
+    assert not [tag for tag in scalars if tag.startswith(("ppo/val/", "ppo/loss/value"))]
+    assert len(scalars["env/reward_mean"]) == 2 and "val/rougeL" in scalars
+    assert not (tmp_path / "adapter" / "value_head.safetensors").exists()
+    assert "(RLHF) with LoRA" in (tmp_path / "adapter" / "README.md").read_text()
+
+    resumed = ["--config", config_path, "--ckpt_path", "last"]
+    assert main(["validate", *resumed]) == 0
+    assert main(["predict", *resumed]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
+    assert len(rows) == 4 and len({row["prompt_id"] for row in rows}) == 4  # one response per prompt
+    assert main(["compare", *resumed, "--out", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["n_prompts"] == 4
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert main(["export", "--ckpt_path", "last", "--run_config", config_path, "--out", str(merged)]) == 0
+    assert (merged / "config.json").is_file() and class_name.removesuffix("Module") in (merged / "README.md").read_text()
+
+
 def _two_configs(tmp_path, name: str, first: dict, second: dict) -> list[str]:
     """``--config A --config B`` with A and B written from ``first`` and ``second``."""
     paths = [tmp_path / f"{name}_{i}.yaml" for i in (1, 2)]
