@@ -2,6 +2,7 @@
 #   make demo   - create .venv, install, run the offline RLHF demo (corpus -> tokenizer -> SFT -> PPO -> before/after report)
 #   make test   - create .venv if missing, install with test extras, run the test suite
 # On a GPU machine pass the torch you want, e.g. `make demo TORCH_SPEC="torch==2.13.0"` (PyPI's Linux wheel is CUDA).
+# Another RL method for the demo: `make demo METHOD=rloo` (or grpo); other demo options: DEMO_ARGS="--seed 1".
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,6 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+METHOD ?= ppo
 
 .PHONY: install demo demo-rebuild test tiny bench clean
 
@@ -25,10 +27,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(OFFLINE) $(BIN)/flan-rlhf demo $(DEMO_ARGS)
+	$(OFFLINE) $(BIN)/flan-rlhf demo --method $(METHOD) $(DEMO_ARGS)
 
 demo-rebuild: install
-	$(OFFLINE) $(BIN)/flan-rlhf demo --rebuild true $(DEMO_ARGS)
+	$(OFFLINE) $(BIN)/flan-rlhf demo --method $(METHOD) --rebuild true $(DEMO_ARGS)
 
 tiny: install
 	$(OFFLINE) $(BIN)/flan-rlhf fit --config configs/tiny.yaml

@@ -19,7 +19,7 @@ Timing (per measured iteration, averaged over ``--steps`` after ``--warmup`` ite
   samples_per_s     responses * steps / sum(whole training_step time) over measured iterations
                     (responses = batch_size, or batch_size x samples_per_prompt for RLOO/GRPO)
 
-``--algorithm rloo`` / ``grpo`` fits :class:`flan_rlhf.critic_free.RLOOModule` / ``GRPOModule``
+``--method rloo`` / ``grpo`` fits :class:`flan_rlhf.critic_free.RLOOModule` / ``GRPOModule``
 instead (``--samples-per-prompt`` responses to each of the ``--batch-size`` prompts, no value
 head; the other hyperparameters as for PPO), for ``benchmarks/host_syncs.py`` and comparisons
 inside the package (the TRL anchor is PPO only).
@@ -57,8 +57,8 @@ from flan_rlhf.policy import LoraSettings, PolicySpec
 from flan_rlhf.rewards.base import Reward
 from flan_rlhf.settings import GenerationSettings, GRPOSettings, PPOSettings, RLOOSettings
 
-#: --algorithm -> (module class, its settings class, the settings' argument name)
-ALGORITHMS = {"ppo": (PPOModule, PPOSettings, "ppo"), "rloo": (RLOOModule, RLOOSettings, "rloo"),
+#: --method -> (module class, its settings class, the settings' argument name)
+METHODS = {"ppo": (PPOModule, PPOSettings, "ppo"), "rloo": (RLOOModule, RLOOSettings, "rloo"),
               "grpo": (GRPOModule, GRPOSettings, "grpo")}
 
 # The anchor's word list and prompt sampler, verbatim (same prompts for the same seed).
@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--mini-batch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=4)
-    p.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="ppo",
+    p.add_argument("--method", choices=sorted(METHODS), default="ppo",
                    help="ppo (the anchor's), or the critic-free rloo / grpo on the same workload")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="k responses per prompt (rloo, grpo only)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -140,7 +140,7 @@ class VowelFractionReward(Reward):
 
 
 def build_module(args: argparse.Namespace) -> OnPolicyModule:
-    """The package's module for the benchmark configuration (PPO unless ``--algorithm`` says otherwise),
+    """The package's module for the benchmark configuration (PPO unless ``--method`` says otherwise),
     model built (``configure_model``)."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -148,8 +148,8 @@ def build_module(args: argparse.Namespace) -> OnPolicyModule:
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=["q", "v"]) if args.lora else None
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=0, temperature=1.0,
                                     top_k=0, top_p=1.0, do_sample=True)
-    module_class, settings_class, settings_name = ALGORITHMS[args.algorithm]
-    group = {} if args.algorithm == "ppo" else {"samples_per_prompt": args.samples_per_prompt}
+    module_class, settings_class, settings_name = METHODS[args.method]
+    group = {} if args.method == "ppo" else {"samples_per_prompt": args.samples_per_prompt}
     ppo_settings = settings_class(learning_rate=1.41e-5, ppo_epochs=args.ppo_epochs, mini_batch_size=args.mini_batch_size,
                                   adaptive_kl=True, init_kl_coef=0.2,
                                   max_grad_norm=args.max_grad_norm if args.max_grad_norm >= 0 else None, **group)
@@ -165,7 +165,7 @@ def build_module(args: argparse.Namespace) -> OnPolicyModule:
 
 def responses_per_step(args: argparse.Namespace) -> int:
     """Responses sampled per iteration: one per prompt for PPO, ``samples_per_prompt`` for RLOO/GRPO."""
-    return args.batch_size * (1 if args.algorithm == "ppo" else args.samples_per_prompt)
+    return args.batch_size * (1 if args.method == "ppo" else args.samples_per_prompt)
 
 
 def main(argv=None) -> None:
@@ -288,7 +288,7 @@ def main(argv=None) -> None:
             "lora_r": args.lora_r if args.lora else None, "lora_alpha": args.lora_alpha if args.lora else None,
             "params_total": n_params, "params_trainable": n_train,
             "steps": args.steps, "warmup": args.warmup, "num_prompts": args.num_prompts,
-            "algorithm": args.algorithm, "responses_per_step": responses_per_step(args),
+            "method": args.method, "responses_per_step": responses_per_step(args),
             "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size, "ppo_epochs": args.ppo_epochs,
             "max_new_tokens": args.max_new_tokens, "learning_rate": ppo_settings.learning_rate,
             "init_kl_coef": ppo_settings.init_kl_coef, "adap_kl_ctrl": ppo_settings.adaptive_kl,

@@ -51,13 +51,13 @@ def test_host_syncs_finds_no_conversion_in_the_minibatch_loop():
     assert all(site.split(":")[0].endswith(".py") for site in row["sites_outside_loop"])
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
-def test_host_syncs_finds_no_conversion_in_the_critic_free_minibatch_loop(algorithm):
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_host_syncs_finds_no_conversion_in_the_critic_free_minibatch_loop(method):
     """RLOO / GRPO (KL as a loss term for GRPO) read nothing from the device per minibatch either:
     4 prompts x 2 responses = 8 rows, the same 8 minibatches as PPO's run."""
     flags = list(HOST_SYNC_FLAGS)
     flags[flags.index("--batch-size") + 1] = "4"
-    row = json.loads(_run("host_syncs.py", *flags, "--algorithm", algorithm, "--samples-per-prompt", "2")
+    row = json.loads(_run("host_syncs.py", *flags, "--method", method, "--samples-per-prompt", "2")
                      .strip().splitlines()[-1])
     assert row["minibatches"] == 8 and row["iterations"] == 2
     assert row["syncs_per_minibatch"] == 0.0 and row["sites"] == {}, row["sites"]

@@ -4,13 +4,13 @@ Stages (each also reachable on its own through ``flan-rlhf`` and a YAML config):
 
 1. corpus + tokenizer  (:func:`flan_rlhf.demo.prepare.prepare_demo_assets`), cached;
 2. SFT                 (``flan-rlhf fit --config configs/demo_sft.yaml``), cached;
-3. RL with LoRA        (``flan-rlhf fit --config configs/demo_ppo.yaml``; ``--algorithm rloo`` or
+3. RL with LoRA        (``flan-rlhf fit --config configs/demo_ppo.yaml``; ``--method rloo`` or
                           ``grpo``: ``configs/demo_rloo.yaml`` / ``configs/demo_grpo.yaml``);
 4. before/after report (``flan-rlhf compare``-equivalent on the held-out test split).
 
 ``--seed S`` changes everything that is random: the corpus, the model initialisation, the data
 order and the sampling. Seed 0 writes to ``artifacts/demo`` and ``reports/demo``; other seeds to
-``artifacts/demo-seedS`` and ``reports/demo-seedS``. Another algorithm than PPO reports to
+``artifacts/demo-seedS`` and ``reports/demo-seedS``. Another method than PPO reports to
 ``reports/demo-rloo`` (``reports/demo-rloo-seedS``), ... and shares the corpus and SFT model.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from flan_rlhf.tools.command import FinishedWithProblem, run_tool
 
 # the demo's own output folders under --root, replaced by --rebuild (and, when they hold an earlier
 # demo export, by every run: the stages pass the overwrite opt-in)
-ALGORITHMS = ("ppo", "rloo", "grpo")
-DEMO_OUTPUTS = ("sft_model", *(f"{algorithm}_adapter" for algorithm in ALGORITHMS))
+METHODS = ("ppo", "rloo", "grpo")
+DEMO_OUTPUTS = ("sft_model", *(f"{method}_adapter" for method in METHODS))
 REQUIRED_KEYS = ("toxicity_mean", "toxic_fraction", "insult_fraction", "rouge1", "rouge2", "rougeL", "bleu")
 
 
@@ -42,9 +42,9 @@ def _configs_dir() -> Path:
     return Path.cwd() / "configs"
 
 
-def _paths(seed: int, root: str | None, out: str | None, algorithm: str = "ppo") -> tuple[Path, Path]:
+def _paths(seed: int, root: str | None, out: str | None, method: str = "ppo") -> tuple[Path, Path]:
     suffix = "" if seed == 0 else f"-seed{seed}"
-    report = "demo" if algorithm == "ppo" else f"demo-{algorithm}"
+    report = "demo" if method == "ppo" else f"demo-{method}"
     return Path(root or f"artifacts/demo{suffix}"), Path(out or f"reports/{report}{suffix}")
 
 
@@ -84,19 +84,19 @@ def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bo
     return target
 
 
-def run_rl(root: Path, seed: int, configs: Path, steps: int | None, algorithm: str = "ppo") -> tuple[Path, str]:
-    """Fit the RL stage (``configs/demo_<algorithm>.yaml``) from scratch; returns (last checkpoint, TensorBoard log dir)."""
+def run_rl(root: Path, seed: int, configs: Path, steps: int | None, method: str = "ppo") -> tuple[Path, str]:
+    """Fit the RL stage (``configs/demo_<method>.yaml``) from scratch; returns (last checkpoint, TensorBoard log dir)."""
     from flan_rlhf.lightning_cli import run_lightning_cli
 
-    ckpt_dir = root / f"{algorithm}_checkpoints"
+    ckpt_dir = root / f"{method}_checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    args = ["fit", "--config", str(configs / f"demo_{algorithm}.yaml"), *_stage_overrides(root, seed),
+    args = ["fit", "--config", str(configs / f"demo_{method}.yaml"), *_stage_overrides(root, seed),
             f"--model.init_args.policy.name_or_path={root / 'sft_model'}",
             f"--model.init_args.sampling_seed={seed}",
-            f"--model.init_args.export_dir={root / f'{algorithm}_adapter'}",
+            f"--model.init_args.export_dir={root / f'{method}_adapter'}",
             "--model.init_args.overwrite_export_dir=true",  # the demo's own earlier adapter
             f"--trainer.callbacks.init_args.dirpath={ckpt_dir}",
-            "--trainer.logger.init_args.name=" + f"demo_{algorithm}_seed{seed}"]
+            "--trainer.logger.init_args.name=" + f"demo_{method}_seed{seed}"]
     if steps:
         args += [f"--trainer.max_steps={steps}"]
     cli = run_lightning_cli(args)
@@ -104,14 +104,14 @@ def run_rl(root: Path, seed: int, configs: Path, steps: int | None, algorithm: s
 
 
 def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_logdir: str, meta: dict,
-                algorithm: str = "ppo") -> dict:
+                method: str = "ppo") -> dict:
     """Sample the SFT policy (adapters off) and the trained policy on the test split; write the report."""
     from flan_rlhf.lightning_cli import build_from_config
     from flan_rlhf.demo.corpus import INSULT_VOCABULARY
     from flan_rlhf.tools.compare import compare_before_after, load_trained_weights
     from flan_rlhf.rewards import ProfanityReward, VaderReward
 
-    module, datamodule = build_from_config(str(configs / f"demo_{algorithm}.yaml"), [
+    module, datamodule = build_from_config(str(configs / f"demo_{method}.yaml"), [
         *_stage_overrides(root, seed),
         f"--model.init_args.policy.name_or_path={root / 'sft_model'}",
         f"--model.init_args.sampling_seed={seed}",
@@ -127,7 +127,7 @@ def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_
 
 def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild: bool = False,
          sft_steps: PositiveInt | None = None, ppo_steps: PositiveInt | None = None, n_train: PositiveInt = 4000,
-         n_test: PositiveInt = 400, configs: str | None = None, algorithm: Literal["ppo", "rloo", "grpo"] = "ppo") -> str:
+         n_test: PositiveInt = 400, configs: str | None = None, method: Literal["ppo", "rloo", "grpo"] = "ppo") -> str:
     """The whole pipeline offline: corpus, tokenizer, SFT, RL (PPO, RLOO or GRPO), before/after report.
 
     Args:
@@ -135,13 +135,13 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
         root: the artefact folder (default: artifacts/demo, or artifacts/demo-seedS).
         out: the report folder (default: reports/demo, or reports/demo-seedS).
         rebuild: rebuild the corpus, tokenizer and SFT model instead of reusing them; replaces the
-            root's sft_model and <algorithm>_adapter folders whatever they hold.
+            root's sft_model and <method>_adapter folders whatever they hold.
         sft_steps: SFT optimiser steps (default: configs/demo_sft.yaml's).
-        ppo_steps: iterations of the RL stage, whichever the algorithm (default: its config's).
+        ppo_steps: iterations of the RL stage, whichever the method (default: its config's).
         n_train: generated training dialogues.
         n_test: held-out test dialogues (the report's n_test).
-        configs: the folder holding demo_sft.yaml and demo_<algorithm>.yaml (default: the checkout's configs/).
-        algorithm: the RL stage: ``ppo`` (configs/demo_ppo.yaml), ``rloo`` or ``grpo`` (critic-free,
+        configs: the folder holding demo_sft.yaml and demo_<method>.yaml (default: the checkout's configs/).
+        method: the RL stage: ``ppo`` (configs/demo_ppo.yaml), ``rloo`` or ``grpo`` (critic-free,
             k responses per prompt; configs/demo_rloo.yaml, configs/demo_grpo.yaml).
 
     Returns:
@@ -152,7 +152,7 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
     from flan_rlhf.eval.report import format_table
 
     started = time.perf_counter()
-    root_dir, out_dir = _paths(seed, root, out, algorithm)
+    root_dir, out_dir = _paths(seed, root, out, method)
     configs_dir = Path(configs) if configs else _configs_dir()
     if rebuild:
         for name in DEMO_OUTPUTS:
@@ -166,8 +166,8 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
     try:
         run_sft(root_dir, seed, configs_dir, sft_steps, rebuild=rebuild)
         t_ppo = time.perf_counter()
-        print(f"[demo] 3/4 {algorithm.upper()} with LoRA against the toxicity reward", flush=True)
-        ckpt, tb_logdir = run_rl(root_dir, seed, configs_dir, ppo_steps, algorithm)
+        print(f"[demo] 3/4 {method.upper()} with LoRA against the toxicity reward", flush=True)
+        ckpt, tb_logdir = run_rl(root_dir, seed, configs_dir, ppo_steps, method)
     except OutputDirError as err:  # e.g. artefacts of an older flan-rlhf that wrote no manifest
         raise OutputDirError(f"{err}; or rebuild the demo's own artefacts in {root_dir} with `flan-rlhf demo --rebuild true` "
                              "(`make demo-rebuild`)") from None
@@ -176,9 +176,9 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
     from flan_rlhf.checkpointing import read_checkpoint_file
 
     steps_done = int(read_checkpoint_file(str(ckpt), mmap=True)["global_step"])
-    meta = {"algorithm": algorithm.upper(), "ppo_steps": steps_done, "seed": seed, "sft_s": round(t_ppo - t_sft, 1),
+    meta = {"method": method.upper(), "ppo_steps": steps_done, "seed": seed, "sft_s": round(t_ppo - t_sft, 1),
             "ppo_s": round(t_eval - t_ppo, 1)}
-    metrics = run_compare(root_dir, seed, configs_dir, ckpt, out_dir, tb_logdir, meta, algorithm)
+    metrics = run_compare(root_dir, seed, configs_dir, ckpt, out_dir, tb_logdir, meta, method)
     metrics["wall_s"] = round(time.perf_counter() - started, 1)
     metrics["eval_s"] = round(time.perf_counter() - t_eval, 1)
     with atomic_file(out_dir / "metrics.json") as handle:
@@ -188,7 +188,7 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
         f"demo: n_test={metrics.get('n_test')} ppo_steps={steps_done} wall_s={metrics['wall_s']}",
         f"  report: {out_dir / 'report.md'}",
         f"  metrics: {out_dir / 'metrics.json'}",
-        f"  adapter: {root_dir / f'{algorithm}_adapter'}",
+        f"  adapter: {root_dir / f'{method}_adapter'}",
         f"  sft model: {root_dir / 'sft_model'}",
         f"  checkpoints: {ckpt.parent} (newest: {ckpt})",
         f"  logs: {tb_logdir}",

@@ -49,21 +49,21 @@ def test_demo_runs_reruns_and_refuses_a_folder_it_did_not_write(tmp_path, monkey
 
 
 def test_demo_runs_rloo_and_grpo_beside_ppo_on_the_cached_sft_model(tmp_path, monkeypatch):
-    """``--algorithm rloo`` / ``grpo``: the RL stage is configs/demo_<algorithm>.yaml, the SFT model
+    """``--method rloo`` / ``grpo``: the RL stage is configs/demo_<method>.yaml, the SFT model
     of an earlier run is reused, and each writes its own adapter (no value head), checkpoints and
-    default report folder (``reports/demo-<algorithm>``), leaving PPO's untouched."""
+    default report folder (``reports/demo-<method>``), leaving PPO's untouched."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "artifacts"
     code, _, err = run_command("demo", "--root", str(root), "--out", str(tmp_path / "reports" / "demo"), *TINY)
     assert code == 0, err[-3000:]
     ppo_adapter = {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()}
-    for algorithm in ("rloo", "grpo"):
-        code, stdout, err = run_command("demo", "--root", str(root), "--algorithm", algorithm, *TINY)
+    for method in ("rloo", "grpo"):
+        code, stdout, err = run_command("demo", "--root", str(root), "--method", method, *TINY)
         assert code == 0, err[-3000:]
-        assert "SFT model cached" in stdout and f"3/4 {algorithm.upper()} with LoRA" in stdout
-        metrics = json.loads((tmp_path / "reports" / f"demo-{algorithm}" / "metrics.json").read_text())
-        assert metrics["algorithm"] == algorithm.upper() and metrics["ppo_steps"] == 1
-        adapter = root / f"{algorithm}_adapter"
+        assert "SFT model cached" in stdout and f"3/4 {method.upper()} with LoRA" in stdout
+        metrics = json.loads((tmp_path / "reports" / f"demo-{method}" / "metrics.json").read_text())
+        assert metrics["method"] == method.upper() and metrics["ppo_steps"] == 1
+        adapter = root / f"{method}_adapter"
         assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "value_head.safetensors").exists()
-        assert (root / f"{algorithm}_checkpoints" / "last.ckpt").is_file()
+        assert (root / f"{method}_checkpoints" / "last.ckpt").is_file()
     assert {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()} == ppo_adapter
