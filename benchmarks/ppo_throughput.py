@@ -123,8 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "threads", "num_prompts"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.batch_size % args.mini_batch_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not a multiple of --mini-batch-size {args.mini_batch_size}")
+    if responses_per_step(args) % args.mini_batch_size:
+        raise SystemExit(f"error: {responses_per_step(args)} responses per step (--batch-size x --samples-per-prompt for "
+                         f"rloo/grpo) are not a multiple of --mini-batch-size {args.mini_batch_size}")
     if args.num_prompts < args.batch_size:
         raise SystemExit(f"error: --num-prompts {args.num_prompts} is smaller than --batch-size {args.batch_size}")
     return args
