@@ -2,7 +2,7 @@
 (the format the Hub renders: YAML metadata header, then Markdown).
 
 :func:`export_card` builds it from :class:`CardFacts`; :func:`facts_from_settings` gathers those
-from a PPO run's settings (``PolicySpec``, ``LoraSettings``, ``PPOSettings``, the reward) and,
+from an RL run's settings (``PolicySpec``, ``LoraSettings``, ``PPOSettings`` or the RLOO / GRPO ones, the reward) and,
 when a before/after report exists, its ``metrics.json``.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Mapping
 from flan_rlhf.interrupts import command_line
 
 CARD_FILE = "README.md"
-TAGS = ["flan-rlhf", "rlhf", "ppo", "text2text-generation"]
-# The PPO settings a reader needs to judge and repeat a run (the rest are in the checkpoint).
+TAGS = ["flan-rlhf", "rlhf", "text2text-generation"]  # and the method's name in lower case (ppo, rloo, grpo)
+# The settings a reader needs to judge and repeat a run (the rest are in the checkpoint); those a method lacks are skipped.
 KEY_PPO_SETTINGS = ("learning_rate", "ppo_epochs", "mini_batch_size", "init_kl_coef", "adaptive_kl", "kl_target",
                     "cliprange", "vf_coef", "gamma", "lam", "samples_per_prompt", "kl_penalty", "loss_aggregation",
                     "scale_rewards")
@@ -38,8 +38,8 @@ class CardFacts:
         export_format: ``adapter``, ``merged``, ``int8`` or ``full model``.
         base_model: the base's hub id or path; None when built from ``t5_config`` (saved in ``base/``).
         reward: the reward's description (class and name).
-        steps: PPO iterations trained.
-        hyperparameters: ``{name: value}`` shown in a table (LoRA and PPO settings).
+        steps: iterations trained.
+        hyperparameters: ``{name: value}`` shown in a table (LoRA and the method's settings).
         metrics: a before/after ``metrics.json`` (:func:`flan_rlhf.eval.report.write_report`), if one exists.
         command: the command line that wrote the export.
         method: how the policy was trained.
@@ -77,8 +77,22 @@ def facts_from_settings(export_format: str, policy: Any, lora: Any, ppo: Any, re
     reward_text = reward if isinstance(reward, str) or reward is None else reward_description(reward)
     return CardFacts(export_format=export_format, base_model=policy.get("name_or_path"), reward=reward_text,
                      steps=steps, hyperparameters=hyperparameters, metrics=metrics,
-                     command=command_line() if command is None else command,
-                     method=f"{algorithm} (RLHF) with LoRA" if lora else f"{algorithm} (RLHF), full fine-tuning")
+                     command=command_line() if command is None else command, method=method_text(algorithm, bool(lora)))
+
+
+def method_text(algorithm: str, lora: bool = True) -> str:
+    """``"RLOO (RLHF) with LoRA"``: how a policy was trained, as a card states it."""
+    return f"{algorithm} (RLHF) with LoRA" if lora else f"{algorithm} (RLHF), full fine-tuning"
+
+
+def algorithm_of_export(manifest: Mapping[str, Any] | None) -> str:
+    """The algorithm that wrote an export, from its manifest's ``written_by`` (``"flan-rlhf fit (RLOOModule)"``);
+    ``PPO`` when it does not say (flan-rlhf trained only with PPO before RLOO and GRPO existed)."""
+    written_by = str((manifest or {}).get("written_by", ""))
+    for name in ("RLOO", "GRPO", "PPO"):
+        if f"({name}Module)" in written_by:
+            return name
+    return "PPO"
 
 
 def reward_description(reward: Any) -> str:
@@ -99,7 +113,8 @@ def export_card(facts: CardFacts, folder_name: str = "."):
 
     library = {"adapter": "peft", "int8": "flan-rlhf"}.get(facts.export_format, "transformers")
     data = ModelCardData(library_name=library, base_model=facts.base_model if _is_hub_id(facts.base_model) else None,
-                         tags=[*TAGS, *(["lora"] if "LoRA" in facts.method else [])], pipeline_tag="text2text-generation")
+                         tags=[*TAGS, facts.method.split(" ", 1)[0].lower(), *(["lora"] if "LoRA" in facts.method else [])],
+                         pipeline_tag="text2text-generation")
     base_text = f"`{facts.base_model}`" if facts.base_model else "a FLAN-T5-architecture model built from config (saved in `base/`)"
     snippet = "adapter-with-base" if facts.export_format == "adapter" and not facts.base_model else facts.export_format
     lines = [
@@ -110,7 +125,7 @@ def export_card(facts: CardFacts, folder_name: str = "."):
         f"- Method: {facts.method}",
         f"- Base model: {base_text}",
         f"- Reward: {facts.reward or 'not recorded'}",
-        f"- PPO iterations: {facts.steps if facts.steps is not None else 'not recorded'}",
+        f"- {facts.method.split(' ', 1)[0]} iterations: {facts.steps if facts.steps is not None else 'not recorded'}",
         f"- Export format: {facts.export_format}", "",
     ]
     if facts.hyperparameters:

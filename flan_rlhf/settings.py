@@ -40,8 +40,9 @@ class UpdateSettings:
     Attributes:
         learning_rate: AdamW learning rate (TRL default 1.41e-5; LoRA usually wants ~1e-4..5e-4).
         weight_decay: AdamW weight decay.
-        ppo_epochs: passes over each rollout batch (1 with RLOO/GRPO: on-policy REINFORCE, the
-            ratio is 1 on the first and only pass).
+        ppo_epochs: passes over each rollout batch. 1 pass with one optimiser step per rollout
+            (``mini_batch_size x gradient_accumulation_steps`` >= its responses) is on-policy
+            REINFORCE: the ratio is 1; smaller minibatches make every later step off-policy (clipped).
         mini_batch_size: responses per gradient step (per process). PPO samples one response per
             prompt; RLOO/GRPO sample ``samples_per_prompt``, so a batch of B prompts holds B x k rows.
         gradient_accumulation_steps: minibatches whose gradients are summed before a step.
@@ -110,6 +111,11 @@ class PPOSettings(UpdateSettings):
 #: Where a critic-free module puts the KL to the reference.
 KL_PENALTIES = ("reward", "loss")
 
+#: Estimators whose gradient, as a loss term on tokens sampled from the policy, is the KL's gradient in
+#: expectation: k3 (GRPO's) and k2 (``mse``). k1's (``kl``) is the score function, 0 in expectation, and
+#: ``abs`` follows only the sign (http://joschu.net/blog/kl-approx.html; TRL's GRPO uses k3).
+KL_LOSS_ESTIMATORS = ("k3", "mse")
+
 
 @dataclass
 class GroupSettings(UpdateSettings):
@@ -121,7 +127,7 @@ class GroupSettings(UpdateSettings):
         kl_penalty: ``reward``: each response's score loses ``beta * sum_t KL_t`` before the group
             baseline (RLOO's paper and TRL's RLOOTrainer); ``loss``: the score is used alone and
             ``beta * KL`` (per token, ``kl_estimator``, aggregated like the policy loss) is added
-            to the loss (GRPO's paper, with ``kl_estimator: k3``).
+            to the loss (GRPO's paper); needs ``kl_estimator`` ``k3`` or ``mse``.
         loss_aggregation: how per-token losses become one number: ``token`` (mean over every
             response token of the minibatch: long responses weigh more) or ``sequence`` (mean
             per response, then over responses: each response weighs the same).
@@ -165,7 +171,8 @@ class GRPOSettings(GroupSettings):
         loss_aggregation: ``sequence`` (the paper's 1/|o_i| per response, then the mean, by
             default) or ``token`` (mean over every response token; DAPO, Dr. GRPO).
         scale_rewards: divide each group's centred rewards by its std (GRPO); ``false`` keeps
-            them centred only (Dr. GRPO, Liu et al. 2025).
+            them centred only, the advantage of Dr. GRPO (Liu et al. 2025; its other change, a
+            constant instead of per-response length normaliser, is not offered: ``token`` is DAPO's).
     """
 
     samples_per_prompt: int = 8
@@ -200,6 +207,9 @@ def check_update_settings(settings: UpdateSettings) -> UpdateSettings:
             raise SettingsError(str(err)) from None
         require(settings.kl_penalty in KL_PENALTIES,
                 f"kl_penalty {settings.kl_penalty!r} is unknown; use one of {', '.join(KL_PENALTIES)}")
+        require(settings.kl_penalty != "loss" or settings.kl_estimator in KL_LOSS_ESTIMATORS,
+                f"kl_penalty 'loss' with kl_estimator {settings.kl_estimator!r} does not pull the policy towards the "
+                f"reference (its gradient is not the KL's); use kl_estimator k3 (or mse), or kl_penalty reward")
         require(settings.loss_aggregation in LOSS_AGGREGATIONS,
                 f"loss_aggregation {settings.loss_aggregation!r} is unknown; use one of {', '.join(LOSS_AGGREGATIONS)}")
     return settings

@@ -75,7 +75,7 @@ def expected_advantages(module, rollout) -> torch.Tensor:
 
 @pytest.mark.parametrize("cls, overrides", [
     (RLOOModule, {}),                                                   # KL in the reward (RLOO's default)
-    (RLOOModule, {"kl_penalty": "loss", "loss_aggregation": "sequence"}),
+    (RLOOModule, {"kl_penalty": "loss", "kl_estimator": "mse", "loss_aggregation": "sequence"}),
     (GRPOModule, {}),                                                   # KL as a k3 loss term, std-scaled
     (GRPOModule, {"scale_rewards": False, "kl_penalty": "reward", "kl_estimator": "kl"}),  # Dr. GRPO
 ])
@@ -111,7 +111,8 @@ def test_an_all_equal_group_teaches_nothing_and_is_counted():
 
     recorder = MetricsRecorder()
     for cls in (RLOOModule, GRPOModule):
-        fit(make(cls, reward=Constant(), kl_penalty="loss"), steps=1, batch_size=2, callbacks=[recorder])
+        fit(make(cls, reward=Constant(), kl_penalty="loss", kl_estimator="k3"), steps=1, batch_size=2,
+            callbacks=[recorder])
         row = recorder.rows[-1]
         assert row["group/frac_reward_zero_std"] == 1.0 and row["group/reward_std"] == 0.0
         assert row["ppo/advantages/mean"] == 0.0 and math.isfinite(row["ppo/loss/total"])
@@ -162,6 +163,7 @@ def test_no_value_head_is_built_trained_or_exported(tmp_path):
     ("loss_aggregation", "batch", "loss_aggregation 'batch' is unknown; use one of token, sequence"),
     ("kl_estimator", "full", "kl_estimator 'full' is unknown; use one of kl, abs, mse, k3"),
     ("mini_batch_size", 0, "mini_batch_size is 0; it counts passes or rows: use 1 or more"),
+    ("kl_estimator", "kl", "kl_penalty 'loss' with kl_estimator 'kl' does not pull the policy towards the reference"),
 ])
 def test_settings_an_algorithm_cannot_run_with_are_refused_in_one_line(field, value, expected):
     with pytest.raises(SettingsError) as err:

@@ -68,3 +68,19 @@ def test_fit_and_export_write_cards(tmp_path, monkeypatch):
                                "--report", str(tmp_path / "bad.json"))
     assert code == 2 and err.strip().count("\n") == 0 and "has no before/after metrics" in err
     assert not (tmp_path / "m2").exists()
+
+
+def test_a_critic_free_run_is_named_in_the_card_tags_and_table(tmp_path):
+    from flan_rlhf.model_card import algorithm_of_export
+    from flan_rlhf.settings import GRPOSettings
+
+    facts = facts_from_settings("adapter", PolicySpec(name_or_path="google/flan-t5-base"), LoraSettings(r=16),
+                                GRPOSettings(), ProfanityReward(), steps=12, command="flan-rlhf fit", algorithm="GRPO")
+    card = ModelCard.load(write_card(str(tmp_path), facts))
+    assert "grpo" in card.data.tags and "ppo" not in card.data.tags
+    assert "GRPO (RLHF) with LoRA" in card.text and "- GRPO iterations: 12" in card.text
+    assert "| grpo.samples_per_prompt | 8 |" in card.text and "vf_coef" not in card.text
+    # an adapter folder's manifest names the module that wrote it; older exports (no name) were PPO's
+    assert algorithm_of_export({"written_by": "flan-rlhf fit (RLOOModule)"}) == "RLOO"
+    assert algorithm_of_export({"written_by": "flan-rlhf fit (PPOModule)"}) == "PPO"
+    assert algorithm_of_export(None) == algorithm_of_export({"written_by": "flan-rlhf export"}) == "PPO"

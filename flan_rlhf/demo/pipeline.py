@@ -30,7 +30,13 @@ from flan_rlhf.tools.command import FinishedWithProblem, run_tool
 # the demo's own output folders under --root, replaced by --rebuild (and, when they hold an earlier
 # demo export, by every run: the stages pass the overwrite opt-in)
 METHODS = ("ppo", "rloo", "grpo")
-DEMO_OUTPUTS = ("sft_model", *(f"{method}_adapter" for method in METHODS))
+#: the file that marks a checkpoint folder as the demo's own (replaced by every run of that method)
+DEMO_CHECKPOINTS_MARK = ".written-by-flan-rlhf-demo"
+
+
+def demo_outputs(method: str) -> tuple[str, ...]:
+    """The folders under ``--root`` that ``--rebuild`` replaces for ``method`` (other methods' stay)."""
+    return ("sft_model", f"{method}_adapter", f"{method}_checkpoints")
 REQUIRED_KEYS = ("toxicity_mean", "toxic_fraction", "insult_fraction", "rouge1", "rouge2", "rougeL", "bleu")
 
 
@@ -84,12 +90,43 @@ def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bo
     return target
 
 
+def fresh_checkpoint_folder(ckpt_dir: Path, method: str) -> None:
+    """Empty ``ckpt_dir`` for a new run if the demo wrote what it holds (its mark is there), and mark it.
+
+    Raises:
+        OutputDirError: the folder holds files without the mark, e.g. the checkpoints of a standalone
+            ``flan-rlhf fit --config configs/demo_<method>.yaml`` (whose default ``dirpath`` this is).
+    """
+    from flan_rlhf.output_dirs import OutputDirError
+
+    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        if not (ckpt_dir / DEMO_CHECKPOINTS_MARK).is_file() and not _same_run_as_demo_export(ckpt_dir, method):
+            raise OutputDirError(f"{ckpt_dir} holds files the demo did not write (e.g. checkpoints of a standalone "
+                                 f"`flan-rlhf fit --config configs/demo_{method}.yaml`): move them elsewhere")
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / DEMO_CHECKPOINTS_MARK).write_text("checkpoints of `flan-rlhf demo`: its next run replaces this folder\n")
+
+
+def _same_run_as_demo_export(ckpt_dir: Path, method: str) -> bool:
+    """Whether an unmarked checkpoint folder (a demo of an older flan-rlhf wrote no mark) holds the run
+    that wrote the demo's ``<method>_adapter`` beside it (the checkpoint's run id is the export's)."""
+    from flan_rlhf.checkpointing import newest_complete_checkpoint, read_checkpoint_file
+    from flan_rlhf.output_dirs import RUN_ID_KEY, read_manifest
+
+    manifest = read_manifest(ckpt_dir.parent / f"{method}_adapter") or {}
+    newest, _ = newest_complete_checkpoint(str(ckpt_dir))
+    if newest is None or not manifest.get("run_id"):
+        return False
+    return read_checkpoint_file(newest, mmap=True).get(RUN_ID_KEY) == manifest["run_id"]
+
+
 def run_rl(root: Path, seed: int, configs: Path, steps: int | None, method: str = "ppo") -> tuple[Path, str]:
     """Fit the RL stage (``configs/demo_<method>.yaml``) from scratch; returns (last checkpoint, TensorBoard log dir)."""
     from flan_rlhf.lightning_cli import run_lightning_cli
 
     ckpt_dir = root / f"{method}_checkpoints"
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    fresh_checkpoint_folder(ckpt_dir, method)
     args = ["fit", "--config", str(configs / f"demo_{method}.yaml"), *_stage_overrides(root, seed),
             f"--model.init_args.policy.name_or_path={root / 'sft_model'}",
             f"--model.init_args.sampling_seed={seed}",
@@ -135,7 +172,8 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
         root: the artefact folder (default: artifacts/demo, or artifacts/demo-seedS).
         out: the report folder (default: reports/demo, or reports/demo-seedS).
         rebuild: rebuild the corpus, tokenizer and SFT model instead of reusing them; replaces the
-            root's sft_model and <method>_adapter folders whatever they hold.
+            root's sft_model, <method>_adapter and <method>_checkpoints folders whatever they hold
+            (other methods' folders stay).
         sft_steps: SFT optimiser steps (default: configs/demo_sft.yaml's).
         ppo_steps: iterations of the RL stage, whichever the method (default: its config's).
         n_train: generated training dialogues.
@@ -155,7 +193,7 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
     root_dir, out_dir = _paths(seed, root, out, method)
     configs_dir = Path(configs) if configs else _configs_dir()
     if rebuild:
-        for name in DEMO_OUTPUTS:
+        for name in demo_outputs(method):
             shutil.rmtree(root_dir / name, ignore_errors=True)
     print(f"[demo] 1/4 corpus and tokenizer -> {root_dir}", flush=True)
     prepare_demo_assets(root_dir, seed=seed, rebuild=rebuild, n_train=n_train, n_test=n_test)

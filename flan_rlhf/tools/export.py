@@ -320,12 +320,13 @@ def export(out: str, ckpt_path: str | None = None, adapter: str | None = None, b
         del actor
     else:
         from flan_rlhf.interrupts import command_line
-        from flan_rlhf.model_card import CardFacts
+        from flan_rlhf.model_card import CardFacts, algorithm_of_export, method_text
 
         model, tokenizer, base = merged_from_adapter(adapter, base)
         info["source"] = {"adapter": os.path.abspath(adapter), "base": base}
+        manifest = read_manifest(adapter)
         card = CardFacts(export_format=format, base_model=base, metrics=metrics, command=command_line(),
-                         steps=(read_manifest(adapter) or {}).get("global_step"))
+                         steps=(manifest or {}).get("global_step"), method=method_text(algorithm_of_export(manifest)))
     model = prepare_for_inference(model, DTYPES[dtype])
     if format == "int8":
         write_int8(model, tokenizer, out, info, check, per_channel=per_channel, card=card)

@@ -6,6 +6,7 @@ import json
 
 import yaml
 
+from flan_rlhf.demo.pipeline import DEMO_CHECKPOINTS_MARK
 from flan_rlhf.output_dirs import MANIFEST
 from tests.conftest import error_lines, run_command
 
@@ -66,4 +67,20 @@ def test_demo_runs_rloo_and_grpo_beside_ppo_on_the_cached_sft_model(tmp_path, mo
         adapter = root / f"{method}_adapter"
         assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "value_head.safetensors").exists()
         assert (root / f"{method}_checkpoints" / "last.ckpt").is_file()
+    assert {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()} == ppo_adapter
+
+    # checkpoints the demo cannot tell are its own (no mark, no matching export) are kept: one line, exit 2
+    ckpt_dir = root / "grpo_checkpoints"
+    (ckpt_dir / DEMO_CHECKPOINTS_MARK).unlink()
+    (root / "grpo_adapter" / MANIFEST).unlink()
+    kept = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    code, _, err = run_command("demo", "--root", str(root), "--method", "grpo", *TINY)
+    assert code == 2 and len(error_lines(err)) == 1 and "did not write" in error_lines(err)[0], err[-3000:]
+    assert {p.name: p.read_bytes() for p in ckpt_dir.iterdir()} == kept
+    # --rebuild names them for replacing; it replaces GRPO's folders and the SFT model, not the other methods'
+    rloo_adapter = {p.name: p.read_bytes() for p in (root / "rloo_adapter").iterdir()}
+    code, _, err = run_command("demo", "--root", str(root), "--method", "grpo", "--rebuild", "true", *TINY)
+    assert code == 0, err[-3000:]
+    assert (ckpt_dir / DEMO_CHECKPOINTS_MARK).is_file() and (root / "grpo_adapter" / MANIFEST).is_file()
+    assert {p.name: p.read_bytes() for p in (root / "rloo_adapter").iterdir()} == rloo_adapter
     assert {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()} == ppo_adapter
