@@ -76,10 +76,8 @@ class CriticFreeModule(OnPolicyModule):
         pg_loss, clipfrac, approx_kl = ppo.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"],
                                                        s.cliprange, check=False, aggregation=s.loss_aggregation)
         if s.kl_penalty == "loss":
-            # zeroed off the response before the estimator: a where after it would pass NaN gradients
-            log_ratio = torch.where(mb["mask"].bool(), logprobs - mb["ref_logprobs"], 0.0)
-            kl_loss = ppo.aggregate_tokens(ppo.per_token_kl(log_ratio, s.kl_estimator), mb["mask"],
-                                           s.loss_aggregation, check=False)
+            kl = ppo.response_kl(logprobs, mb["ref_logprobs"], mb["mask"], s.kl_estimator, check=False)
+            kl_loss = ppo.aggregate_tokens(kl, mb["mask"], s.loss_aggregation, check=False)
             loss = pg_loss + self.kl_controller.value * kl_loss
         else:
             kl_loss = torch.zeros_like(pg_loss)

@@ -321,7 +321,8 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
 
 
 def response_kl(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_estimator: str = "kl"
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_estimator: str = "kl", *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Per-token KL estimate of each response (:func:`per_token_kl` of ``logprobs - ref_logprobs``), 0 off it.
 
@@ -330,18 +331,20 @@ def response_kl(
         ref_logprobs: ``(batch, response_len)`` the same under the frozen reference model.
         mask: ``(batch, response_len)``; every row needs at least one nonzero entry.
         kl_estimator: one of :data:`KL_ESTIMATORS`.
+        check: test that no mask row is all 0 (a device read, as in :func:`masked_mean`).
 
     Returns:
-        ``(batch, response_len)``, 0 where ``mask`` is 0.
+        ``(batch, response_len)``, 0 where ``mask`` is 0. The log-ratio is zeroed off the response
+        before the estimator, so a loss built on it gets no NaN gradient from padding.
 
     Raises:
-        ValueError: shapes differ, or a mask row is all 0 (a response with no token).
+        ValueError: shapes differ, or (with ``check``) a mask row is all 0 (a response with no token).
     """
     _same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be (batch, response_len), got shape {tuple(logprobs.shape)}")
     bool_mask = _bool_mask(mask, logprobs, "logprobs")
-    if not bool(bool_mask.any(dim=-1).all()):
+    if check and not bool(bool_mask.any(dim=-1).all()):
         raise ValueError("some mask row is all 0; every response needs at least one token (EOS)")
     log_ratio = _zero_masked(logprobs, bool_mask) - _zero_masked(ref_logprobs, bool_mask)
     return _zero_masked(per_token_kl(log_ratio, kl_estimator), bool_mask)

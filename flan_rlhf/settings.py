@@ -169,7 +169,7 @@ class GRPOSettings(GroupSettings):
         kl_penalty: ``loss`` (the paper's, by default): the KL is a loss term; ``reward``: taken
             from each score before the group baseline.
         loss_aggregation: ``sequence`` (the paper's 1/|o_i| per response, then the mean, by
-            default) or ``token`` (mean over every response token; DAPO, Dr. GRPO).
+            default) or ``token`` (mean over every response token; DAPO's).
         scale_rewards: divide each group's centred rewards by its std (GRPO); ``false`` keeps
             them centred only, the advantage of Dr. GRPO (Liu et al. 2025; its other change, a
             constant instead of per-response length normaliser, is not offered: ``token`` is DAPO's).
