@@ -88,11 +88,10 @@ def method_text(algorithm: str, lora: bool = True) -> str:
 def algorithm_of_export(manifest: Mapping[str, Any] | None) -> str:
     """The algorithm that wrote an export, from its manifest's ``written_by`` (``"flan-rlhf fit (RLOOModule)"``);
     ``PPO`` when it does not say (flan-rlhf trained only with PPO before RLOO and GRPO existed)."""
+    from flan_rlhf.settings import METHOD_SETTINGS
+
     written_by = str((manifest or {}).get("written_by", ""))
-    for name in ("RLOO", "GRPO", "PPO"):
-        if f"({name}Module)" in written_by:
-            return name
-    return "PPO"
+    return next((key.upper() for key in METHOD_SETTINGS if f"({key.upper()}Module)" in written_by), "PPO")
 
 
 def reward_description(reward: Any) -> str:

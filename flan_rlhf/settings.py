@@ -185,6 +185,12 @@ class GRPOSettings(GroupSettings):
     scale_rewards: bool = True
 
 
+#: Every RL method by its name: its module is ``<NAME>Module`` (``flan_rlhf.module.PPOModule``,
+#: ``flan_rlhf.critic_free.RLOOModule``, ...) and the name is also its settings group's key
+#: (``--model.rloo.*``, the checkpoint's ``hyper_parameters["rloo"]``).
+METHOD_SETTINGS: dict[str, type[UpdateSettings]] = {"ppo": PPOSettings, "rloo": RLOOSettings, "grpo": GRPOSettings}
+
+
 class SettingsError(ValueError):
     """An RL module's settings hold a value the algorithm cannot run with (the message names the fix)."""
 

@@ -195,3 +195,18 @@ def test_one_pass_over_one_minibatch_is_on_policy_reinforce():
     row = recorder.rows[-1]
     assert abs(row["ppo/policy/ratio_mean"] - 1.0) < 1e-5 and row["ppo/policy/clipfrac"] == 0.0
     assert row["ppo/updates"] == 1.0 and abs(row["objective/kl"]) < 1e-5
+
+
+def test_the_method_registry_names_each_module_and_its_settings_group():
+    """``settings.METHOD_SETTINGS`` is what export, model cards and the demo read; each entry must be the
+    module whose ``SETTINGS_KEY`` is its key, named ``<KEY>Module``, taking that settings class."""
+    import inspect
+
+    from flan_rlhf.module import PPOModule
+    from flan_rlhf.settings import METHOD_SETTINGS
+
+    for cls in (PPOModule, RLOOModule, GRPOModule):
+        key = cls.SETTINGS_KEY
+        assert cls.__name__ == f"{key.upper()}Module" and cls.ALGORITHM == key.upper()
+        assert inspect.signature(cls.__init__).parameters[key].default.__class__ is METHOD_SETTINGS[key]
+    assert len(METHOD_SETTINGS) == 3

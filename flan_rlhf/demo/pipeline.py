@@ -25,11 +25,12 @@ from typing import Literal
 from jsonargparse.typing import PositiveInt
 
 from flan_rlhf.io import atomic_file
+from flan_rlhf.settings import METHOD_SETTINGS
 from flan_rlhf.tools.command import FinishedWithProblem, run_tool
 
 # the demo's own output folders under --root, replaced by --rebuild (and, when they hold an earlier
 # demo export, by every run: the stages pass the overwrite opt-in)
-METHODS = ("ppo", "rloo", "grpo")
+METHODS = tuple(METHOD_SETTINGS)
 #: the file that marks a checkpoint folder as the demo's own (replaced by every run of that method)
 DEMO_CHECKPOINTS_MARK = ".written-by-flan-rlhf-demo"
 
@@ -164,7 +165,7 @@ def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_
 
 def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild: bool = False,
          sft_steps: PositiveInt | None = None, ppo_steps: PositiveInt | None = None, n_train: PositiveInt = 4000,
-         n_test: PositiveInt = 400, configs: str | None = None, method: Literal["ppo", "rloo", "grpo"] = "ppo") -> str:
+         n_test: PositiveInt = 400, configs: str | None = None, method: Literal[METHODS] = "ppo") -> str:
     """The whole pipeline offline: corpus, tokenizer, SFT, RL (PPO, RLOO or GRPO), before/after report.
 
     Args:

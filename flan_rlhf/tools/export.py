@@ -49,21 +49,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- loading
-#: The settings group of each RL module in a checkpoint's hyper-parameters, and its algorithm.
-ALGORITHM_SETTINGS = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}
-
-
 def settings_globals() -> list[Any]:
     """The settings dataclasses an RL module built in Python keeps in its hyper-parameters, allowed in a safe load."""
-    from flan_rlhf.settings import GenerationSettings, GRPOSettings, PPOSettings, RLOOSettings
+    from flan_rlhf.settings import METHOD_SETTINGS, GenerationSettings
 
-    return [PolicySpec, LoraSettings, GenerationSettings, PPOSettings, RLOOSettings, GRPOSettings]
+    return [PolicySpec, LoraSettings, GenerationSettings, *METHOD_SETTINGS.values()]
 
 
 def algorithm_settings(checkpoint: dict[str, Any]) -> tuple[str, Any]:
     """``(algorithm, its settings as stored)`` of an RL module's checkpoint (``("PPO", None)`` if none is stored)."""
+    from flan_rlhf.settings import METHOD_SETTINGS
+
     hparams = checkpoint.get("hyper_parameters") or {}
-    return next(((name, hparams[key]) for key, name in ALGORITHM_SETTINGS.items() if key in hparams), ("PPO", None))
+    return next(((key.upper(), hparams[key]) for key in METHOD_SETTINGS if key in hparams), ("PPO", None))
 
 
 def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
