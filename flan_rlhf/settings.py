@@ -3,9 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flan_rlhf.group_advantages import check_group_size
-from flan_rlhf.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS
-
 
 @dataclass
 class GenerationSettings:
@@ -197,6 +194,10 @@ class SettingsError(ValueError):
 
 def check_update_settings(settings: UpdateSettings) -> UpdateSettings:
     """``settings`` if every choice and count is valid, else :class:`SettingsError` with one line."""
+    # imported here: the settings dataclasses stay free of torch, so commands' --help starts fast
+    from flan_rlhf.group_advantages import check_group_size
+    from flan_rlhf.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS
+
     def require(ok: bool, message: str) -> None:
         if not ok:
             raise SettingsError(message)
