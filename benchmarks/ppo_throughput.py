@@ -225,8 +225,8 @@ def main(argv=None) -> None:
     iteration_stats: list[dict[str, float]] = []
     ppo_iteration = model.ppo_iteration
 
-    def recording_ppo_iteration(prompts, optimizer):
-        stats = ppo_iteration(prompts, optimizer)
+    def recording_ppo_iteration(prompts, optimizer, references=None):
+        stats = ppo_iteration(prompts, optimizer, references)
         iteration_stats.append(dict(stats))
         return stats
 

@@ -97,12 +97,12 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flan_rlhf.guards import NonFiniteError
     from flan_rlhf.output_dirs import OutputDirError
     from flan_rlhf.policy import ModelLoadError
-    from flan_rlhf.rewards.base import RewardOptionError, RewardOutputError, RewardSetupError
+    from flan_rlhf.rewards.base import RewardOptionError, RewardOutputError, RewardReferencesError, RewardSetupError
     from flan_rlhf.run_lock import RunLockedError
     from flan_rlhf.settings import SettingsError
 
     return (CheckpointError, DataConfigError, ModelLoadError, OutputDirError, RewardOptionError, RewardOutputError,
-            RewardSetupError, NonFiniteError, RunLockedError, SettingsError)
+            RewardReferencesError, RewardSetupError, NonFiniteError, RunLockedError, SettingsError)
 
 
 def main(argv: list[str] | None = None) -> int:

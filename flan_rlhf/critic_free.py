@@ -35,10 +35,11 @@ class CriticFreeModule(OnPolicyModule):
     LOSS_KEYS = CRITIC_FREE_LOSS_KEYS
     settings: GroupSettings
 
-    def rollout_prompts(self, prompts: list[str]) -> list[str]:
-        """Each prompt ``k`` times in a row: ``[p0, p0, .., p1, p1, ..]`` (``len(prompts) * k`` rows)."""
+    def rollout_rows(self, per_prompt: list) -> list:
+        """Each entry ``k`` times in a row: ``[p0, p0, .., p1, p1, ..]`` (``len(per_prompt) * k`` rows), so a
+        prompt's references follow each of its responses."""
         k = self.settings.samples_per_prompt
-        return [prompt for prompt in prompts for _ in range(k)]
+        return [entry for entry in per_prompt for _ in range(k)]
 
     def group_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """``(n_groups, k)`` rewards -> ``(n_groups, k)`` advantages."""

@@ -31,7 +31,7 @@ class EvaluationMixin:
     def _sample_and_score(self, batch: dict[str, Any], batch_idx: int):
         """Seeded sampling of one evaluation batch; returns the scored rollout and per-sequence KL ``(batch,)``."""
         self.seed_iteration(EVAL_SEED_OFFSET + batch_idx)
-        rollout = self.rollout(batch["prompt"], self.eval_generation)
+        rollout = self.rollout(batch["prompt"], self.eval_generation, references=batch.get("references"))
         kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask)
         return rollout, kl
 

@@ -349,7 +349,23 @@ class FlanRLHFCLI(LightningCLI):
     def _set_up_reward(self) -> None:
         reward = getattr(self.model, "reward", None)
         if isinstance(reward, Reward):
+            self._refuse_reward_without_references(reward)
             set_up_reward(reward, "cpu")  # idempotent; the module moves it to its device later
+
+    def _refuse_reward_without_references(self, reward: Reward) -> None:
+        """Stop before any model loads when the reward compares responses with references and the data has none.
+
+        Raises:
+            RewardReferencesError: one line naming the reward and ``--data.init_args.reference_columns``.
+        """
+        from flan_rlhf.rewards.base import RewardReferencesError
+
+        columns = getattr(getattr(self, "datamodule", None), "reference_columns", None)
+        if reward.needs_references and columns is not None and not columns:
+            raise RewardReferencesError(
+                f"reward '{reward.name}' compares each response with its row's references, but "
+                "--data.init_args.reference_columns is empty: list the column(s) holding them (e.g. [summary]) "
+                "or drop this reward")
 
 
 def run_lightning_cli(args: list[str] | None = None, run: bool = True, extra_options: type | None = None,

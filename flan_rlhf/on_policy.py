@@ -2,8 +2,8 @@
 
 :class:`OnPolicyModule` samples, scores, guards, keeps the KL controller, runs ``ppo_epochs``
 passes of clipped-ratio minibatch updates, logs, checkpoints (exact resume) and exports. A
-subclass says only what differs between algorithms: how prompts become rollout rows
-(:meth:`~OnPolicyModule.rollout_prompts`), the per-token training targets of each row
+subclass says only what differs between algorithms: how prompts (and their references) become
+rollout rows (:meth:`~OnPolicyModule.rollout_rows`), the per-token training targets of each row
 (:meth:`~OnPolicyModule.training_targets`) and a minibatch's loss
 (:meth:`~OnPolicyModule.minibatch_loss`). PPO (:mod:`flan_rlhf.module`) and RLOO / GRPO
 (:mod:`flan_rlhf.critic_free`) are such subclasses.
@@ -160,13 +160,15 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         return seed
 
     def rollout(
-        self, prompts: list[str], settings: GenerationSettings, with_reference: bool = True, scored: bool = True
+        self, prompts: list[str], settings: GenerationSettings, with_reference: bool = True, scored: bool = True,
+        references: list[list[str]] | None = None,
     ) -> Rollout:
         """Sample responses for ``prompts``, evaluate them under policy, value head (if any) and reference, and score them.
 
         The policy's log-probs, values and entropy come from the sampling pass itself and only
         the reference needs a teacher-forced forward (:func:`flan_rlhf.rollout.collect_experience`).
-        ``scored=False`` skips the reward (``Rollout.scores`` is then ``None``).
+        ``scored=False`` skips the reward (``Rollout.scores`` is then ``None``). ``references``
+        (one list of reference texts per prompt) go to a reward that compares responses with them.
         """
         input_ids, attention_mask, prompt_cut = tokenize_prompts(
             self.tokenizer, prompts, self.truncate_prompt_tokens, self.device
@@ -179,7 +181,7 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         mask = response_mask(responses, self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(responses * mask.long() + self.tokenizer.pad_token_id * (1 - mask.long()),
                                             skip_special_tokens=True)
-        scores, components = self.score_rollout(list(prompts), texts) if scored else (None, {})
+        scores, components = self.score_rollout(list(prompts), texts, references) if scored else (None, {})
         return Rollout(input_ids, attention_mask, responses, mask, logprobs,
                        ref_logprobs if ref_logprobs is not None else torch.zeros_like(logprobs),
                        values, entropy, list(prompts), texts, prompt_cut, scores, components)
@@ -202,10 +204,12 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         return [text_within_limit(self.tokenizer, prompt, self.truncate_prompt_tokens) if cut else prompt
                 for prompt, cut in zip(prompts, prompt_cut)]
 
-    def score_rollout(self, prompts: list[str], texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Raw reward ``(batch,)`` on this device and each component ``(batch,)`` for decoded responses."""
+    def score_rollout(self, prompts: list[str], texts: list[str], references: list[list[str]] | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Raw reward ``(batch,)`` on this device and each component ``(batch,)`` for decoded responses
+        (``references``: one list per response, for a reward that needs them)."""
         self._ensure_reward()
-        scores, components = self.reward.score(prompts, texts)
+        scores, components = self.reward.score(prompts, texts, references)
         return scores.to(self.device), components
 
     def shaped_scores(self, rollout: Rollout) -> torch.Tensor:
@@ -240,7 +244,7 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         with count_as_one_step(optimizer):
-            stats = self.ppo_iteration(batch["prompt"], optimizer)
+            stats = self.ppo_iteration(batch["prompt"], optimizer, batch.get("references"))
         scheduler.step()
         stats["ppo/learning_rate"] = optimizer.param_groups[0]["lr"]
         shown = {key: stats.pop(key) for key in ("env/reward_mean", "objective/kl") if key in stats}
@@ -248,14 +252,16 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         self.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True, batch_size=size)
         self.log_dict(stats, on_step=True, on_epoch=False, prog_bar=False, sync_dist=True, batch_size=size)
 
-    def ppo_iteration(self, prompts: list[str], optimizer) -> dict[str, float]:
-        """One iteration on a batch of ``prompts``: rollout, guards, targets, update; returns the statistics to log."""
+    def ppo_iteration(self, prompts: list[str], optimizer, references: list[list[str]] | None = None) -> dict[str, float]:
+        """One iteration on a batch of ``prompts`` (and their ``references``, one list per prompt, for a reward
+        that needs them): rollout, guards, targets, update; returns the statistics to log."""
         s = self.settings
         iteration = self.global_step
         self.seed_iteration(iteration)
         t0 = time.perf_counter()
         with torch.no_grad():
-            rollout = self.rollout(self.rollout_prompts(prompts), self.generation)
+            rollout = self.rollout(self.rollout_rows(prompts), self.generation,
+                                   references=None if references is None else self.rollout_rows(references))
         t_rollout = time.perf_counter() - t0
         raw = rollout.scores.float()
         stats: dict[str, float] = {
@@ -304,9 +310,10 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         return stats
 
     # ------------------------------------------------------------------ what an algorithm defines
-    def rollout_prompts(self, prompts: list[str]) -> list[str]:
-        """The rollout's rows: one per prompt here; critic-free methods repeat each prompt k times."""
-        return list(prompts)
+    def rollout_rows(self, per_prompt: list) -> list:
+        """The rollout's rows from one entry per prompt (its text, its references): one row per prompt here;
+        critic-free methods repeat each entry k times."""
+        return list(per_prompt)
 
     def training_targets(self, rollout: Rollout, scores: torch.Tensor, kl_coef: float
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:

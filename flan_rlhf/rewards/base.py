@@ -1,6 +1,9 @@
 """The one interface every reward source implements.
 
 A reward maps ``(prompts, responses)`` to one float score per response, higher is better.
+A reward that compares a response with its row's reference texts (ROUGE, BLEU:
+:mod:`flan_rlhf.rewards.reference`) sets ``needs_references`` and also receives
+``references``, which flow from the data module's ``reference_columns`` through the rollout.
 Sources that are made of parts (a composite, a multi-label detoxify) also expose their
 parts through :meth:`Reward.components` so each can be logged on its own
 (``env/reward/<name>_mean``).
@@ -23,6 +26,10 @@ class RewardOptionError(ValueError):
     """A reward built with an option it cannot take (``batch_size: 0``, an unknown mode...); the
     message names the option and what works. Raised by the constructors, so a bad config stops
     with one line before anything loads."""
+
+
+class RewardReferencesError(ValueError):
+    """A reward that compares responses with references was given none (or not one list per response)."""
 
 
 class RewardSetupError(RuntimeError):
@@ -55,6 +62,8 @@ class Reward(abc.ABC):
     """
 
     name: str = "reward"
+    #: whether :meth:`components` takes ``references`` (one list of reference texts per response)
+    needs_references: bool = False
 
     def setup(self, device: torch.device | str = "cpu") -> "Reward":
         """Load models (once) and move them to ``device``. Idempotent. Returns ``self``."""
@@ -67,6 +76,8 @@ class Reward(abc.ABC):
         Args:
             prompts: ``batch`` prompt strings (the text the policy saw).
             responses: ``batch`` decoded response strings.
+            references: (only when ``needs_references``; a third argument) ``batch`` non-empty
+                lists of reference strings, checked by :meth:`score`.
 
         Returns:
             Mapping from component name to a float tensor of shape ``(batch,)``. For a single
@@ -77,16 +88,25 @@ class Reward(abc.ABC):
         """Fold components into the scalar reward, shape ``(batch,)``. Default: the sum."""
         return torch.stack(list(components.values()), dim=0).sum(dim=0)
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[Sequence[str]] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Validated scores: ``(reward, components)``.
 
+        Args:
+            references: ``batch`` lists of reference strings (a row's references, repeated for
+                each of its responses); required when ``needs_references``, ignored otherwise.
         Returns:
             reward: float32 CPU tensor, shape ``(batch,)``; may hold NaN/inf (callers guard).
             components: each component as a float32 CPU tensor of shape ``(batch,)``.
         Raises:
             RewardOutputError: a component of the wrong type or shape.
+            RewardReferencesError: ``needs_references`` and no reference list (or an empty one) for a response.
         """
-        raw = self.components(prompts, responses)
+        if self.needs_references:
+            raw = self.components(prompts, responses, check_references(self.name, references, len(responses)))
+        else:
+            raw = self.components(prompts, responses)
         if not isinstance(raw, dict) or not raw:
             raise RewardOutputError(
                 f"reward '{self.name}' returned {type(raw).__name__} from components(), "
@@ -95,9 +115,35 @@ class Reward(abc.ABC):
         checked = {key: check_scores(key, value, len(responses)) for key, value in raw.items()}
         return check_scores(self.name, self.combine(checked), len(responses)), checked
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    def __call__(
+        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[Sequence[str]] | None = None
+    ) -> torch.Tensor:
         """The scalar reward per response, shape ``(batch,)``, float32, on CPU."""
-        return self.score(prompts, responses)[0]
+        return self.score(prompts, responses, references)[0]
+
+
+def check_references(name: str, references: Sequence[Sequence[str]] | None, batch_size: int) -> list[list[str]]:
+    """``references`` as ``batch_size`` non-empty lists of strings, or one line naming what is missing.
+
+    Raises:
+        RewardReferencesError: no references, a count that is not ``batch_size``, or a response
+            whose row has none.
+    """
+    fix = ("give the data module the column(s) holding each row's reference texts "
+           "(--data.init_args.reference_columns) or drop this reward")
+    if references is None:
+        raise RewardReferencesError(f"reward '{name}' compares each response with its row's references, "
+                                    f"but none were given: {fix}")
+    rows = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
+    if len(rows) != batch_size:
+        raise RewardReferencesError(f"reward '{name}' got {len(rows)} reference lists for {batch_size} responses: "
+                                    "pass one list of reference texts per response")
+    missing = [i for i, row in enumerate(rows) if not row or not all(isinstance(ref, str) for ref in row)]
+    if missing:
+        raise RewardReferencesError(f"reward '{name}' compares each response with its row's references, but "
+                                    f"{len(missing)} of {batch_size} responses have none (e.g. row {missing[0]}): "
+                                    f"{fix}; rows without a reference cannot be scored")
+    return rows
 
 
 def check_scores(name: str, scores: object, batch_size: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """A weighted sum of named rewards, e.g. ``1.0 * non_toxicity + 0.5 * positivity``.
 
 Each child's own (combined) reward is a component under the child's ``name``, so the training
-loop logs every part on its own as ``env/reward/<name>_mean``.
+loop logs every part on its own as ``env/reward/<name>_mean``. A composite needs references when
+any child does (``profanity + 0.5 * ROUGE-L``), and passes them to the children that take them.
 """
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ class CompositeReward(Reward):
           rewards:
             - class_path: flan_rlhf.rewards.ProfanityReward
             - class_path: flan_rlhf.rewards.VaderReward
+          weights: [1.0, 0.5]
+
+    Keeping the task quality while detoxifying (references from the data's ``reference_columns``)::
+
+          rewards:
+            - class_path: flan_rlhf.rewards.ProfanityReward
+            - class_path: flan_rlhf.rewards.RougeReward     # ROUGE-L F against the row's references
           weights: [1.0, 0.5]
     """
 
@@ -59,9 +67,16 @@ class CompositeReward(Reward):
             reward.setup(device)
         return self
 
-    def components(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{child.name: child reward}``, each validated to shape ``(batch,)``."""
-        return {reward.name: reward.score(prompts, responses)[0] for reward in self.rewards}
+    @property
+    def needs_references(self) -> bool:  # type: ignore[override]
+        """Whether any child compares responses with references."""
+        return any(reward.needs_references for reward in self.rewards)
+
+    def components(self, prompts: Sequence[str], responses: Sequence[str],
+                   references: Sequence[Sequence[str]] | None = None) -> dict[str, torch.Tensor]:
+        """``{child.name: child reward}``, each validated to shape ``(batch,)``; ``references`` go to every child
+        (those that do not need them ignore them)."""
+        return {reward.name: reward.score(prompts, responses, references)[0] for reward in self.rewards}
 
     def combine(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sum_i w_i * components[name_i]``, shape ``(batch,)``."""

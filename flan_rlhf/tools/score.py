@@ -5,6 +5,7 @@ For auditing a dataset or another system's outputs::
     flan-rlhf score --reward ProfanityReward --input responses.jsonl --output scored.jsonl
     flan-rlhf score --reward configs/rewards/composite_nontoxic_positive.yaml --input outputs.parquet ...
     flan-rlhf score --reward ClassifierReward --reward.label nothate --input texts.csv --text_column text ...
+    flan-rlhf score --reward RougeReward --input responses.jsonl --reference_column references ...
 
 The defaults read what ``flan-rlhf generate`` writes: texts from ``response``, prompts from
 ``prompt`` when the file has that column.
@@ -105,6 +106,20 @@ def classify_text(value: object) -> tuple[str | None, str | None]:
     return value, None
 
 
+def reference_texts(value: object) -> tuple[list[str], str | None]:
+    """A cell of the reference column as a list of reference strings, or ``([], reason)`` when it has none.
+
+    A string is one reference; a list (JSON, parquet) holds several; blank ones are dropped.
+    """
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    items = value if isinstance(value, list) else [value]
+    kept = [text for text in (classify_text(item)[0] for item in items) if text is not None]
+    if kept:
+        return kept, None
+    return [], classify_text(items[0])[1] if len(items) == 1 else "empty"
+
+
 def _json_value(value: object) -> object:
     """A DataFrame cell as something ``json.dumps`` writes (NaN/NA -> null, numpy -> Python)."""
     if value is None or value is pd.NA:
@@ -124,16 +139,19 @@ def score_rows(
     prompts: list[str],
     batch_size: int,
     progress: RowProgress | None = None,
+    references: list[list[str]] | None = None,
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Score ``texts`` in batches; returns ``(reward per text, {component: per text})``.
 
+    ``references``: one list of reference texts per text, for a reward that needs them.
     ``progress`` is advanced by the number of texts of each batch.
     """
     totals: list[float] = []
     parts: dict[str, list[float]] = {}
     index = list(range(len(texts)))
     for chunk in batched(index, batch_size):
-        total, components = reward.score([prompts[i] for i in chunk], [texts[i] for i in chunk])
+        total, components = reward.score([prompts[i] for i in chunk], [texts[i] for i in chunk],
+                                         None if references is None else [references[i] for i in chunk])
         totals.extend(total.tolist())
         for name, values in components.items():
             parts.setdefault(name, []).extend(values.tolist())
@@ -149,8 +167,8 @@ def nonfinite_rows(totals: list[float], components: dict[str, list[float]]) -> l
 
 
 def score(input: str, output: str, reward: Reward, text_column: str = TEXT_COLUMN, prompt_column: str | None = None,
-          batch_size: PositiveInt = 64, device: str = "cpu", overwrite: bool = False,
-          allow_nonfinite: bool = False) -> str:
+          reference_column: str | None = None, batch_size: PositiveInt = 64, device: str = "cpu",
+          overwrite: bool = False, allow_nonfinite: bool = False) -> str:
     """Score the texts of a file with a reward; one output row per scored input row.
 
     Args:
@@ -162,6 +180,9 @@ def score(input: str, output: str, reward: Reward, text_column: str = TEXT_COLUM
         text_column: the column holding the texts to score.
         prompt_column: the column of prompts passed to the reward (rewards with score_prompt use
             them); default: ``prompt`` when the file has that column, else none.
+        reference_column: the column of reference texts (a string or a list of strings per row) for a
+            reward that compares each text with references (RougeReward, BleuReward); rows whose
+            reference is missing or blank are skipped.
         batch_size: texts per reward call.
         device: where model rewards run, e.g. cuda:0.
         overwrite: replace ``output`` if it exists.
@@ -184,18 +205,32 @@ def score(input: str, output: str, reward: Reward, text_column: str = TEXT_COLUM
         prompt_column = PROMPT_COLUMN if PROMPT_COLUMN in table.columns else None
     elif prompt_column not in table.columns:
         raise UsageError(f"--prompt_column {prompt_column!r} is not a column of {input}; its columns: {list(table.columns)}")
+    if reference_column is not None and reference_column not in table.columns:
+        raise UsageError(f"--reference_column {reference_column!r} is not a column of {input}; its columns: "
+                         f"{list(table.columns)}")
+    if reward.needs_references and reference_column is None:
+        raise UsageError(f"reward '{reward.name}' compares each text with references: pass --reference_column with "
+                         f"the column holding them (one of {list(table.columns)})")
     set_up_reward(reward, torch.device(device))
 
     kept_rows: list[int] = []
     texts: list[str] = []
-    skipped: dict[str, int] = {}
+    skipped: dict[tuple[str, str], int] = {}  # (reason, column) -> rows
+    references: list[list[str]] | None = None if reference_column is None else []
+    reference_values = table[reference_column].tolist() if reference_column is not None else None
     for row_number, value in enumerate(table[text_column].tolist()):
         text, reason = classify_text(value)
+        if reason is None and reference_values is not None:
+            row_references, reference_problem = reference_texts(reference_values[row_number])
+            reason = None if reference_problem is None else (reference_problem, reference_column)
         if reason is not None:
-            skipped[reason] = skipped.get(reason, 0) + 1
+            key = reason if isinstance(reason, tuple) else (reason, text_column)
+            skipped[key] = skipped.get(key, 0) + 1
             continue
         kept_rows.append(row_number)
         texts.append(text)
+        if references is not None:
+            references.append(row_references)
     if prompt_column is None:
         prompts = [""] * len(texts)
     else:
@@ -203,7 +238,7 @@ def score(input: str, output: str, reward: Reward, text_column: str = TEXT_COLUM
         prompts = [classify_text(prompt_values[row])[0] or "" for row in kept_rows]
 
     with RowProgress(len(texts), "score") as progress:
-        totals, components = score_rows(reward, texts, prompts, batch_size, progress)
+        totals, components = score_rows(reward, texts, prompts, batch_size, progress, references)
     clashes = [name for name in [*components, REWARD_COLUMN] if name in table.columns]
     if clashes:
         raise UsageError(f"input already has column(s) {clashes} that the scores would overwrite: rename them first")
@@ -218,8 +253,8 @@ def score(input: str, output: str, reward: Reward, text_column: str = TEXT_COLUM
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     skipped_total = sum(skipped.values())
-    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
-    why = f" ({reasons} text in '{text_column}')" if skipped_total else ""
+    reasons = ", ".join(f"{count} {reason} text in '{column}'" for (reason, column), count in sorted(skipped.items()))
+    why = f" ({reasons})" if skipped_total else ""
     bad = nonfinite_rows(totals, components)
     nonfinite = f", {len(bad)} not finite (NaN/inf, written as null)" if bad else ""
     summary = (f"score: {len(texts)} rows scored with '{reward.name}', {skipped_total} skipped{why}{nonfinite} "

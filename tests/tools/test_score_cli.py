@@ -129,3 +129,24 @@ def test_every_reward_yaml_builds_a_reward(config):
     assert isinstance(reward, Reward)
     if isinstance(reward, CompositeReward):
         assert list(reward.weights.values()) == [1.0, 0.5]
+
+
+def test_a_reference_reward_scores_each_text_against_its_rows_references(tmp_path, capsys):
+    """One reference (a string) or several (a list) per row, best match kept; a row without a reference is
+    skipped and counted; without --reference_column the reward is refused in one line."""
+    source = tmp_path / "in.jsonl"
+    rows = [{"response": "the cat sat", "refs": "the cat sat on the mat"},
+            {"response": "the cat sat", "refs": ["a dog", "the cat sat"]},
+            {"response": "a dog", "refs": None},
+            {"response": "a dog", "refs": ["", " "]}]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    argv = ["--reward", "RougeReward", "--input", str(source), "--output", str(output)]
+    assert main([*argv, "--reference_column", "refs"]) == 0
+    assert ("score: 2 rows scored with 'rougeL', 2 skipped (1 empty text in 'refs', 1 missing text in 'refs')"
+            in capsys.readouterr().out)
+    assert [round(row["rougeL"], 4) for row in read_jsonl(output)] == [round(2 / 3, 4), 1.0]
+
+    assert main([*argv, "--overwrite", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reward 'rougeL' compares each text with references: pass --reference_column" in err
