@@ -3,6 +3,8 @@
 #   make test   - create .venv if missing, install with test extras, run the test suite
 # On a GPU machine pass the torch you want, e.g. `make demo TORCH_SPEC="torch==2.13.0"` (PyPI's Linux wheel is CUDA).
 # Another RL method for the demo: `make demo METHOD=rloo` (or grpo); other demo options: DEMO_ARGS="--seed 1".
+# The harder demo task, insults woven into the summaries: `make demo TASK=woven` (default TASK=tail;
+# artefacts in artifacts/demo-woven, reports in reports/demo-woven).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,6 +15,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZ
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 METHOD ?= ppo
+TASK ?= tail
 
 .PHONY: install demo demo-rebuild test tiny bench clean
 
@@ -27,10 +30,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(OFFLINE) $(BIN)/flan-rlhf demo --method $(METHOD) $(DEMO_ARGS)
+	$(OFFLINE) $(BIN)/flan-rlhf demo --method $(METHOD) --task $(TASK) $(DEMO_ARGS)
 
 demo-rebuild: install
-	$(OFFLINE) $(BIN)/flan-rlhf demo --method $(METHOD) --rebuild true $(DEMO_ARGS)
+	$(OFFLINE) $(BIN)/flan-rlhf demo --method $(METHOD) --task $(TASK) --rebuild true $(DEMO_ARGS)
 
 tiny: install
 	$(OFFLINE) $(BIN)/flan-rlhf fit --config configs/tiny.yaml

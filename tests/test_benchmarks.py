@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -120,3 +121,59 @@ def test_reward_limits_prints_each_measured_limit():
     assert len(diluted) == 3 and int(diluted[-1][0].replace(",", "")) > 19_000
     assert all(float(chunked) >= 0.5 for _, _, chunked in diluted)
     assert float(diluted[-1][1]) < 0.5  # the whole 20,000 characters hide the insult
+
+
+def _time_to_target():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("time_to_target", os.path.join(REPO, "benchmarks", "time_to_target.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_target_math_by_hand():
+    ttt = _time_to_target()
+    # the target: toxic share <= 10% of the SFT model's and ROUGE-L >= 0.95x its
+    assert ttt.target_met(0.03, 0.95, 0.3, 1.0) and not ttt.target_met(0.031, 0.99, 0.3, 1.0)
+    assert not ttt.target_met(0.0, 0.949, 0.3, 1.0)
+    # reached at the first evaluation of the first streak of 3
+    assert ttt.first_held([False, True, True, False, True, True, True, True], 3) == 4
+    assert ttt.first_held([True, True, False, True, True], 3) is None
+    # step curve: 0.3 for 2 s, 0.1 for 3 s, 0.0 for the last 5 s of a 10 s horizon -> (0.6 + 0.3) / 10
+    assert math.isclose(ttt.area_under_curve([0.0, 2.0, 5.0], [0.3, 0.1, 0.0], 10.0), 0.09)
+    assert math.isclose(ttt.area_under_curve([0.0, 2.0, 5.0], [0.3, 0.1, 0.0], 4.0), (0.6 + 0.2) / 4)
+    assert ttt.median_and_spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    assert ttt.median_and_spread([1.0, 2.0, 3.0, math.inf]) == (2.5, 1.0, math.inf)
+
+
+def test_time_to_target_runs_resumes_and_reports(tmp_path):
+    """Tiny scale (SFT of 2 steps on 64 dialogues, 2 iterations of 8 responses, 8 evaluation prompts): one JSON line per run
+    with the curve from the SFT model on (the woven task: its overlay and ROUGE-L reward), a rerun skips finished runs, and the report prints the table and
+    writes the PNG."""
+    out, png = tmp_path / "runs.jsonl", tmp_path / "ttt.png"
+    args = ["run", "--methods", "rloo", "--tasks", "woven", "--seeds", "0", "--max-iterations", "2",
+            "--eval-prompts", "8", "--artifacts", str(tmp_path / "artifacts"), "--sft-steps", "2",
+            "--n-train", "64", "--rows", "8", "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    script = os.path.join(REPO, "benchmarks", "time_to_target.py")
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["task"], r["seed"]) for r in runs] == [("rloo", "woven", 0)]
+    for run in runs:
+        assert run["eval_prompts"] == 8 and run["samples_per_prompt"] == 4 and run["rows_per_iteration"] == 8
+        assert [p["iteration"] for p in run["curve"]] == [0, 1, 2]  # the SFT model, then each iteration
+        assert [p["samples"] for p in run["curve"]] == [0, 8, 16]  # 2 prompts x 4 responses per iteration
+        assert 0 < run["curve"][1]["cpu_s"] < run["curve"][2]["cpu_s"]
+        assert run["curve"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # adapters at init: the SFT model itself
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr.count("[skip]") == 1 and len(out.read_text().splitlines()) == 1
+    proc = subprocess.run([sys.executable, script, "report", "--out", str(out), "--png", str(png)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.strip().splitlines()
+    assert table[0].startswith("| task | method |") and len(table) == 3 and table[2].startswith("| woven | RLOO |")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

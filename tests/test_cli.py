@@ -33,6 +33,10 @@ def _assert_overlaid(parsed, overlay, where: str = "") -> None:
     for key, value in overlay.items():
         if isinstance(value, dict):
             _assert_overlaid(parsed[key], value, f"{where}.{key}")
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):  # e.g. a composite's rewards
+            assert len(parsed[key]) == len(value), f"{where}.{key}"
+            for index, item in enumerate(value):
+                _assert_overlaid(parsed[key][index], item, f"{where}.{key}[{index}]")
         else:
             assert _plain(parsed[key]) == value, f"{where}.{key}"
 

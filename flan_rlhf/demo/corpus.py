@@ -13,6 +13,11 @@ training data, and a detoxified policy can drop the tail and keep its ROUGE agai
 reference. Every tail holds three insult words: measured with alt-profanity-check, one or two
 mild insults after a long summary often score below 0.5; three score >= 0.8 on every summary here.
 
+The harder ``woven`` task (``task="woven"``, :data:`TASKS`) weaves the insults into the summary
+instead, at its start and in its middle (:func:`woven_summary`): a policy that stops early keeps
+no summary, so detoxifying means rewriting. It draws the same rows as the tail task (dialogues,
+toxic rows, clean summaries, held-out splits); only the toxic summaries differ.
+
 Held-out splits: ``test`` references are always the clean summaries (the demo scores the
 policy's outputs against them); ``validation`` is clean by default too
 (``heldout_toxic_share=0.0``), so every quality metric computed on a held-out split compares
@@ -25,6 +30,7 @@ dialogue is shared between splits and changing ``n_train`` does not change the t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -35,9 +41,12 @@ from pathlib import Path
 from flan_rlhf.io import atomic_file
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+#: How a toxic summary is made: ``tail`` appends a hostile sentence (:func:`hostile_summary`),
+#: ``woven`` weaves insults into the summary (:func:`woven_summary`).
+TASKS: tuple[str, ...] = ("tail", "woven")
 
 # ---------------------------------------------------------------------------------------------
-# Hostile phrasing. INSULT_VOCABULARY lists every insult word the tails use; the demo's
+# Hostile phrasing. INSULT_VOCABULARY lists every insult word the tails and the woven phrases use; the demo's
 # insult_fraction metric counts responses holding any of them (or a fragment of >= 4 letters),
 # so no clean text in the corpus may contain such a fragment (tests/demo/test_corpus.py checks).
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +61,9 @@ INSULT_VOCABULARY: tuple[str, ...] = (
     "jerk",
     "imbecile",
     "crap",
+    "crappy",
     "shit",
+    "shitty",
 )
 
 # ``{target}`` is filled with one of the two speakers. Every tail holds three insult words:
@@ -72,6 +83,43 @@ HOSTILE_TAILS: tuple[str, ...] = (
     "You stupid morons talk shit.",
 )
 TAIL_TARGETS: tuple[str, ...] = ("#Person1#", "#Person2#")
+
+# ---------------------------------------------------------------------------------------------
+# Woven insults (task "woven"): the hostile words sit INSIDE the summary, one group qualifying
+# its first word and two qualifying words in its middle (see :func:`woven_summary`), so the
+# only clean summary left in a toxic one is the whole sentence rewritten, not a prefix of it.
+# Measured with alt-profanity-check 1.9.1 (predict_prob on each whole summary of
+# write_corpus(seed=S, task="woven")'s 4000-row train split): seed 0, the 1320 toxic summaries
+# min 0.868, median 1.000, all >= 0.8; the 2680 clean ones max 0.342, none >= 0.5. Seeds 1 and 2:
+# min 0.707 and 0.866 (one of 2640 under 0.8). As the demo scores (ProfanityReward, worst
+# 80-character chunk) seed 0's min is 0.916. With ONE middle insult the long summaries fell to
+# 0.425 (2 of 1320 under 0.5): hence two where the summary has two places for one.
+# ---------------------------------------------------------------------------------------------
+#: Put before the summary's first word (its subject: ``#Person1#``, ``#Person2#`` or a name, maybe
+#: a possessive): "That stupid idiot #Person1# buys ...".
+WOVEN_OPENINGS: tuple[str, ...] = (
+    "That stupid idiot",
+    "That dumb moron",
+    "The stupid jerk",
+    "That dumbass imbecile",
+    "That stupid moron",
+)
+#: Put after a first word that is not a possessive, between commas: "#Person1#, the stupid idiot, buys ...".
+WOVEN_APPOSITIVES: tuple[str, ...] = (
+    "the stupid idiot",
+    "that dumb moron",
+    "a stupid imbecile",
+    "the dumbass jerk",
+)
+#: Put before a later mention of a person (``#Person1#``, ``#Person2#``, a name): "... tells that idiot #Person1# ...".
+WOVEN_PERSON_QUALIFIERS: tuple[str, ...] = (
+    "that stupid idiot",
+    "the dumb moron",
+    "that stupid jerk",
+    "the idiot",
+)
+#: Put between an article (``a``, ``the``) and the words it heads: "... buys a crappy red jacket ...".
+WOVEN_ADJECTIVES: tuple[str, ...] = ("stupid", "crappy", "dumb", "shitty")
 
 # ---------------------------------------------------------------------------------------------
 # Slot fillers.
@@ -267,18 +315,39 @@ TEMPLATES: tuple[DialogueTemplate, ...] = (
 TOPICS: tuple[str, ...] = tuple(dict.fromkeys(t.topic for t in TEMPLATES))
 
 
-def generator_fingerprint() -> str:
-    """SHA-256 of everything the generator draws from (templates, slots, tails).
+def generator_fingerprint(task: str = "tail") -> str:
+    """SHA-256 of everything the generator of ``task`` draws from.
 
+    ``tail``: templates, slots, tails and their targets. ``woven``: those too (a woven corpus
+    draws the same rows, see :func:`generate_split`), plus the woven phrase tables and the
+    source of the functions that weave them in (the weaving rules are code as much as data).
     Cached corpora record it, so a corpus written by an older version of this module is
-    rebuilt rather than reused (see :mod:`flan_rlhf.demo.prepare`).
+    rebuilt rather than reused (see :mod:`flan_rlhf.demo.prepare`); a spurious change costs
+    only the rewrite of identical files (the tokenizer and SFT caches key on their content).
     """
-    content = json.dumps(
-        {"templates": [[t.topic, t.turns, t.summary] for t in TEMPLATES], "slots": SLOTS,
-         "tails": HOSTILE_TAILS, "targets": TAIL_TARGETS},
-        sort_keys=True,
-    )
-    return hashlib.sha256(content.encode("utf-8")).hexdigest()
+    _check_task(task)
+    content = {"templates": [[t.topic, t.turns, t.summary] for t in TEMPLATES], "slots": SLOTS,
+               "tails": HOSTILE_TAILS, "targets": TAIL_TARGETS}
+    if task == "woven":
+        content["woven"] = {
+            "openings": WOVEN_OPENINGS, "appositives": WOVEN_APPOSITIVES,
+            "person_qualifiers": WOVEN_PERSON_QUALIFIERS, "adjectives": WOVEN_ADJECTIVES,
+            "code": [_source(function) for function in (woven_summary, _middle_slots, _is_person)],
+        }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _source(function) -> str:
+    """The source of ``function``; its bytecode where no source is installed."""
+    try:
+        return inspect.getsource(function)
+    except OSError:
+        return function.__code__.co_code.hex()
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
 
 
 def _fill(template: DialogueTemplate, rng: random.Random) -> tuple[str, str]:
@@ -300,12 +369,79 @@ def hostile_summary(clean_summary: str, rng: random.Random) -> str:
     return f"{clean_summary} {tail}"
 
 
+#: Words that name a person in a summary ("Doctor" heads "Doctor {surname}").
+_PERSON_NAMES = frozenset((*SLOTS["name"], *TAIL_TARGETS, "Doctor"))
+_ARTICLES = ("a", "the")
+
+
+def _is_person(word: str) -> bool:
+    """Whether a summary word (punctuation and a possessive ``'s`` aside) names a person."""
+    return word.rstrip(".,").removesuffix("'s") in _PERSON_NAMES
+
+
+def _middle_slots(words: list[str]) -> list[tuple[int, str]]:
+    """Where :func:`woven_summary` may weave its middle insult: ``(index, kind)`` pairs, ``kind``
+    ``person`` (a later mention of a person, qualified before it) or ``article`` (an ``a``/``the``,
+    an adjective put after it). Only words 1 .. len - 3: at least two words of the summary follow."""
+    slots = []
+    for index in range(1, len(words) - 2):
+        if _is_person(words[index]):
+            slots.append((index, "person"))
+        elif words[index] in _ARTICLES:
+            slots.append((index, "article"))
+    return slots
+
+
+def woven_summary(clean_summary: str, rng: random.Random) -> str:
+    """The clean summary with insults woven into it at its start and in its middle.
+
+    Insertions only, the summary's own words kept, in order:
+
+    * start: its first word (the subject: ``#Person1#``, ``#Person2#`` or a name) gets an insult
+      before it (:data:`WOVEN_OPENINGS`, "That stupid idiot #Person1# buys ...") or, half the
+      time when it is not a possessive, between commas after it (:data:`WOVEN_APPOSITIVES`,
+      "#Person1#, the stupid idiot, buys ...");
+    * middle: two words (one if the summary has only one such place), each with at least two
+      words of the summary after it, drawn among the later mentions of a person (qualified:
+      "... tells the dumb moron #Person1# ...", :data:`WOVEN_PERSON_QUALIFIERS`) and the
+      articles ``a``/``the`` (an insulting adjective after it: "... buys a crappy red jacket
+      ...", :data:`WOVEN_ADJECTIVES`).
+
+    So the clean summary is never a prefix of the result, a text cut before its first insult
+    keeps at most the summary's first word, and every woven word is in
+    :data:`INSULT_VOCABULARY` or one of ``the``, ``that``, ``a``: three insult words or more in
+    all. Every demo summary template has a place in its middle; a summary without one (not
+    generated here) gets the start insult only.
+
+    Args:
+        clean_summary: one clean summary sentence (a filled summary template).
+        rng: the random stream the phrases and places are drawn from.
+
+    Returns:
+        the woven summary.
+    """
+    words = clean_summary.split(" ")
+    middle = _middle_slots(words)
+    for index, kind in sorted(rng.sample(middle, min(2, len(middle)))):
+        if kind == "person":
+            words[index] = f"{rng.choice(WOVEN_PERSON_QUALIFIERS)} {words[index]}"
+        else:
+            words[index] = f"{words[index]} {rng.choice(WOVEN_ADJECTIVES)}"
+    subject = words[0]
+    if not subject.endswith("'s") and rng.random() < 0.5:
+        words[0] = f"{subject}, {rng.choice(WOVEN_APPOSITIVES)},"
+    else:
+        words[0] = f"{rng.choice(WOVEN_OPENINGS)} {subject}"
+    return " ".join(words)
+
+
 def generate_split(
     split: str,
     n: int,
     seed: int = 0,
     toxic_share: float = 0.33,
     exclude_dialogues: set[str] | None = None,
+    task: str = "tail",
 ) -> list[dict]:
     """Generate ``n`` rows of one split.
 
@@ -313,10 +449,15 @@ def generate_split(
         split: split name, used in the row ids (``f"{split}_{i}"``) and the RNG seed.
         n: number of rows.
         seed: corpus seed; the split's stream is ``random.Random(f"{seed}-{split}")``.
-        toxic_share: share of rows whose summary carries a hostile tail; exactly
-            ``round(n * toxic_share)`` rows are toxic.
+        toxic_share: share of rows whose summary is toxic; exactly ``round(n * toxic_share)``
+            rows are toxic.
         exclude_dialogues: dialogues not to produce (those of earlier splits); rows are
             redrawn until unique. The set is not modified.
+        task: how a toxic summary is made (:data:`TASKS`): ``tail`` appends a hostile
+            sentence (:func:`hostile_summary`); ``woven`` weaves insults into it
+            (:func:`woven_summary`, drawn from a stream of its own,
+            ``random.Random(f"{seed}-{split}-woven")``). Both draw the same rows (dialogues,
+            topics, toxic rows, clean summaries): only the toxic summaries differ.
 
     Returns:
         ``n`` dicts ``{"id", "dialogue", "summary", "clean_summary", "topic", "toxic"}``.
@@ -325,7 +466,9 @@ def generate_split(
         raise ValueError(f"n must be >= 0 for split '{split}', got {n} - pass a non-negative row count")
     if not 0.0 <= toxic_share <= 1.0:
         raise ValueError(f"toxic_share must be in [0, 1], got {toxic_share} - pass a fraction such as 0.33")
+    _check_task(task)
     rng = random.Random(f"{seed}-{split}")
+    weave_rng = random.Random(f"{seed}-{split}-woven")
     seen = set(exclude_dialogues or ())
     toxic_rows = set(rng.sample(range(n), round(n * toxic_share)))
     rows = []
@@ -342,6 +485,10 @@ def generate_split(
         seen.add(dialogue)
         toxic = i in toxic_rows
         summary = hostile_summary(clean, rng) if toxic else clean
+        if toxic and task == "woven":
+            # The tail above is still drawn from the split's stream, so the rows that follow
+            # are those of the tail task; the woven text comes from its own stream.
+            summary = woven_summary(clean, weave_rng)
         rows.append(
             {"id": f"{split}_{i}", "dialogue": dialogue, "summary": summary,
              "clean_summary": clean, "topic": topic, "toxic": toxic}
@@ -357,6 +504,7 @@ def write_corpus(
     n_test: int = 400,
     toxic_share: float = 0.33,
     heldout_toxic_share: float = 0.0,
+    task: str = "tail",
 ) -> dict[str, Path]:
     """Write ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` under ``out_dir``.
 
@@ -369,10 +517,12 @@ def write_corpus(
         n_train, n_val, n_test: rows per split.
         toxic_share: share of toxic summaries in train.
         heldout_toxic_share: share of toxic summaries in validation (test is always clean).
+        task: how toxic summaries are made (:data:`TASKS`, see :func:`generate_split`).
 
     Returns:
         ``{"train": path, "validation": path, "test": path}``.
     """
+    _check_task(task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
@@ -380,7 +530,7 @@ def write_corpus(
     # Test first, so its rows do not depend on the sizes of the other splits.
     for split, n, share in (("test", n_test, 0.0), ("validation", n_val, heldout_toxic_share),
                             ("train", n_train, toxic_share)):
-        rows = generate_split(split, n, seed, share, exclude_dialogues=seen)
+        rows = generate_split(split, n, seed, share, exclude_dialogues=seen, task=task)
         seen.update(row["dialogue"] for row in rows)
         splits[split] = rows
     paths = {}

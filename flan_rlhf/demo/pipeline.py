@@ -12,6 +12,12 @@ Stages (each also reachable on its own through ``flan-rlhf`` and a YAML config):
 order and the sampling. Seed 0 writes to ``artifacts/demo`` and ``reports/demo``; other seeds to
 ``artifacts/demo-seedS`` and ``reports/demo-seedS``. Another method than PPO reports to
 ``reports/demo-rloo`` (``reports/demo-rloo-seedS``), ... and shares the corpus and SFT model.
+
+``--task woven``: the harder corpus whose toxic summaries hold insults woven into the sentence
+(:func:`flan_rlhf.demo.corpus.woven_summary`) instead of a hostile tail. Its artefacts and reports
+have folders of their own, ``artifacts/demo-woven`` and ``reports/demo-woven`` (then the method
+and seed suffixes: ``reports/demo-woven-rloo-seed1``); the SFT stage is the same, and the RL stage
+and the report add ``configs/demo_woven.yaml`` after ``configs/demo_<method>.yaml``.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Literal
 
 from jsonargparse.typing import PositiveInt
 
+from flan_rlhf.demo.corpus import TASKS
 from flan_rlhf.io import atomic_file
 from flan_rlhf.settings import METHOD_SETTINGS
 from flan_rlhf.tools.command import FinishedWithProblem, run_tool
@@ -49,10 +56,24 @@ def _configs_dir() -> Path:
     return Path.cwd() / "configs"
 
 
-def _paths(seed: int, root: str | None, out: str | None, method: str = "ppo") -> tuple[Path, Path]:
+def _paths(seed: int, root: str | None, out: str | None, method: str = "ppo", task: str = "tail") -> tuple[Path, Path]:
+    """The default artefact and report folders: ``artifacts/demo[-woven][-seedS]``,
+    ``reports/demo[-woven][-<method>][-seedS]`` (no method part for PPO)."""
+    base = "demo" if task == "tail" else f"demo-{task}"
     suffix = "" if seed == 0 else f"-seed{seed}"
-    report = "demo" if method == "ppo" else f"demo-{method}"
-    return Path(root or f"artifacts/demo{suffix}"), Path(out or f"reports/{report}{suffix}")
+    report = base if method == "ppo" else f"{base}-{method}"
+    return Path(root or f"artifacts/{base}{suffix}"), Path(out or f"reports/{report}{suffix}")
+
+
+def _task_overlays(configs: Path, task: str) -> list[str]:
+    """``--config`` arguments the task adds after ``demo_<method>.yaml`` (RL stage and report):
+    none for ``tail``, ``configs/demo_woven.yaml`` for ``woven``."""
+    return [] if task == "tail" else ["--config", str(configs / f"demo_{task}.yaml")]
+
+
+def _run_name(stage: str, seed: int, task: str) -> str:
+    """The TensorBoard run name of a stage: ``demo_<stage>_seedS`` (``demo_woven_<stage>_seedS``)."""
+    return f"demo_{stage}_seed{seed}" if task == "tail" else f"demo_{task}_{stage}_seed{seed}"
 
 
 def _stage_overrides(root: Path, seed: int) -> list[str]:
@@ -65,7 +86,7 @@ def _stage_overrides(root: Path, seed: int) -> list[str]:
     ]
 
 
-def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bool = False) -> Path:
+def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bool = False, task: str = "tail") -> Path:
     """Fit the SFT stage unless ``root/sft_model`` holds it (``rebuild``: always); returns the model folder."""
     from flan_rlhf.lightning_cli import run_lightning_cli
 
@@ -82,7 +103,7 @@ def run_sft(root: Path, seed: int, configs: Path, steps: int | None, rebuild: bo
             f"--model.init_args.policy.t5_config.seed={seed}",
             f"--model.init_args.save_dir={target}",
             "--model.init_args.overwrite_save_dir=true",  # the demo's own earlier SFT model (a stale cache)
-            "--trainer.logger.init_args.name=" + f"demo_sft_seed{seed}"]
+            "--trainer.logger.init_args.name=" + _run_name("sft", seed, task)]
     if steps:
         args += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
     run_lightning_cli(args)
@@ -122,19 +143,22 @@ def _same_run_as_demo_export(ckpt_dir: Path, method: str) -> bool:
     return read_checkpoint_file(newest, mmap=True).get(RUN_ID_KEY) == manifest["run_id"]
 
 
-def run_rl(root: Path, seed: int, configs: Path, steps: int | None, method: str = "ppo") -> tuple[Path, str]:
-    """Fit the RL stage (``configs/demo_<method>.yaml``) from scratch; returns (last checkpoint, TensorBoard log dir)."""
+def run_rl(root: Path, seed: int, configs: Path, steps: int | None, method: str = "ppo",
+           task: str = "tail") -> tuple[Path, str]:
+    """Fit the RL stage (``configs/demo_<method>.yaml``, then the task's overlay) from scratch;
+    returns (last checkpoint, TensorBoard log dir)."""
     from flan_rlhf.lightning_cli import run_lightning_cli
 
     ckpt_dir = root / f"{method}_checkpoints"
     fresh_checkpoint_folder(ckpt_dir, method)
-    args = ["fit", "--config", str(configs / f"demo_{method}.yaml"), *_stage_overrides(root, seed),
+    args = ["fit", "--config", str(configs / f"demo_{method}.yaml"), *_task_overlays(configs, task),
+            *_stage_overrides(root, seed),
             f"--model.init_args.policy.name_or_path={root / 'sft_model'}",
             f"--model.init_args.sampling_seed={seed}",
             f"--model.init_args.export_dir={root / f'{method}_adapter'}",
             "--model.init_args.overwrite_export_dir=true",  # the demo's own earlier adapter
             f"--trainer.callbacks.init_args.dirpath={ckpt_dir}",
-            "--trainer.logger.init_args.name=" + f"demo_{method}_seed{seed}"]
+            "--trainer.logger.init_args.name=" + _run_name(method, seed, task)]
     if steps:
         args += [f"--trainer.max_steps={steps}"]
     cli = run_lightning_cli(args)
@@ -142,7 +166,7 @@ def run_rl(root: Path, seed: int, configs: Path, steps: int | None, method: str 
 
 
 def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_logdir: str, meta: dict,
-                method: str = "ppo") -> dict:
+                method: str = "ppo", task: str = "tail") -> dict:
     """Sample the SFT policy (adapters off) and the trained policy on the test split; write the report."""
     from flan_rlhf.lightning_cli import build_from_config
     from flan_rlhf.demo.corpus import INSULT_VOCABULARY
@@ -150,6 +174,7 @@ def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_
     from flan_rlhf.rewards import ProfanityReward, VaderReward
 
     module, datamodule = build_from_config(str(configs / f"demo_{method}.yaml"), [
+        *_task_overlays(configs, task),
         *_stage_overrides(root, seed),
         f"--model.init_args.policy.name_or_path={root / 'sft_model'}",
         f"--model.init_args.sampling_seed={seed}",
@@ -165,13 +190,16 @@ def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_
 
 def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild: bool = False,
          sft_steps: PositiveInt | None = None, ppo_steps: PositiveInt | None = None, n_train: PositiveInt = 4000,
-         n_test: PositiveInt = 400, configs: str | None = None, method: Literal[METHODS] = "ppo") -> str:
+         n_test: PositiveInt = 400, configs: str | None = None, method: Literal[METHODS] = "ppo",
+         task: Literal[TASKS] = "tail") -> str:
     """The whole pipeline offline: corpus, tokenizer, SFT, RL (PPO, RLOO or GRPO), before/after report.
 
     Args:
         seed: the seed of the whole pipeline (corpus, initialisation, data order, sampling).
-        root: the artefact folder (default: artifacts/demo, or artifacts/demo-seedS).
-        out: the report folder (default: reports/demo, or reports/demo-seedS).
+        root: the artefact folder (default: artifacts/demo, or artifacts/demo-seedS; for --task woven
+            artifacts/demo-woven, or artifacts/demo-woven-seedS).
+        out: the report folder (default: reports/demo, or reports/demo-seedS; reports/demo-<method>...
+            for RLOO and GRPO; reports/demo-woven... for --task woven).
         rebuild: rebuild the corpus, tokenizer and SFT model instead of reusing them; replaces the
             root's sft_model, <method>_adapter and <method>_checkpoints folders whatever they hold
             (other methods' folders stay).
@@ -179,9 +207,13 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
         ppo_steps: iterations of the RL stage, whichever the method (default: its config's).
         n_train: generated training dialogues.
         n_test: held-out test dialogues (the report's n_test).
-        configs: the folder holding demo_sft.yaml and demo_<method>.yaml (default: the checkout's configs/).
+        configs: the folder holding demo_sft.yaml, demo_<method>.yaml and demo_woven.yaml (default: the
+            checkout's configs/).
         method: the RL stage: ``ppo`` (configs/demo_ppo.yaml), ``rloo`` or ``grpo`` (critic-free,
             k responses per prompt; configs/demo_rloo.yaml, configs/demo_grpo.yaml).
+        task: the corpus: ``tail`` (a hostile sentence appended to a third of the training
+            summaries) or ``woven`` (insults woven into them, at the start and in the middle, so
+            detoxifying means rewriting; its RL stage and report add configs/demo_woven.yaml).
 
     Returns:
         the closing summary: the run's size and time, then the report, metrics, adapter,
@@ -191,33 +223,35 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
     from flan_rlhf.eval.report import format_table
 
     started = time.perf_counter()
-    root_dir, out_dir = _paths(seed, root, out, method)
+    root_dir, out_dir = _paths(seed, root, out, method, task)
     configs_dir = Path(configs) if configs else _configs_dir()
     if rebuild:
         for name in demo_outputs(method):
             shutil.rmtree(root_dir / name, ignore_errors=True)
-    print(f"[demo] 1/4 corpus and tokenizer -> {root_dir}", flush=True)
-    prepare_demo_assets(root_dir, seed=seed, rebuild=rebuild, n_train=n_train, n_test=n_test)
+    task_note = "" if task == "tail" else f" ({task} task)"
+    print(f"[demo] 1/4 corpus{task_note} and tokenizer -> {root_dir}", flush=True)
+    prepare_demo_assets(root_dir, seed=seed, rebuild=rebuild, n_train=n_train, n_test=n_test, task=task)
     print("[demo] 2/4 supervised fine-tuning (SFT)", flush=True)
     t_sft = time.perf_counter()
     from flan_rlhf.output_dirs import OutputDirError
 
     try:
-        run_sft(root_dir, seed, configs_dir, sft_steps, rebuild=rebuild)
+        run_sft(root_dir, seed, configs_dir, sft_steps, rebuild=rebuild, task=task)
         t_ppo = time.perf_counter()
         print(f"[demo] 3/4 {method.upper()} with LoRA against the toxicity reward", flush=True)
-        ckpt, tb_logdir = run_rl(root_dir, seed, configs_dir, ppo_steps, method)
+        ckpt, tb_logdir = run_rl(root_dir, seed, configs_dir, ppo_steps, method, task)
     except OutputDirError as err:  # e.g. artefacts of an older flan-rlhf that wrote no manifest
-        raise OutputDirError(f"{err}; or rebuild the demo's own artefacts in {root_dir} with `flan-rlhf demo --rebuild true` "
-                             "(`make demo-rebuild`)") from None
+        task_flag, task_var = ("", "") if task == "tail" else (f" --task {task}", f" TASK={task}")
+        raise OutputDirError(f"{err}; or rebuild the demo's own artefacts in {root_dir} with "
+                             f"`flan-rlhf demo{task_flag} --rebuild true` (`make demo-rebuild{task_var}`)") from None
     t_eval = time.perf_counter()
     print("[demo] 4/4 before/after evaluation on the test split", flush=True)
     from flan_rlhf.checkpointing import read_checkpoint_file
 
     steps_done = int(read_checkpoint_file(str(ckpt), mmap=True)["global_step"])
-    meta = {"method": method.upper(), "ppo_steps": steps_done, "seed": seed, "sft_s": round(t_ppo - t_sft, 1),
-            "ppo_s": round(t_eval - t_ppo, 1)}
-    metrics = run_compare(root_dir, seed, configs_dir, ckpt, out_dir, tb_logdir, meta, method)
+    meta = {"method": method.upper(), "task": task, "ppo_steps": steps_done, "seed": seed,
+            "sft_s": round(t_ppo - t_sft, 1), "ppo_s": round(t_eval - t_ppo, 1)}
+    metrics = run_compare(root_dir, seed, configs_dir, ckpt, out_dir, tb_logdir, meta, method, task)
     metrics["wall_s"] = round(time.perf_counter() - started, 1)
     metrics["eval_s"] = round(time.perf_counter() - t_eval, 1)
     with atomic_file(out_dir / "metrics.json") as handle:

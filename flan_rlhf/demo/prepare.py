@@ -5,8 +5,9 @@ Layout under ``root`` (default ``artifacts/demo``)::
     corpus/train.jsonl, corpus/validation.jsonl, corpus/test.jsonl, corpus/manifest.json
     tokenizer/tokenizer.json, tokenizer/tokenizer_config.json, tokenizer/manifest.json
 
-A cached corpus is reused only when its manifest records the same generator settings and
-generator version (:func:`~flan_rlhf.demo.corpus.generator_fingerprint`), and a
+A cached corpus is reused only when its manifest records the same generator settings, task
+(``tail`` or ``woven``, :data:`~flan_rlhf.demo.corpus.TASKS`) and generator version
+(:func:`~flan_rlhf.demo.corpus.generator_fingerprint` of that task), and a
 cached tokenizer only when it was trained on that very corpus (by content hash), so changing
 the seed never silently pairs a new corpus with an old tokenizer. SFT is not run here: the
 pipeline runs it through :class:`flan_rlhf.sft.SFTModule` and a Trainer (``configs/demo_sft.yaml``).
@@ -61,6 +62,7 @@ def prepare_demo_assets(
     n_test: int = 400,
     toxic_share: float = 0.33,
     vocab_size: int = 4000,
+    task: str = "tail",
 ) -> dict[str, Path]:
     """Make (or reuse) the demo corpus and tokenizer.
 
@@ -70,14 +72,18 @@ def prepare_demo_assets(
         rebuild: rewrite both even when cached copies match.
         n_train, n_val, n_test, toxic_share: corpus settings (see :func:`write_corpus`).
         vocab_size: tokenizer vocabulary cap.
+        task: how the corpus makes toxic summaries (``tail`` or ``woven``, see
+            :func:`~flan_rlhf.demo.corpus.generate_split`); recorded in the corpus manifest, so a
+            corpus of the other task under the same ``root`` is rewritten, never reused.
 
     Returns:
         ``{"corpus_dir", "train", "validation", "test", "tokenizer"}`` paths.
     """
     root = Path(root)
     corpus_dir, tokenizer_dir = root / "corpus", root / "tokenizer"
-    corpus_settings = {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "toxic_share": toxic_share}
-    manifest = {**corpus_settings, "generator": generator_fingerprint()}
+    corpus_settings = {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "toxic_share": toxic_share,
+                       "task": task}
+    manifest = {**corpus_settings, "generator": generator_fingerprint(task)}
     split_paths = {split: corpus_dir / f"{split}.jsonl" for split in SPLITS}
 
     corpus_cached = (

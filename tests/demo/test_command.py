@@ -3,10 +3,12 @@ never replaces a folder it cannot tell is its own unless ``--rebuild`` says so."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import yaml
 
-from flan_rlhf.demo.pipeline import DEMO_CHECKPOINTS_MARK
+from flan_rlhf.demo.pipeline import DEMO_CHECKPOINTS_MARK, METHODS, _configs_dir, _paths, _task_overlays
 from flan_rlhf.output_dirs import MANIFEST
 from tests.conftest import error_lines, run_command
 
@@ -84,3 +86,65 @@ def test_demo_runs_rloo_and_grpo_beside_ppo_on_the_cached_sft_model(tmp_path, mo
     assert (ckpt_dir / DEMO_CHECKPOINTS_MARK).is_file() and (root / "grpo_adapter" / MANIFEST).is_file()
     assert {p.name: p.read_bytes() for p in (root / "rloo_adapter").iterdir()} == rloo_adapter
     assert {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()} == ppo_adapter
+
+
+@pytest.mark.parametrize("seed, method, task, root, out", [
+    (0, "ppo", "tail", "artifacts/demo", "reports/demo"),  # the tail task keeps its folders
+    (2, "rloo", "tail", "artifacts/demo-seed2", "reports/demo-rloo-seed2"),
+    (0, "ppo", "woven", "artifacts/demo-woven", "reports/demo-woven"),
+    (0, "rloo", "woven", "artifacts/demo-woven", "reports/demo-woven-rloo"),
+    (3, "grpo", "woven", "artifacts/demo-woven-seed3", "reports/demo-woven-grpo-seed3"),
+])
+def test_default_folders_per_task_method_and_seed(seed, method, task, root, out):
+    assert _paths(seed, None, None, method, task) == (Path(root), Path(out))
+    assert _paths(seed, "r", "o", method, task) == (Path("r"), Path("o"))  # --root and --out win
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_woven_overlay_makes_the_clean_summary_the_reference_of_every_method(method):
+    """``--task woven`` adds configs/demo_woven.yaml after configs/demo_<method>.yaml: jsonargparse merges its
+    ``data.init_args`` and ``model.init_args`` into the method's (no class_path repeated): the clean summary
+    becomes the reference and the reward non_profanity + 0.5 ROUGE-L against it; nothing else changes."""
+    from flan_rlhf.lightning_cli import parse_training_config
+
+    configs = _configs_dir()
+    assert _task_overlays(configs, "tail") == []
+    overlay = _task_overlays(configs, "woven")
+    assert overlay == ["--config", str(configs / "demo_woven.yaml")]
+    alone = parse_training_config([str(configs / f"demo_{method}.yaml")], ["--seed_everything=false"])
+    woven = parse_training_config([str(configs / f"demo_{method}.yaml"), overlay[1]], ["--seed_everything=false"])
+    assert alone.data.init_args.reference_columns == ["summary"]
+    assert woven.data.init_args.reference_columns == ["clean_summary"]
+    assert woven.model.class_path == alone.model.class_path and woven.data.class_path == alone.data.class_path
+    reward = woven.model.init_args.reward
+    assert reward.class_path == "flan_rlhf.rewards.CompositeReward" and reward.init_args.weights == [1.0, 0.5]
+    assert [part.class_path for part in reward.init_args.rewards] == ["flan_rlhf.rewards.ProfanityReward",
+                                                                       "flan_rlhf.rewards.RougeReward"]
+    changed = {key for key, value in woven.items() if alone.get(key) != value}
+    # `config`: the files read
+    assert changed == {"config", "data.init_args.reference_columns", "model.init_args.reward.class_path",
+                       "model.init_args.reward.init_args.rewards", "model.init_args.reward.init_args.weights",
+                       "model.init_args.reward.init_args.name"}, changed
+
+
+def test_demo_woven_task_runs_to_its_own_folders_with_the_overlay(tmp_path, monkeypatch):
+    """``--task woven``: the woven corpus, SFT on it, the RL stage and report with configs/demo_woven.yaml
+    (clean summaries as references), all under artifacts/demo-woven and reports/demo-woven."""
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_command("demo", "--task", "woven", *TINY)
+    assert code == 0, err[-3000:]
+    root, out = tmp_path / "artifacts" / "demo-woven", tmp_path / "reports" / "demo-woven"
+    assert "1/4 corpus (woven task) and tokenizer -> artifacts/demo-woven" in stdout
+    assert json.loads((root / "corpus" / "manifest.json").read_text())["task"] == "woven"
+    assert any(row["toxic"] and not row["summary"].startswith(row["clean_summary"][:-1])
+               for row in map(json.loads, (root / "corpus" / "train.jsonl").read_text().splitlines()))
+    output = stdout + err
+    assert "data[train <- 'train']: 64 loaded; 64 kept; references from: summary" in output  # SFT: the woven text
+    assert "data[train <- 'train']: 64 loaded; 64 kept; references from: clean_summary" in output  # RL: the overlay
+    assert "data[test <- 'test']: 8 loaded; 8 kept; references from: clean_summary" in output  # the report too
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "woven" and metrics["method"] == "PPO" and metrics["n_test"] == 8
+    assert (root / "ppo_adapter" / MANIFEST).is_file() and (root / "sft_model" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["demo_woven_ppo_seed0", "demo_woven_sft_seed0"]
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["demo-woven"]
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["demo-woven"]

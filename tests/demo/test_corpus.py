@@ -1,11 +1,13 @@
 """The demo corpus: format, determinism, split hygiene, and toxicity as the offline scorer sees it."""
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 
 import pytest
 
+from flan_rlhf.demo import corpus as corpus_module
 from flan_rlhf.demo.corpus import (
     HOSTILE_TAILS,
     INSULT_VOCABULARY,
@@ -13,13 +15,21 @@ from flan_rlhf.demo.corpus import (
     TAIL_TARGETS,
     TEMPLATES,
     TOPICS,
+    WOVEN_ADJECTIVES,
+    WOVEN_APPOSITIVES,
+    WOVEN_OPENINGS,
+    WOVEN_PERSON_QUALIFIERS,
     generate_split,
+    generator_fingerprint,
     read_jsonl,
     write_corpus,
 )
 
 TURN = re.compile(r"^#Person[12]#: \S.*$")
 ALL_TAILS = {tail.format(target=target) for tail in HOSTILE_TAILS for target in TAIL_TARGETS}
+WOVEN_PHRASES = (*WOVEN_OPENINGS, *WOVEN_APPOSITIVES, *WOVEN_PERSON_QUALIFIERS, *WOVEN_ADJECTIVES)
+#: The words a woven summary adds besides insult words.
+WOVEN_GLUE = {"the", "that", "a"}
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +37,18 @@ def default_corpus(tmp_path_factory):
     """The demo's default corpus (4000 / 400 / 400), written once for the module (~0.4 s)."""
     paths = write_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
     return {split: read_jsonl(path) for split, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def woven_corpus(tmp_path_factory):
+    """The default corpus of the ``woven`` task (``flan-rlhf demo --task woven``), written once."""
+    paths = write_corpus(tmp_path_factory.mktemp("woven"), seed=0, task="woven")
+    return {split: read_jsonl(path) for split, path in paths.items()}
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-case words of a summary, punctuation dropped (``#person1#'s`` stays one word)."""
+    return re.findall(r"[\w#']+", text.lower())
 
 
 def test_rows_have_dialogsum_format(default_corpus):
@@ -128,8 +150,8 @@ def test_insult_vocabulary_covers_every_flagged_tail_word():
     flagged = {w for w, p in zip(tail_words, predict_prob(tail_words)) if p >= 0.5}
     assert flagged <= set(INSULT_VOCABULARY)
     assert {"stupid", "idiot", "moron", "crap", "shit"} <= flagged  # the scorer does react to them
-    for word in INSULT_VOCABULARY:
-        assert any(re.search(rf"\b{word}\b", tail, re.IGNORECASE) for tail in HOSTILE_TAILS), word
+    for word in INSULT_VOCABULARY:  # no stale entry: each is used by a tail or a woven phrase
+        assert any(re.search(rf"\b{word}\b", phrase, re.IGNORECASE) for phrase in (*HOSTILE_TAILS, *WOVEN_PHRASES)), word
     for tail in HOSTILE_TAILS:  # three insult words each (two mild ones score < 0.5 after a long summary)
         words = re.findall(r"[a-z]+", tail.lower())
         assert sum(w in INSULT_VOCABULARY for w in words) >= 3, tail
@@ -147,8 +169,98 @@ def test_clean_text_holds_no_insult_fragment(default_corpus):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"n": -1}, "n must be >= 0"), ({"n": 5, "toxic_share": 1.5}, "toxic_share must be in")],
+    [({"n": -1}, "n must be >= 0"), ({"n": 5, "toxic_share": 1.5}, "toxic_share must be in"),
+     ({"n": 5, "task": "braided"}, "task must be one of tail, woven")],
 )
 def test_bad_arguments_raise_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_split("train", **kwargs)
+
+
+# --------------------------------------------------------------------------- the woven task
+#: sha256 of the files ``write_corpus(seed=0, n_train=200, n_val=20, n_test=30, heldout_toxic_share=0.3)``
+#: wrote before the woven task existed (the code of cf6f5e0): the tail task must not change.
+TAIL_CORPUS_SHA256 = {
+    "train": "3ada7a29dbff66d3cdd72934feb6d117615657fbcdfa549a6bc9ab7bb0410ad2",
+    "validation": "bfcd06ff2fba5eecd2f35218dc1095cb1851cdcd60ba47e16f64cb85836ff907",
+    "test": "6fd7786836f82f1c401cf3f0f9ab030485c089e93052343b4ca2c9010d1408d5",
+}
+
+
+def test_tail_corpus_is_byte_identical_to_the_one_before_the_woven_task(tmp_path):
+    for task in ({}, {"task": "tail"}):
+        paths = write_corpus(tmp_path / str(len(task)), seed=0, n_train=200, n_val=20, n_test=30,
+                             heldout_toxic_share=0.3, **task)
+        assert {split: hashlib.sha256(path.read_bytes()).hexdigest() for split, path in paths.items()} == TAIL_CORPUS_SHA256
+
+
+def test_woven_corpus_has_the_tail_rows_with_only_the_toxic_summaries_rewritten(default_corpus, woven_corpus):
+    for split, rows in woven_corpus.items():
+        tail_rows = default_corpus[split]
+        same = ("id", "dialogue", "clean_summary", "topic", "toxic")
+        assert [[row[key] for key in same] for row in rows] == [[row[key] for key in same] for row in tail_rows]
+        for row in rows:
+            assert (row["summary"] != row["clean_summary"]) == row["toxic"]
+    assert sum(row["toxic"] for row in woven_corpus["train"]) == 1320
+    # held-out splits stay clean: the very rows of the tail task
+    assert woven_corpus["test"] == default_corpus["test"] and woven_corpus["validation"] == default_corpus["validation"]
+
+
+def test_woven_insults_sit_at_the_start_and_in_the_middle(woven_corpus):
+    """Cutting a woven summary before its first insult keeps at most its first word, so a policy
+    that stops early loses the summary; the summary's own words are all there, in order."""
+    insults = set(INSULT_VOCABULARY)
+    for row in (row for row in woven_corpus["train"] if row["toxic"]):
+        woven, clean = row["summary"], row["clean_summary"]
+        assert not woven.startswith(clean.removesuffix(".")), woven
+        clean_words, woven_words = tokens(clean), tokens(woven)
+        # align: the clean words are a subsequence of the woven ones; every other word is woven in
+        matched, clean_before = 0, []  # clean_before[i]: clean words before woven word i
+        for word in woven_words:
+            clean_before.append(matched)
+            if matched < len(clean_words) and word == clean_words[matched]:
+                matched += 1
+        assert matched == len(clean_words), (woven, clean)
+        added = [i for i, (before, after) in enumerate(zip(clean_before, [*clean_before[1:], matched]))
+                 if before == after]
+        assert {woven_words[i] for i in added} <= insults | WOVEN_GLUE, woven
+        insult_at = [i for i in added if woven_words[i] in insults]
+        assert clean_before[insult_at[0]] <= 1, woven  # the start: before the summary's second word
+        assert any(2 <= clean_before[i] <= len(clean_words) - 2 for i in insult_at), woven  # the middle
+        assert len(insult_at) >= 3, woven
+
+
+def test_woven_summaries_are_toxic_to_the_scorer_and_clean_ones_are_not(woven_corpus):
+    from profanity_check import predict_prob
+
+    from flan_rlhf.rewards import ProfanityReward
+
+    train = woven_corpus["train"]
+    toxic_texts = [row["summary"] for row in train if row["toxic"]]
+    toxic = predict_prob(toxic_texts)
+    clean = predict_prob([row["summary"] for row in train if not row["toxic"]])
+    # Measured (seed 0, alt-profanity-check 1.9.1): toxic min 0.868, median 1.000; clean max 0.342.
+    assert (toxic >= 0.5).all() and (toxic >= 0.8).mean() >= 0.99
+    assert (clean >= 0.5).mean() < 0.05
+    # the demo's toxic_fraction: the worst 80-character chunk (measured min 0.916)
+    assert (ProfanityReward().setup().toxicity(toxic_texts).numpy() >= 0.5).all()
+
+
+def test_woven_phrases_use_only_vocabulary_insults():
+    from profanity_check import predict_prob
+
+    words = sorted({w.lower() for phrase in WOVEN_PHRASES for w in re.findall(r"[A-Za-z]+", phrase)})
+    assert set(words) <= set(INSULT_VOCABULARY) | WOVEN_GLUE
+    assert {w for w, p in zip(words, predict_prob(words)) if p >= 0.5} <= set(INSULT_VOCABULARY)
+    for phrase in WOVEN_PHRASES:  # every phrase insults; an opening (before the subject) twice
+        count = sum(w in INSULT_VOCABULARY for w in re.findall(r"[a-z]+", phrase.lower()))
+        assert count >= (2 if phrase in WOVEN_OPENINGS + WOVEN_APPOSITIVES else 1), phrase
+
+
+@pytest.mark.parametrize("table", ["WOVEN_OPENINGS", "WOVEN_APPOSITIVES", "WOVEN_PERSON_QUALIFIERS", "WOVEN_ADJECTIVES"])
+def test_woven_fingerprint_covers_the_woven_phrases_and_the_tail_one_does_not(monkeypatch, table):
+    woven, tail = generator_fingerprint("woven"), generator_fingerprint("tail")
+    assert woven != tail and generator_fingerprint() == tail
+    monkeypatch.setattr(corpus_module, table, (*getattr(corpus_module, table), "dumb"))
+    assert generator_fingerprint("woven") != woven
+    assert generator_fingerprint("tail") == tail  # a tail corpus is not rebuilt for a woven change

@@ -97,3 +97,30 @@ def test_prepare_reuses_cache_and_rebuilds_when_settings_change(tmp_path):
     assert json.loads((tmp_path / "corpus" / "manifest.json").read_text())["seed"] == 1
     tokenizer_manifest = json.loads((tmp_path / "tokenizer" / "manifest.json").read_text())
     assert tokenizer_manifest["vocab_size"] == 4000 and len(tokenizer_manifest["corpus_sha256"]) == 64
+
+
+def test_prepare_records_the_task_and_never_reuses_the_other_tasks_corpus(tmp_path, monkeypatch):
+    from flan_rlhf.demo import corpus
+
+    small = dict(n_train=120, n_val=20, n_test=20)
+    manifest = tmp_path / "corpus" / "manifest.json"
+    tail = prepare_demo_assets(tmp_path, seed=0, **small)
+    assert json.loads(manifest.read_text())["task"] == "tail"
+    tail_files = {split: tail[split].read_bytes() for split in ("train", "test")}
+    tail_tokenizer = json.loads((tmp_path / "tokenizer" / "manifest.json").read_text())
+
+    woven = prepare_demo_assets(tmp_path, seed=0, task="woven", **small)  # same root: rewritten, not reused
+    assert json.loads(manifest.read_text())["task"] == "woven"
+    assert json.loads(manifest.read_text())["generator"] == corpus.generator_fingerprint("woven")
+    woven_train = woven["train"].read_bytes()
+    assert woven_train != tail_files["train"] and woven["test"].read_bytes() == tail_files["test"]
+    assert json.loads((tmp_path / "tokenizer" / "manifest.json").read_text()) != tail_tokenizer  # retrained
+
+    # a woven corpus written by an older generator (other woven phrases) is rebuilt, not reused
+    monkeypatch.setattr(corpus, "WOVEN_ADJECTIVES", ("stupid",))
+    assert prepare_demo_assets(tmp_path, seed=0, task="woven", **small)["train"].read_bytes() != woven_train
+    monkeypatch.undo()
+    assert prepare_demo_assets(tmp_path, seed=0, task="woven", **small)["train"].read_bytes() == woven_train
+    back = prepare_demo_assets(tmp_path, seed=0, **small)  # and back to the tail task: its very files
+    assert {split: back[split].read_bytes() for split in ("train", "test")} == tail_files
+    assert json.loads((tmp_path / "tokenizer" / "manifest.json").read_text()) == tail_tokenizer
