@@ -26,7 +26,7 @@ Usage (each run in its own process; finished runs in --out are skipped, so a sto
   python benchmarks/time_to_target.py run --methods ppo rloo grpo --tasks tail woven --seeds 0 1 2 3 4
   python benchmarks/time_to_target.py run --methods rloo --tasks woven --seeds 0 1 --lr 1e-3 --k 8 --tag sweep
   python benchmarks/time_to_target.py report --png docs/images/time_to_target.png
-  python benchmarks/time_to_target.py report --out reports/time_to_target/runs.jsonl
+  python benchmarks/time_to_target.py report --out benchmarks/results/time_to_target/runs.jsonl
 """
 from __future__ import annotations
 
