@@ -1,8 +1,9 @@
 # Two commands for a fresh machine:
-#   make demo   - create .venv, install, run the offline RLHF demo (corpus -> tokenizer -> SFT -> PPO -> before/after report)
+#   make demo   - create .venv, install, run the offline RLHF demo (corpus -> tokenizer -> SFT -> RLOO -> before/after report)
 #   make test   - create .venv if missing, install with test extras, run the test suite
 # On a GPU machine pass the torch you want, e.g. `make demo TORCH_SPEC="torch==2.13.0"` (PyPI's Linux wheel is CUDA).
-# Another RL method for the demo: `make demo METHOD=rloo` (or grpo); other demo options: DEMO_ARGS="--seed 1".
+# Another RL method for the demo: `make demo METHOD=ppo` (or grpo; RLOO is the default: docs/time-to-detox.md);
+# other demo options: DEMO_ARGS="--seed 1".
 # The harder demo task, insults woven into the summaries: `make demo TASK=woven` (default TASK=tail;
 # artefacts in artifacts/demo-woven, reports in reports/demo-woven).
 PYTHON ?= python3
@@ -14,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
-METHOD ?= ppo
+METHOD ?= rloo
 TASK ?= tail
 
 .PHONY: install demo demo-rebuild test tiny bench clean

@@ -4,8 +4,8 @@ Stages (each also reachable on its own through ``flan-rlhf`` and a YAML config):
 
 1. corpus + tokenizer  (:func:`flan_rlhf.demo.prepare.prepare_demo_assets`), cached;
 2. SFT                 (``flan-rlhf fit --config configs/demo_sft.yaml``), cached;
-3. RL with LoRA        (``flan-rlhf fit --config configs/demo_ppo.yaml``; ``--method rloo`` or
-                          ``grpo``: ``configs/demo_rloo.yaml`` / ``configs/demo_grpo.yaml``);
+3. RL with LoRA        (``flan-rlhf fit --config configs/demo_rloo.yaml``, RLOO by default; ``--method ppo``
+                          or ``grpo``: ``configs/demo_ppo.yaml`` / ``configs/demo_grpo.yaml``);
 4. before/after report (``flan-rlhf compare``-equivalent on the held-out test split).
 
 ``--seed S`` changes everything that is random: the corpus, the model initialisation, the data
@@ -38,6 +38,9 @@ from flan_rlhf.tools.command import FinishedWithProblem, run_tool
 # the demo's own output folders under --root, replaced by --rebuild (and, when they hold an earlier
 # demo export, by every run: the stages pass the overwrite opt-in)
 METHODS = tuple(METHOD_SETTINGS)
+#: the demo's RL method when none is named: the one that reached the detox target soonest, at equal
+#: or better ROUGE-L, on the median of 5 seeds on both demo tasks (docs/time-to-detox.md)
+DEFAULT_METHOD = "rloo"
 #: the file that marks a checkpoint folder as the demo's own (replaced by every run of that method)
 DEMO_CHECKPOINTS_MARK = ".written-by-flan-rlhf-demo"
 
@@ -190,7 +193,7 @@ def run_compare(root: Path, seed: int, configs: Path, ckpt: Path, out: Path, tb_
 
 def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild: bool = False,
          sft_steps: PositiveInt | None = None, ppo_steps: PositiveInt | None = None, n_train: PositiveInt = 4000,
-         n_test: PositiveInt = 400, configs: str | None = None, method: Literal[METHODS] = "ppo",
+         n_test: PositiveInt = 400, configs: str | None = None, method: Literal[METHODS] = DEFAULT_METHOD,
          task: Literal[TASKS] = "tail") -> str:
     """The whole pipeline offline: corpus, tokenizer, SFT, RL (PPO, RLOO or GRPO), before/after report.
 
@@ -209,8 +212,9 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
         n_test: held-out test dialogues (the report's n_test).
         configs: the folder holding demo_sft.yaml, demo_<method>.yaml and demo_woven.yaml (default: the
             checkout's configs/).
-        method: the RL stage: ``ppo`` (configs/demo_ppo.yaml), ``rloo`` or ``grpo`` (critic-free,
-            k responses per prompt; configs/demo_rloo.yaml, configs/demo_grpo.yaml).
+        method: the RL stage: ``rloo`` (the default: the fastest to the detox target over 5 seeds on
+            both demo tasks, docs/time-to-detox.md; configs/demo_rloo.yaml), ``grpo`` (configs/demo_grpo.yaml;
+            both critic-free, k responses per prompt) or ``ppo`` (configs/demo_ppo.yaml).
         task: the corpus: ``tail`` (a hostile sentence appended to a third of the training
             summaries) or ``woven`` (insults woven into them, at the start and in the middle, so
             detoxifying means rewriting; its RL stage and report add configs/demo_woven.yaml).

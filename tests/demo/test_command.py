@@ -18,9 +18,10 @@ TINY = ["--sft_steps", "2", "--ppo_steps", "1", "--n_train", "64", "--n_test", "
 def test_demo_runs_reruns_and_refuses_a_folder_it_did_not_write(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # its logger writes to ./lightning_logs, as `make demo` does
     root, out = tmp_path / "artifacts", tmp_path / "reports"
-    argv = ["demo", "--root", str(root), "--out", str(out), *TINY]
+    argv = ["demo", "--root", str(root), "--out", str(out), "--method", "ppo", *TINY]
     first, second = tmp_path / "demo_1.yaml", tmp_path / "demo_2.yaml"  # two composed configs, then a flag
-    first.write_text(yaml.safe_dump({"root": str(root), "out": str(out), "sft_steps": 2, "ppo_steps": 3, "n_test": 16}))
+    first.write_text(yaml.safe_dump({"root": str(root), "out": str(out), "sft_steps": 2, "ppo_steps": 3, "n_test": 16,
+                                     "method": "ppo"}))
     second.write_text(yaml.safe_dump({"ppo_steps": 1, "n_train": 64}))
 
     code, stdout, err = run_command("demo", "--config", str(first), "--config", str(second), "--n_test", "8")
@@ -57,7 +58,8 @@ def test_demo_runs_rloo_and_grpo_beside_ppo_on_the_cached_sft_model(tmp_path, mo
     default report folder (``reports/demo-<method>``), leaving PPO's untouched."""
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "artifacts"
-    code, _, err = run_command("demo", "--root", str(root), "--out", str(tmp_path / "reports" / "demo"), *TINY)
+    code, _, err = run_command("demo", "--root", str(root), "--out", str(tmp_path / "reports" / "demo"),
+                               "--method", "ppo", *TINY)
     assert code == 0, err[-3000:]
     ppo_adapter = {p.name: p.read_bytes() for p in (root / "ppo_adapter").iterdir()}
     for method in ("rloo", "grpo"):
@@ -128,12 +130,13 @@ def test_woven_overlay_makes_the_clean_summary_the_reference_of_every_method(met
 
 
 def test_demo_woven_task_runs_to_its_own_folders_with_the_overlay(tmp_path, monkeypatch):
-    """``--task woven``: the woven corpus, SFT on it, the RL stage and report with configs/demo_woven.yaml
-    (clean summaries as references), all under artifacts/demo-woven and reports/demo-woven."""
+    """``--task woven`` with the default method (RLOO: docs/time-to-detox.md): the woven corpus, SFT on it,
+    the RL stage and report with configs/demo_woven.yaml (clean summaries as references), all under
+    artifacts/demo-woven and reports/demo-woven-rloo."""
     monkeypatch.chdir(tmp_path)
     code, stdout, err = run_command("demo", "--task", "woven", *TINY)
     assert code == 0, err[-3000:]
-    root, out = tmp_path / "artifacts" / "demo-woven", tmp_path / "reports" / "demo-woven"
+    root, out = tmp_path / "artifacts" / "demo-woven", tmp_path / "reports" / "demo-woven-rloo"
     assert "1/4 corpus (woven task) and tokenizer -> artifacts/demo-woven" in stdout
     assert json.loads((root / "corpus" / "manifest.json").read_text())["task"] == "woven"
     assert any(row["toxic"] and not row["summary"].startswith(row["clean_summary"][:-1])
@@ -143,8 +146,9 @@ def test_demo_woven_task_runs_to_its_own_folders_with_the_overlay(tmp_path, monk
     assert "data[train <- 'train']: 64 loaded; 64 kept; references from: clean_summary" in output  # RL: the overlay
     assert "data[test <- 'test']: 8 loaded; 8 kept; references from: clean_summary" in output  # the report too
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["task"] == "woven" and metrics["method"] == "PPO" and metrics["n_test"] == 8
-    assert (root / "ppo_adapter" / MANIFEST).is_file() and (root / "sft_model" / "config.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["demo_woven_ppo_seed0", "demo_woven_sft_seed0"]
+    assert metrics["task"] == "woven" and metrics["method"] == "RLOO" and metrics["n_test"] == 8
+    assert (root / "rloo_adapter" / MANIFEST).is_file() and (root / "sft_model" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["demo_woven_rloo_seed0",
+                                                                               "demo_woven_sft_seed0"]
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["demo-woven"]
-    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["demo-woven"]
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["demo-woven-rloo"]
