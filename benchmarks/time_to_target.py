@@ -131,11 +131,18 @@ def build(method: str, task: str, seed: int, root: Path, lr: float | None, k: in
             raise SystemExit("--k is the responses per prompt of RLOO and GRPO; PPO samples one")
         extra.append(f"--model.init_args.{method}.samples_per_prompt={k}")
     if k is not None or rows != ROWS_PER_ITERATION:
-        k_used = k or {"ppo": 1, "rloo": 4, "grpo": 8}[method]  # the demo configs' k
-        extra.append(f"--data.init_args.batch_size={rows // k_used}")
+        extra.append(f"--data.init_args.batch_size={rows // (k or config_samples_per_prompt(method))}")
     if rows < 16:  # the demo configs' minibatches hold 16 responses
         extra.append(f"--model.init_args.{method}.mini_batch_size={rows}")
     return build_from_config(str(CONFIGS / f"demo_{method}.yaml"), extra)
+
+
+def config_samples_per_prompt(method: str) -> int:
+    """The responses per prompt ``configs/demo_<method>.yaml`` sets (1 for PPO)."""
+    import yaml
+
+    settings = yaml.safe_load((CONFIGS / f"demo_{method}.yaml").read_text())["model"]["init_args"][method]
+    return int(settings.get("samples_per_prompt", 1))
 
 
 def evaluation_batches(datamodule, n_prompts: int) -> list[dict]:
@@ -152,24 +159,21 @@ def evaluation_batches(datamodule, n_prompts: int) -> list[dict]:
 
 
 def evaluate(module, batches: list[dict], toxicity) -> dict[str, float]:
-    """Toxic share, mean p(profane), ROUGE-L and KL to the SFT model of the policy's responses; seeded
-    identically every call (``EVAL_SEED_OFFSET``, as the module's own validation)."""
+    """Toxic share, mean p(profane), ROUGE-L and KL to the SFT model of the policy's responses, sampled as
+    the module's own validation samples them (seeded the same at every call)."""
     import torch
 
     from flan_rlhf.eval.metrics import rouge_per_sample
-    from flan_rlhf.evaluation_step import EVAL_SEED_OFFSET
-    from flan_rlhf.ppo import sequence_kl
 
     was_training = module.training
     module.eval()
     profane, rouge, kls = [], [], []
     with torch.no_grad():
         for index, batch in enumerate(batches):
-            module.seed_iteration(EVAL_SEED_OFFSET + index)
-            rollout = module.rollout(batch["prompt"], module.eval_generation, with_reference=True, scored=False)
+            rollout, kl = module._sample_and_score(batch, index)
             profane.append(1.0 - toxicity(batch["prompt"], rollout.texts))
             rouge.append(rouge_per_sample(rollout.texts, batch["references"], ("rougeL",))["rougeL"])
-            kls.append(sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.mask).cpu())
+            kls.append(kl.cpu())
     module.train(was_training)
     profane_all = torch.cat(profane)
     return {"toxic_share": float((profane_all > TOXIC_THRESHOLD).float().mean()),

@@ -9,9 +9,10 @@ Stages (each also reachable on its own through ``flan-rlhf`` and a YAML config):
 4. before/after report (``flan-rlhf compare``-equivalent on the held-out test split).
 
 ``--seed S`` changes everything that is random: the corpus, the model initialisation, the data
-order and the sampling. Seed 0 writes to ``artifacts/demo`` and ``reports/demo``; other seeds to
-``artifacts/demo-seedS`` and ``reports/demo-seedS``. Another method than PPO reports to
-``reports/demo-rloo`` (``reports/demo-rloo-seedS``), ... and shares the corpus and SFT model.
+order and the sampling. Seed 0 keeps its artefacts in ``artifacts/demo``, other seeds in
+``artifacts/demo-seedS``. The report folder names the method: ``reports/demo-rloo`` for the
+default RLOO (``reports/demo-rloo-seedS``), ``reports/demo-grpo``, and ``reports/demo`` for PPO
+(``reports/demo-seedS``); all methods share the seed's corpus and SFT model.
 
 ``--task woven``: the harder corpus whose toxic summaries hold insults woven into the sentence
 (:func:`flan_rlhf.demo.corpus.woven_summary`) instead of a hostile tail. Its artefacts and reports
