@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flan_rlhf.t5_fused import fused_forward
+from flan_rlhf.t5_fused import encode_prompts, fused_decode, fused_forward
 from flan_rlhf.tokens import PromptTokenLimit
 
 log = logging.getLogger(__name__)
@@ -384,6 +384,43 @@ class ActorCritic(nn.Module):
             return_dict=True,
         )
         return out.decoder_hidden_states[-1], out.logits
+
+    def shared_prompt_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             decoder_input_ids: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """Logits of ``copies`` responses per prompt with one encoder pass per prompt (DPO's chosen and rejected).
+
+        Args:
+            input_ids, attention_mask: ``(batch, prompt_len)``, right-padded prompts.
+            decoder_input_ids: ``(copies * batch, response_len)``; row ``c * batch + i`` answers prompt ``i``.
+            reference: the reference policy (adapters off, or the frozen copy), under ``no_grad``.
+        Returns:
+            ``(copies * batch, response_len, vocab)``, float32; with ``reference=False`` the
+            encoder's gradient collects every copy's.
+        """
+        batch = input_ids.shape[0]
+        if decoder_input_ids.shape[0] % batch:
+            raise ValueError(f"{decoder_input_ids.shape[0]} decoder rows are not a whole number of copies of "
+                             f"{batch} prompts")
+        copies = decoder_input_ids.shape[0] // batch
+        model = self.frozen_reference if reference and self.frozen_reference is not None else self.policy
+        base = model.get_base_model() if self.uses_lora and model is self.policy else model
+        with self.reference_context() if reference else nullcontext(), torch.no_grad() if reference else nullcontext():
+            if self.gradient_checkpointing:
+                encoder_hidden = base.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                    return_dict=True).last_hidden_state
+            else:
+                encoder_hidden = encode_prompts(base, input_ids, attention_mask)
+            encoder_hidden = encoder_hidden.repeat(copies, 1, 1)
+            attention_mask = attention_mask.repeat(copies, 1)
+            fused = None if self.gradient_checkpointing else fused_decode(base, encoder_hidden, attention_mask,
+                                                                           decoder_input_ids)
+            if fused is not None:
+                return fused[1].float()
+            from transformers.modeling_outputs import BaseModelOutput
+
+            out = base(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden), attention_mask=attention_mask,
+                       decoder_input_ids=decoder_input_ids, use_cache=False, return_dict=True)
+            return out.logits.float()
 
     def reference_context(self):
         """Context under which ``self.policy`` computes the reference policy (LoRA: adapters off)."""

@@ -4,7 +4,8 @@ in far fewer tensor ops, for the two hot paths of PPO on small and medium models
 * :func:`encode_prompts` - the encoder on the real prompt tokens only (no padding);
 * :class:`FusedT5Stepper` - one decoder step with a preallocated KV cache (sampling);
 * :func:`fused_forward` - a whole teacher-forced decoder pass (old/new log-probs,
-  values, reference), autograd-safe, used by every PPO minibatch.
+  values, reference), autograd-safe, used by every PPO minibatch; :func:`fused_decode` the
+  decoder part alone, on an encoder output several responses share (DPO's pairs).
 
 Why (measured with ``benchmarks/profile_ppo.py`` on the benchmark's 4+4-layer d_model-256 T5):
 a decoding step through Hugging Face's ``forward`` is dominated by Python and small-op dispatch
@@ -457,6 +458,27 @@ def fused_forward(
     try:
         weights = _DecoderWeights(model)  # raises before any compute, so nothing is done twice
         encoder_hidden = _encode(model, input_ids, attention_mask)  # raises before computing too
+    except _Unsupported:
+        return None
+    return _decode(weights, encoder_hidden, attention_mask, decoder_input_ids)
+
+
+def fused_decode(model, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                 decoder_input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The teacher-forced decoder pass of :func:`fused_forward` on a given encoder output, or ``None`` if
+    ``model`` is not supported (several responses per prompt then share one encoder pass).
+
+    Args:
+        encoder_hidden: ``(batch, prompt_len, d_model)``, e.g. from :func:`encode_prompts`.
+        attention_mask: ``(batch, prompt_len)``.
+        decoder_input_ids: ``(batch, response_len)``.
+    Returns:
+        ``(hidden, logits)`` as :func:`fused_forward`'s.
+    """
+    if not is_fused_t5(model):
+        return None
+    try:
+        weights = _DecoderWeights(model)
     except _Unsupported:
         return None
     return _decode(weights, encoder_hidden, attention_mask, decoder_input_ids)

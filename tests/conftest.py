@@ -156,3 +156,22 @@ PROMPTS = [f"Write about item {i}: the {w} is here." for i, w in enumerate(["cat
 @pytest.fixture
 def tiny_spec() -> PolicySpec:
     return tiny_policy_spec()
+
+
+@pytest.fixture(scope="session")
+def bart_dir(tmp_path_factory) -> str:
+    """A tiny BART (~0.2M parameters) on the ByT5 byte vocabulary, saved as a model folder."""
+    from transformers import BartConfig, BartForConditionalGeneration, ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer()
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                        decoder_start_token_id=tokenizer.pad_token_id, forced_eos_token_id=None,
+                        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    out = str(tmp_path_factory.mktemp("bart") / "tiny-bart")
+    BartForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

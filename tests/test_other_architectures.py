@@ -3,10 +3,9 @@ KV cache) must give the same numbers the fused T5 paths give for T5."""
 from __future__ import annotations
 
 import lightning as L
-import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import BartConfig, BartForConditionalGeneration, ByT5Tokenizer
+from transformers import BartForConditionalGeneration, ByT5Tokenizer
 
 from flan_rlhf import t5_fused
 from flan_rlhf.module import PPOModule
@@ -16,23 +15,6 @@ from flan_rlhf.settings import GenerationSettings, PPOSettings
 from tests.conftest import PROMPTS, ListPromptStream, TokenFractionReward
 
 BART_LORA = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-
-
-@pytest.fixture(scope="module")
-def bart_dir(tmp_path_factory) -> str:
-    """A tiny BART (~0.2M parameters) on the ByT5 byte vocabulary, saved as a model folder."""
-    tokenizer = ByT5Tokenizer()
-    torch.manual_seed(0)
-    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
-                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                        decoder_ffn_dim=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-                        decoder_start_token_id=tokenizer.pad_token_id, forced_eos_token_id=None,
-                        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    out = str(tmp_path_factory.mktemp("bart") / "tiny-bart")
-    BartForConditionalGeneration(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def test_bart_rollout_statistics_equal_a_teacher_forced_forward(bart_dir):
