@@ -21,11 +21,17 @@ from flan_rlhf.rewards.base import Reward
 from flan_rlhf.rollout import Rollout
 from flan_rlhf.settings import GroupSettings, GRPOSettings, RLOOSettings
 
-__all__ = ["CriticFreeModule", "GRPOModule", "RLOOModule"]
+__all__ = ["CriticFreeModule", "GRPOModule", "RLOOModule", "repeat_per_prompt"]
 
 #: The minibatch statistics of a critic-free update (PPO's names; no value loss, a KL loss instead).
 CRITIC_FREE_LOSS_KEYS = ("ppo/loss/policy", "ppo/loss/kl", "ppo/loss/total", "ppo/policy/approxkl",
                          "ppo/policy/clipfrac", "ppo/policy/ratio_mean")
+
+
+def repeat_per_prompt(per_prompt: list, k: int) -> list:
+    """Each entry ``k`` times in a row: ``[p0, p0, .., p1, p1, ..]`` (``len(per_prompt) * k`` rows), so a
+    prompt's references follow each of its ``k`` responses (the rollout layout of every group method)."""
+    return [entry for entry in per_prompt for _ in range(k)]
 
 
 class CriticFreeModule(OnPolicyModule):
@@ -36,10 +42,7 @@ class CriticFreeModule(OnPolicyModule):
     settings: GroupSettings
 
     def rollout_rows(self, per_prompt: list) -> list:
-        """Each entry ``k`` times in a row: ``[p0, p0, .., p1, p1, ..]`` (``len(per_prompt) * k`` rows), so a
-        prompt's references follow each of its responses."""
-        k = self.settings.samples_per_prompt
-        return [entry for entry in per_prompt for _ in range(k)]
+        return repeat_per_prompt(per_prompt, self.settings.samples_per_prompt)
 
     def group_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """``(n_groups, k)`` rewards -> ``(n_groups, k)`` advantages."""

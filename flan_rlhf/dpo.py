@@ -37,6 +37,7 @@ __all__ = [
     "preference_loss",
     "preference_statistics",
     "sequence_logps",
+    "weighted_mean",
 ]
 
 #: The preference losses offered: ``sigmoid`` (DPO, with optional label smoothing) and ``ipo``.
@@ -99,41 +100,48 @@ def preference_statistics(
     reference_chosen: torch.Tensor,
     reference_rejected: torch.Tensor,
     beta: float,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """TRL's DPO statistics, 0-dim tensors (means over the pairs; no host reads).
 
     ``rewards/chosen`` is the mean of ``beta * (policy_chosen - reference_chosen)`` (the implicit
     reward), ``rewards/rejected`` likewise, ``rewards/margins`` the mean of their difference,
     ``rewards/accuracies`` the share of pairs whose chosen reward is strictly higher, and
-    ``logps/chosen`` / ``logps/rejected`` the mean policy log-probs. Inputs ``(n_pairs,)``.
+    ``logps/chosen`` / ``logps/rejected`` the mean policy log-probs. Inputs ``(n_pairs,)``;
+    ``weights`` ``(n_pairs,)`` (1 for a pair, 0 for a placeholder) makes the means :func:`weighted_mean`'s.
     """
     chosen = beta * (policy_chosen - reference_chosen).detach()
     rejected = beta * (policy_rejected - reference_rejected).detach()
+    weights = torch.ones_like(chosen) if weights is None else weights.to(chosen.dtype)
     return {
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
-        "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
-        "rewards/margins": (chosen - rejected).mean(),
-        "logps/chosen": policy_chosen.detach().mean(),
-        "logps/rejected": policy_rejected.detach().mean(),
+        "rewards/chosen": weighted_mean(chosen, weights),
+        "rewards/rejected": weighted_mean(rejected, weights),
+        "rewards/accuracies": weighted_mean((chosen > rejected).to(chosen.dtype), weights),
+        "rewards/margins": weighted_mean(chosen - rejected, weights),
+        "logps/chosen": weighted_mean(policy_chosen.detach(), weights),
+        "logps/rejected": weighted_mean(policy_rejected.detach(), weights),
     }
 
 
-def best_and_worst_of_groups(rewards: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(w * x) / sum(w)`` of ``(n,)`` tensors, 0 when every weight is 0 (and then no gradient flows)."""
+    return (values * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+def best_and_worst_of_groups(rewards: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online preference pairs: in each group of ``k`` responses, the best is chosen, the worst rejected.
 
     Args:
         rewards: ``(n_groups * k,)``, rows ``g*k .. g*k+k-1`` answer prompt ``g`` (the rollout's layout).
         k: responses per prompt (>= 2).
     Returns:
-        ``(chosen_rows, rejected_rows)``, each ``(n_pairs,)`` int64 row indices into ``rewards``,
-        one pair per group whose best reward is strictly above its worst (a group of equal
-        rewards says nothing about preference: no pair). Among equal best (or worst) rewards the
-        first row is taken.
+        ``(chosen_rows, rejected_rows, has_pair)``, each ``(n_groups,)``: row indices into ``rewards``
+        (int64) and whether group ``g`` makes a pair (bool): only when its best reward is strictly
+        above its worst (a group of equal rewards says nothing about preference). Every group keeps
+        a slot, so every process of a run holds the same number of pairs; a group without a pair is
+        weighed 0. Among equal best (or worst) rewards the first row is taken.
     """
     grouped = group_rewards(rewards, k)  # (n_groups, k)
-    best = grouped.argmax(dim=1)
-    worst = grouped.argmin(dim=1)
-    spread = grouped.max(dim=1).values > grouped.min(dim=1).values
     offsets = torch.arange(grouped.shape[0], device=rewards.device) * k
-    return (offsets + best)[spread], (offsets + worst)[spread]
+    has_pair = grouped.max(dim=1).values > grouped.min(dim=1).values
+    return offsets + grouped.argmax(dim=1), offsets + grouped.argmin(dim=1), has_pair

@@ -2,7 +2,7 @@
 
 Training stages are LightningModules chosen in YAML (``model: class_path: ...``):
 :class:`flan_rlhf.module.PPOModule`, :class:`flan_rlhf.critic_free.RLOOModule`,
-:class:`flan_rlhf.critic_free.GRPOModule`, :class:`flan_rlhf.sft.SFTModule`,
+:class:`flan_rlhf.critic_free.GRPOModule`, :class:`flan_rlhf.dpo_module.DPOModule`, :class:`flan_rlhf.sft.SFTModule`,
 :class:`flan_rlhf.reward_model.PreferenceRewardModel`.
 """
 from __future__ import annotations
@@ -347,6 +347,9 @@ class FlanRLHFCLI(LightningCLI):
             say(difference_line(difference))
 
     def _set_up_reward(self) -> None:
+        check_datamodule = getattr(self.model, "check_datamodule", None)
+        if check_datamodule is not None:  # e.g. DPO: stored pairs need a prompt column, prompts need a reward
+            check_datamodule(getattr(self, "datamodule", None))
         reward = getattr(self.model, "reward", None)
         if isinstance(reward, Reward):
             self._refuse_reward_without_references(reward)

@@ -95,7 +95,10 @@ def algorithm_of_export(manifest: Mapping[str, Any] | None) -> str:
 
 
 def reward_description(reward: Any) -> str:
-    """``"ProfanityReward (`non_profanity`)"``: a reward's class and name, for a card or a checkpoint."""
+    """``"ProfanityReward (`non_profanity`)"``: a reward's class and name, for a card or a checkpoint
+    (``None``, DPO on stored pairs: ``"none: stored preference pairs"``)."""
+    if reward is None:
+        return "none: stored preference pairs"
     name = getattr(reward, "name", None)
     return f"{type(reward).__name__}" + (f" (`{name}`)" if name else "")
 

@@ -85,6 +85,8 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
     WITH_VALUE_HEAD = False
     #: the minibatch statistics :meth:`minibatch_loss` returns, summed by :class:`UpdateTally`
     LOSS_KEYS: tuple[str, ...] = ()
+    #: the statistics an iteration shows in the progress bar (when it logs them)
+    PROGRESS_KEYS: tuple[str, ...] = ("env/reward_mean", "objective/kl")
 
     def __init__(
         self,
@@ -244,13 +246,17 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         with count_as_one_step(optimizer):
-            stats = self.ppo_iteration(batch["prompt"], optimizer, batch.get("references"))
+            stats = self.training_iteration(batch, optimizer)
         scheduler.step()
         stats["ppo/learning_rate"] = optimizer.param_groups[0]["lr"]
-        shown = {key: stats.pop(key) for key in ("env/reward_mean", "objective/kl") if key in stats}
+        shown = {key: stats.pop(key) for key in self.PROGRESS_KEYS if key in stats}
         size = len(batch["prompt"])
         self.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True, batch_size=size)
         self.log_dict(stats, on_step=True, on_epoch=False, prog_bar=False, sync_dist=True, batch_size=size)
+
+    def training_iteration(self, batch: dict[str, Any], optimizer) -> dict[str, float]:
+        """One iteration on one training batch (its optimiser steps); returns the statistics to log."""
+        return self.ppo_iteration(batch["prompt"], optimizer, batch.get("references"))
 
     def ppo_iteration(self, prompts: list[str], optimizer, references: list[list[str]] | None = None) -> dict[str, float]:
         """One iteration on a batch of ``prompts`` (and their ``references``, one list per prompt, for a reward

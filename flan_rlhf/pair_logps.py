@@ -39,16 +39,34 @@ class PairTokens:
         responses: ``(2n, response_len)``: the chosen responses of prompts ``0..n-1``, then their
             rejected ones; padding holds the pad id.
         mask: ``(2n, response_len)`` float, 1 on response tokens (``</s>`` included).
+        weights: ``(n,)`` float, 1 for a pair, 0 for a placeholder (a sampled group whose responses tied).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     responses: torch.Tensor
     mask: torch.Tensor
+    weights: torch.Tensor
 
     @property
     def n_pairs(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def lengths(self) -> tuple[list[int], list[int]]:
+        """Host lists of each prompt's length ``(n,)`` and each response's ``(2n,)`` (one device read)."""
+        return self.attention_mask.sum(1).long().tolist(), self.mask.sum(1).long().tolist()
+
+    def select(self, pairs: list[int], lengths: tuple[list[int], list[int]]) -> "PairTokens":
+        """The pairs at indices ``pairs`` (host ints), their padding trimmed to the longest prompt and response
+        among them (``lengths``: from :meth:`lengths`, so trimming reads nothing from the device)."""
+        prompt_lengths, response_lengths = lengths
+        rows = [*pairs, *(self.n_pairs + i for i in pairs)]
+        prompt_len = max(prompt_lengths[i] for i in pairs)
+        response_len = max(response_lengths[i] for i in rows)
+        idx = torch.tensor(pairs, device=self.input_ids.device)
+        both = torch.tensor(rows, device=self.input_ids.device)
+        return PairTokens(self.input_ids[idx, :prompt_len], self.attention_mask[idx, :prompt_len],
+                          self.responses[both, :response_len], self.mask[both, :response_len], self.weights[idx])
 
 
 def tokenize_preference_pairs(tokenizer: Any, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
@@ -63,24 +81,30 @@ def tokenize_preference_pairs(tokenizer: Any, prompts: Sequence[str], chosen: Se
     targets = tokenizer(text_target=[*chosen, *rejected], padding=True, truncation=True,
                         max_length=max_response_tokens, return_tensors="pt")
     return PairTokens(input_ids, attention_mask, targets["input_ids"].to(device),
-                      targets["attention_mask"].to(device).float())
+                      targets["attention_mask"].to(device).float(), torch.ones(len(prompts), device=device))
 
 
-def pairs_from_rollout(rollout: Rollout, chosen_rows: torch.Tensor, rejected_rows: torch.Tensor) -> PairTokens:
+def pairs_from_rollout(rollout: Rollout, chosen_rows: torch.Tensor, rejected_rows: torch.Tensor,
+                       weights: torch.Tensor | None = None) -> PairTokens:
     """The sampled pairs of a rollout: the prompt of ``chosen_rows[i]`` (the same as ``rejected_rows[i]``'s)
-    with those two responses; ``chosen_rows``, ``rejected_rows``: ``(n,)`` row indices."""
+    with those two responses; ``chosen_rows``, ``rejected_rows``, ``weights``: ``(n,)`` (weights default to 1)."""
     rows = torch.cat([chosen_rows, rejected_rows])
+    if weights is None:
+        weights = torch.ones(chosen_rows.shape[0], device=chosen_rows.device)
     return PairTokens(rollout.input_ids[chosen_rows], rollout.attention_mask[chosen_rows],
-                      rollout.responses[rows], rollout.mask[rows])
+                      rollout.responses[rows], rollout.mask[rows], weights.float())
 
 
 def pair_logps(actor: ActorCritic, pairs: PairTokens, decoder_start_token_id: int, average: bool = False,
-               reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               reference: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen, rejected)`` sequence log-probs, each ``(n,)``: sums of the response tokens' log-probs
     (means with ``average``, IPO's) under the policy (with gradient) or, with ``reference``, the
-    reference (adapters off, no gradient)."""
+    reference (adapters off, no gradient), from ``logits / temperature`` (sampled pairs are scored
+    under the distribution they were sampled from, as the rollout scored them)."""
     decoder_input_ids = shift_right(pairs.responses, decoder_start_token_id)
     logits = actor.shared_prompt_logits(pairs.input_ids, pairs.attention_mask, decoder_input_ids, reference=reference)
+    if temperature != 1.0:
+        logits = logits / temperature
     token_logps = logprobs_from_logits(logits, pairs.responses, check=False)
     totals = sequence_logps(token_logps, pairs.mask, average)
     return totals[:pairs.n_pairs], totals[pairs.n_pairs:]

@@ -182,19 +182,77 @@ class GRPOSettings(GroupSettings):
     scale_rewards: bool = True
 
 
+@dataclass
+class DPOSettings:
+    """DPO hyperparameters (Rafailov et al. 2023; IPO: Azar et al. 2023), for pairs from a file and from the
+    policy's own samples. Defaults follow TRL's DPOConfig where it has one.
+
+    Attributes:
+        beta: the strength of the implicit KL to the reference (TRL: 0.1); higher keeps the policy closer.
+        loss_type: ``sigmoid`` (DPO) or ``ipo`` (IPO's squared loss on per-token mean log-probs).
+        label_smoothing: conservative DPO: the chance a pair's label is wrong (TRL: 0; ``sigmoid`` only).
+        learning_rate: AdamW learning rate (LoRA usually wants ~1e-4..5e-4; full fine-tuning ~1e-6).
+        weight_decay: AdamW weight decay.
+        max_grad_norm: global gradient-norm clip; ``None`` disables.
+        max_response_tokens: pairs from a file: chosen and rejected responses are cut to this many
+            tokens (``</s>`` included). Sampled pairs are as long as ``generation.max_new_tokens``.
+        samples_per_prompt: pairs from samples: k responses per prompt; the best and the worst by the
+            reward make its pair (no pair when all k score the same).
+        ppo_epochs: passes over each batch's pairs, stored or sampled (1: every pair once; on-policy
+            for sampled pairs).
+        mini_batch_size: pairs per gradient step (per process); a batch of more pairs takes several steps.
+        gradient_accumulation_steps: minibatches whose gradients are summed per optimiser step.
+        no_eos_penalty: pairs from samples: subtracted from the score of a response without EOS
+            before ranking; ``None`` off.
+        kl_stop: stop the run when the sampled responses' KL to the reference (``objective/kl``)
+            exceeds this. ``None`` disables.
+        max_nonfinite_in_a_row: consecutive iterations with NaN/inf rewards, log-probs or loss (each
+            skipped) before the run stops with an error naming the cause.
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_response_tokens: int = 128
+    samples_per_prompt: int = 4
+    ppo_epochs: int = 1
+    mini_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    no_eos_penalty: float | None = None
+    kl_stop: float | None = None
+    max_nonfinite_in_a_row: int = 3
+
+    # What the shared on-policy machinery reads and DPO fixes (class attributes, not options): beta is
+    # the KL coefficient and it does not adapt; rewards only rank samples, so shaping them changes nothing.
+    adaptive_kl = False
+    kl_estimator = "kl"
+    score_normalize = False
+    score_scale = 1.0
+    score_clip = None
+
+    @property
+    def init_kl_coef(self) -> float:
+        """The KL coefficient the run logs (``objective/kl_coef``): DPO's is ``beta``."""
+        return self.beta
+
+
 #: Every RL method by its name: its module is ``<NAME>Module`` (``flan_rlhf.module.PPOModule``,
 #: ``flan_rlhf.critic_free.RLOOModule``, ...) and the name is also its settings group's key
 #: (``--model.rloo.*``, the checkpoint's ``hyper_parameters["rloo"]``).
-METHOD_SETTINGS: dict[str, type[UpdateSettings]] = {"ppo": PPOSettings, "rloo": RLOOSettings, "grpo": GRPOSettings}
+METHOD_SETTINGS: dict[str, type] = {"ppo": PPOSettings, "rloo": RLOOSettings, "grpo": GRPOSettings, "dpo": DPOSettings}
 
 
 class SettingsError(ValueError):
     """An RL module's settings hold a value the algorithm cannot run with (the message names the fix)."""
 
 
-def check_update_settings(settings: UpdateSettings) -> UpdateSettings:
+def check_update_settings(settings: UpdateSettings | DPOSettings) -> UpdateSettings | DPOSettings:
     """``settings`` if every choice and count is valid, else :class:`SettingsError` with one line."""
     # imported here: the settings dataclasses stay free of torch, so commands' --help starts fast
+    from flan_rlhf.dpo import check_loss_settings
     from flan_rlhf.group_advantages import check_group_size
     from flan_rlhf.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
@@ -207,11 +265,19 @@ def check_update_settings(settings: UpdateSettings) -> UpdateSettings:
         require(isinstance(value, int) and value >= 1, f"{name} is {value!r}; it counts passes or rows: use 1 or more")
     require(settings.kl_estimator in KL_ESTIMATORS,
             f"kl_estimator {settings.kl_estimator!r} is unknown; use one of {', '.join(KL_ESTIMATORS)}")
-    if isinstance(settings, GroupSettings):
+    if isinstance(settings, (GroupSettings, DPOSettings)):
         try:
             check_group_size(settings.samples_per_prompt, "samples_per_prompt")
         except ValueError as err:
             raise SettingsError(str(err)) from None
+    if isinstance(settings, DPOSettings):
+        try:
+            check_loss_settings(settings.beta, settings.loss_type, settings.label_smoothing)
+        except ValueError as err:
+            raise SettingsError(str(err)) from None
+        require(isinstance(settings.max_response_tokens, int) and settings.max_response_tokens >= 2,
+                f"max_response_tokens is {settings.max_response_tokens!r}; a response needs a token and </s>: use 2 or more")
+    if isinstance(settings, GroupSettings):
         require(settings.kl_penalty in KL_PENALTIES,
                 f"kl_penalty {settings.kl_penalty!r} is unknown; use one of {', '.join(KL_PENALTIES)}")
         require(settings.kl_penalty != "loss" or settings.kl_estimator in KL_LOSS_ESTIMATORS,

@@ -200,7 +200,10 @@ def _frozen_cat(owner: torch.nn.Module, weights: list[torch.Tensor]) -> torch.Te
     cached = getattr(owner, _CAT_CACHE, None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    stacked = torch.cat(weights).detach()
+    # a normal tensor even when the first call is under inference_mode (a `validate` before `fit`): an
+    # inference tensor kept here would fail the first training pass ("cannot be saved for backward")
+    with torch.inference_mode(False):
+        stacked = torch.cat(weights).detach()
     object.__setattr__(owner, _CAT_CACHE, (key, stacked))  # a plain attribute: not a buffer, not saved
     return stacked
 

@@ -36,15 +36,19 @@ class UpdateTally:
         self.group_size = 0
 
     def add_minibatch(self, nonfinite: torch.Tensor, too_far: torch.Tensor, kl_exceeded: torch.Tensor,
-                      stats: dict[str, torch.Tensor]) -> torch.Tensor:
+                      stats: dict[str, torch.Tensor], empty: torch.Tensor | None = None) -> torch.Tensor:
         """Record one minibatch; returns its ``skip`` flag (0-dim bool tensor).
 
         Args:
             nonfinite, too_far, kl_exceeded: 0-dim bool tensors (already agreed across ranks).
             stats: 0-dim tensors keyed by the tally's ``loss_keys`` (NaN allowed when skipped).
+            empty: 0-dim bool, the minibatch holds nothing to learn from on any rank (DPO: only tied
+                groups); skipped so that a zero gradient does not step Adam on its moments alone.
         """
         live = ~self.stopped
         skip = self.stopped | nonfinite | too_far
+        if empty is not None:
+            skip = skip | empty
         accepted = ~skip
         self.skipped_nonfinite += (live & nonfinite).float()
         self.skipped_ratio += (live & too_far & ~nonfinite).float()

@@ -65,11 +65,13 @@ def shrunk_tiny_config(out_dir, max_new_tokens: int, **trainer_updates) -> dict:
 
 def as_critic_free(config: dict, class_name: str, settings: dict) -> dict:
     """``config`` (a PPO training config as a dict) turned into ``flan_rlhf.critic_free.<class_name>``
-    (``RLOOModule`` or ``GRPOModule``) with ``settings`` as its settings group, in place; returned."""
+    (``RLOOModule`` or ``GRPOModule``; ``DPOModule`` is ``flan_rlhf.dpo_module``'s) with ``settings`` as
+    its settings group, in place; returned."""
     init = dict(config["model"]["init_args"])
     del init["ppo"]
     key = class_name.removesuffix("Module").lower()
-    config["model"] = {"class_path": f"flan_rlhf.critic_free.{class_name}", "init_args": {**init, key: settings}}
+    package = "flan_rlhf.dpo_module" if class_name == "DPOModule" else "flan_rlhf.critic_free"
+    config["model"] = {"class_path": f"{package}.{class_name}", "init_args": {**init, key: settings}}
     return config
 
 

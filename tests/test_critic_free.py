@@ -202,11 +202,12 @@ def test_the_method_registry_names_each_module_and_its_settings_group():
     module whose ``SETTINGS_KEY`` is its key, named ``<KEY>Module``, taking that settings class."""
     import inspect
 
+    from flan_rlhf.dpo_module import DPOModule
     from flan_rlhf.module import PPOModule
     from flan_rlhf.settings import METHOD_SETTINGS
 
-    for cls in (PPOModule, RLOOModule, GRPOModule):
+    for cls in (PPOModule, RLOOModule, GRPOModule, DPOModule):
         key = cls.SETTINGS_KEY
         assert cls.__name__ == f"{key.upper()}Module" and cls.ALGORITHM == key.upper()
         assert inspect.signature(cls.__init__).parameters[key].default.__class__ is METHOD_SETTINGS[key]
-    assert len(METHOD_SETTINGS) == 3
+    assert len(METHOD_SETTINGS) == 4

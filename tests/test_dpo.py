@@ -109,9 +109,22 @@ def test_invalid_settings_are_refused_in_one_line(kwargs, message):
 def test_best_and_worst_of_each_group_make_the_pair_and_ties_make_none():
     # k = 3; groups: [0.1, 0.9, 0.5] -> (1, 0); [2, 2, 2] -> no pair; [0.3, -1, 0.3] -> first best (6), worst (7)
     rewards = torch.tensor([0.1, 0.9, 0.5, 2.0, 2.0, 2.0, 0.3, -1.0, 0.3])
-    chosen, rejected = dpo.best_and_worst_of_groups(rewards, k=3)
-    assert chosen.tolist() == [1, 6]
-    assert rejected.tolist() == [0, 7]
+    chosen, rejected, has_pair = dpo.best_and_worst_of_groups(rewards, k=3)
+    assert has_pair.tolist() == [True, False, True]
+    assert chosen[has_pair].tolist() == [1, 6]
+    assert rejected[has_pair].tolist() == [0, 7]
+    assert chosen[1] // 3 == rejected[1] // 3 == 1  # the placeholder stays within its group
+
+
+def test_weighted_statistics_ignore_placeholder_pairs():
+    # pair 2 is a placeholder (weight 0) whose values would change every mean
+    stats = dpo.preference_statistics(torch.tensor([-1.0, -50.0]), torch.tensor([-2.0, 0.0]),
+                                      torch.tensor([-1.5, 0.0]), torch.tensor([-1.5, 0.0]), beta=0.1,
+                                      weights=torch.tensor([1.0, 0.0]))
+    assert stats["rewards/chosen"].item() == pytest.approx(0.05)
+    assert stats["rewards/accuracies"].item() == 1.0
+    assert stats["logps/chosen"].item() == -1.0
+    assert dpo.weighted_mean(torch.tensor([3.0, 5.0]), torch.tensor([0.0, 0.0])).item() == 0.0
 
 
 def test_pairs_need_whole_groups():

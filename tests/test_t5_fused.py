@@ -135,6 +135,19 @@ def test_cached_stacked_weights_follow_in_place_updates(tokenizer):
     assert (second - hf).abs().max() < 1e-4
 
 
+def test_weights_first_stacked_under_inference_mode_still_train(tokenizer):
+    """`validate` before `fit` runs the first fused pass under ``inference_mode``: the frozen weights it
+    stacks and keeps must be normal tensors, or the first training pass fails to save them for backward."""
+    model = build_t5_from_config(vocab_size=len(tokenizer), d_model=64, d_ff=128, num_layers=2, num_heads=4, seed=0)
+    actor = ActorCritic(model, LoraSettings(target_modules=["q", "v"]))  # frozen feed-forward pairs get stacked
+    ids, mask, decoder_input_ids, responses = _batch(tokenizer)
+    with torch.inference_mode():
+        t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)
+    logits = t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)[1]
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), responses.flatten()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in actor.policy.named_parameters() if "lora" in n)
+
+
 def test_sampling_after_a_fused_adamw_step_sees_the_new_weights(tokenizer):
     """Full fine-tuning with the optimiser flan-rlhf builds (fused AdamW, whose kernel does not bump
     ``Tensor._version``): the no-grad pass after a step must use the stepped weights."""

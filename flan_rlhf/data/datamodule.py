@@ -47,7 +47,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from flan_rlhf.data.builtin import load_builtin
 from flan_rlhf.data.loading import DataConfigError, fractional_split_indices, get_split, load_source
-from flan_rlhf.data.stream import PromptBatchStream
+from flan_rlhf.data.stream import PromptBatchStream, stream_position
 from flan_rlhf.data.templates import apply_template, resolve_template, truncate_to_token_limit
 from flan_rlhf.tokens import PromptTokenLimit, count_tokens
 
@@ -663,17 +663,10 @@ class PromptDataModule(LightningDataModule):
         return self.tables[role]
 
     # ---- dataloaders ---------------------------------------------------------------------
-    def _trainer_position(self) -> tuple[int, int, int]:
-        """``(start_batch, rank, world_size)`` from the attached trainer, or ``(0, 0, 1)``."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0, 1
-        return int(trainer.global_step), int(trainer.global_rank), int(trainer.world_size)
-
     def train_dataloader(self) -> DataLoader:
         """Infinite training batches, starting at batch ``trainer.global_step`` (exact resume)."""
         table = self._table("train")
-        start_batch, rank, world_size = self._trainer_position()
+        start_batch, rank, world_size = stream_position(self.trainer)
         self._check_resume_state(table, world_size)
         stream = PromptBatchStream(
             n_rows=len(table), batch_size=self.batch_size, seed=self.seed, start_batch=start_batch,
@@ -709,7 +702,7 @@ class PromptDataModule(LightningDataModule):
         """Saved in checkpoints: what determines the training order, to verify it on resume."""
         if "train" not in self.tables:
             return {}
-        return self._train_state(self.tables["train"], self._trainer_position()[2])
+        return self._train_state(self.tables["train"], stream_position(self.trainer)[2])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the checkpoint's training-order state; checked when the train dataloader is built."""

@@ -107,3 +107,11 @@ class PromptBatchStream(IterableDataset):
             rows = self.rows_of_batch(batch_index)
             yield torch.from_numpy(rows) if self.make_batch is None else self.make_batch(rows)
             batch_index += num_workers
+
+
+def stream_position(trainer: Any) -> tuple[int, int, int]:
+    """``(start_batch, rank, world_size)`` of a training stream fed to ``trainer`` (``(0, 0, 1)`` without one):
+    a module that makes one step per batch resumes at batch ``trainer.global_step``."""
+    if trainer is None:
+        return 0, 0, 1
+    return int(trainer.global_step), int(trainer.global_rank), int(trainer.world_size)

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from flan_rlhf.data.loading import DataConfigError, load_source
+from flan_rlhf.data.stream import PromptBatchStream, stream_position
 from flan_rlhf.errors import first_line
 from flan_rlhf.io import table_format
 
@@ -39,6 +40,10 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: pairs per batch (the model sees ``2 * batch_size`` sequences).
         num_workers: DataLoader workers.
         seed: shuffling and hold-out seed.
+        stream: training batches as one endless stream in a fixed order (a new shuffle every pass),
+            starting at batch ``trainer.global_step``, so a resumed run sees exactly the batches an
+            uninterrupted one would (:mod:`flan_rlhf.data.stream`); for modules that make one step per
+            batch (DPO), with ``trainer.max_steps``. ``false``: one shuffled pass per epoch (the reward model).
 
     Rows whose chosen or rejected text is missing/empty, or where both are identical, carry no
     preference and are dropped; the counts are printed and kept in ``self.dropped``.
@@ -59,6 +64,7 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        stream: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -76,6 +82,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.stream = stream
         self.train_data = None
         self.val_data = None
         self.dropped: dict[str, int] = {}
@@ -196,7 +203,17 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, shuffle=True)
+        if not self.stream:
+            return self._loader(self.train_data, shuffle=True)
+        start_batch, rank, world_size = stream_position(self.trainer)
+        batches = PromptBatchStream(n_rows=len(self.train_data), batch_size=self.batch_size, seed=self.seed,
+                                    start_batch=start_batch, rank=rank, world_size=world_size,
+                                    make_batch=self._rows_batch)
+        return DataLoader(batches, batch_size=None, num_workers=self.num_workers)
+
+    def _rows_batch(self, rows) -> dict[str, list[str]]:
+        """The batch of training rows ``rows`` (an int array, from the stream)."""
+        return self.collate([self.train_data[int(row)] for row in rows])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_data, shuffle=False)

@@ -74,6 +74,7 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
         seed: generator seed.
         batch_size: pairs per batch.
         num_workers: DataLoader workers.
+        stream: an endless, resumable training stream (:class:`PreferenceDataModule`'s ``stream``; DPO).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
         seed: int = 0,
         batch_size: int = 16,
         num_workers: int = 0,
+        stream: bool = False,
     ) -> None:
         super().__init__(
             dataset="synthetic",
@@ -90,6 +92,7 @@ class SyntheticPreferenceDataModule(PreferenceDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
             seed=seed,
+            stream=stream,
         )
         self.num_train = num_train
         self.num_val = num_val

@@ -20,6 +20,7 @@ TOOL_COMMANDS = ("compare", "score", "generate", "export", "demo")
 
 #: The classes a training YAML selects, whose options follow ``--model.`` / ``--data.``.
 MODEL_CLASSES = ("flan_rlhf.module.PPOModule", "flan_rlhf.critic_free.RLOOModule", "flan_rlhf.critic_free.GRPOModule",
+                 "flan_rlhf.dpo_module.DPOModule",
                  "flan_rlhf.sft.SFTModule",
                  "flan_rlhf.reward_model.PreferenceRewardModel")
 DATA_CLASSES = ("flan_rlhf.data.PromptDataModule", "flan_rlhf.reward_model.PreferenceDataModule")

@@ -1,0 +1,168 @@
+"""DPOModule: DPO / IPO from stored pairs and from the policy's own ranked samples (issue 28)."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+import flan_rlhf.dpo_module as dpo_module
+from flan_rlhf.data.loading import DataConfigError
+from flan_rlhf.dpo_module import DPOModule, MissingRewardError
+from flan_rlhf.policy import LoraSettings
+from flan_rlhf.reward_model.synthetic import SyntheticPreferenceDataModule
+from flan_rlhf.settings import DPOSettings, GenerationSettings, SettingsError
+from tests.conftest import ScriptedReward, TokenFractionReward, tiny_policy_spec
+from tests.test_module import MetricsRecorder, assert_reward_rose, fit, trainable_copy
+
+
+def make(reward=None, max_new_tokens: int = 8, **overrides) -> DPOModule:
+    """A DPOModule on the tiny policy (LoRA r 4): 4 samples per prompt, minibatches of 8 pairs, lr 5e-3."""
+    settings = dict(learning_rate=5e-3, mini_batch_size=8, samples_per_prompt=4)
+    settings.update(overrides)
+    return DPOModule(tiny_policy_spec(), reward, DPOSettings(**settings), lora=LoraSettings(r=4, alpha=8),
+                     generation=GenerationSettings(max_new_tokens=max_new_tokens), log_samples_every_n_steps=0)
+
+
+def stored_pairs_trainer(steps: int, recorder: MetricsRecorder | None = None) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_checkpointing=False, enable_model_summary=False, val_check_interval=steps,
+                     check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[recorder] if recorder else [])
+
+
+def pairs_data() -> SyntheticPreferenceDataModule:
+    """Kind replies chosen over rude ones: 192 training pairs; 64 held-out pairs generated with another seed."""
+    return SyntheticPreferenceDataModule(num_train=192, num_val=64, batch_size=16, stream=True)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_on_stored_pairs_raises_the_held_out_chosen_over_rejected_accuracy(loss_type):
+    """Before training the policy is the reference (LoRA B = 0): every implicit reward is 0 and no held-out
+    pair is ranked right; after 40 steps of 16 pairs nearly all are, by a wide margin."""
+    module = make(mini_batch_size=16, loss_type=loss_type, beta=0.1 if loss_type == "sigmoid" else 0.5,
+                  learning_rate=2e-3)
+    data = pairs_data()
+    trainer = stored_pairs_trainer(40, MetricsRecorder())
+    before = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert before["val/rewards/accuracies"] == 0.0 and before["val/rewards/margins"] == 0.0
+    trainer.fit(module, datamodule=data)
+    after = trainer.callback_metrics
+    assert after["val/rewards/accuracies"].item() >= 0.9, after
+    # IPO regresses the gap to 1 / (2 beta), so its margin beta * gap heads for 0.5; DPO's grows without bound
+    assert after["val/rewards/margins"].item() > (0.25 if loss_type == "ipo" else 1.0)
+    assert after["val/logps/chosen"].item() - after["val/logps/rejected"].item() > \
+        before["val/logps/chosen"] - before["val/logps/rejected"]
+    assert trainer.global_step == 40
+
+
+def test_each_stored_batch_is_one_step_with_trls_statistics():
+    recorder = MetricsRecorder()
+    module = make(mini_batch_size=8)  # 16 pairs per batch: two minibatches, two optimiser steps per training step
+    stored_pairs_trainer(3, recorder).fit(module, datamodule=pairs_data())
+    assert len(recorder.rows) == 3
+    row = recorder.rows[-1]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "dpo/loss"):
+        assert key in row, sorted(row)
+    assert row["dpo/pairs"] == 16.0 and row["ppo/updates"] == 2.0
+    assert row["rewards/margins"] == pytest.approx(row["rewards/chosen"] - row["rewards/rejected"], abs=1e-6)
+
+
+def spy(module, monkeypatch) -> dict:
+    """Record the iteration's rollout, each minibatch's pair indices, and the inputs of every loss."""
+    seen = {"selected": [], "losses": []}
+    original_rollout = module.rollout
+    original_select = dpo_module.PairTokens.select
+    original_loss = dpo_module.dpo.preference_loss
+
+    def spy_rollout(prompts, settings, **kwargs):
+        seen["rollout"] = original_rollout(prompts, settings, **kwargs)
+        return seen["rollout"]
+
+    def spy_select(self, pairs, lengths):
+        seen["selected"].append(list(pairs))
+        return original_select(self, pairs, lengths)
+
+    def spy_loss(*args, **kwargs):
+        seen["losses"].append([a.detach().clone() if torch.is_tensor(a) else a for a in args])
+        return original_loss(*args, **kwargs)
+
+    monkeypatch.setattr(module, "rollout", spy_rollout)
+    monkeypatch.setattr(dpo_module.PairTokens, "select", spy_select)
+    monkeypatch.setattr(dpo_module.dpo, "preference_loss", spy_loss)
+    return seen
+
+
+def test_each_sampled_pair_is_its_groups_best_and_worst_scored_by_policy_and_rollout_reference(monkeypatch):
+    """Row by row: pair j of a minibatch is prompt g's best and worst sample by reward; its reference
+    log-probs are the rollout's reference pass summed over that response; its policy log-probs those of
+    a teacher-forced forward of that response (before the first step the policy is the sampler, so they
+    equal the rollout's own log-probs)."""
+    module = make(TokenFractionReward(), mini_batch_size=3, ppo_epochs=1)
+    seen = spy(module, monkeypatch)
+    fit(module, steps=1, batch_size=6)
+    rollout = seen["rollout"]
+    k = module.settings.samples_per_prompt
+    grouped = rollout.scores.reshape(-1, k)
+    best = torch.arange(6) * k + grouped.argmax(1)
+    worst = torch.arange(6) * k + grouped.argmin(1)
+    sums = lambda logprobs: (logprobs * rollout.mask).sum(1)  # noqa: E731
+    assert sorted(i for rows in seen["selected"] for i in rows) == list(range(6))  # every group, once
+    first = True
+    for rows, (policy_c, policy_r, ref_c, ref_r, *_) in zip(seen["selected"], seen["losses"]):
+        rows = torch.tensor(rows)
+        torch.testing.assert_close(ref_c, sums(rollout.ref_logprobs)[best[rows]])
+        torch.testing.assert_close(ref_r, sums(rollout.ref_logprobs)[worst[rows]])
+        if first:  # nothing has stepped yet
+            torch.testing.assert_close(policy_c, sums(rollout.logprobs)[best[rows]], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(policy_r, sums(rollout.logprobs)[worst[rows]], atol=1e-4, rtol=1e-4)
+            first = False
+
+
+def test_online_dpo_raises_a_reward_the_policy_can_move():
+    recorder = MetricsRecorder()
+    fit(make(TokenFractionReward()), steps=30, batch_size=8, callbacks=[recorder])
+    first, last = assert_reward_rose(recorder)
+    assert last > 2 * first
+    assert all(row["dpo/pairs"] >= 1 for row in recorder.rows)
+
+
+def test_groups_whose_samples_tie_make_no_pair_and_no_step():
+    """A constant reward ranks nothing: every pair is a placeholder, no optimiser step is taken (Adam
+    would otherwise move the weights on its moments alone) and nothing changes."""
+    module = make(ScriptedReward([], fallback=0.5))
+    recorder = MetricsRecorder()
+    fit(module, steps=1, batch_size=4, callbacks=[recorder])
+    before = trainable_copy(module)
+    fit_more = recorder.rows[-1]
+    assert fit_more["dpo/pairs"] == 0.0 and fit_more["ppo/updates"] == 0.0
+    assert fit_more["group/frac_reward_zero_std"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in trainable_copy(module).items())
+    lora_b = [v for k, v in before.items() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)  # never stepped from its zero init
+
+
+def test_prompts_without_a_reward_and_pairs_without_prompts_are_refused_before_any_model_loads():
+    from flan_rlhf.data import PromptDataModule
+    from flan_rlhf.reward_model.data import PreferenceDataModule
+
+    module = make(None)
+    with pytest.raises(MissingRewardError, match="needs a reward to sample and rank") as err:
+        module.check_datamodule(PromptDataModule(builtin="tiny"))
+    assert isinstance(err.value, SettingsError) and "\n" not in str(err.value)
+    with pytest.raises(DataConfigError, match="set --data.init_args.prompt_column"):
+        module.check_datamodule(PreferenceDataModule(dataset="pairs.jsonl"))
+    module.check_datamodule(PreferenceDataModule(dataset="pairs.jsonl", prompt_column="prompt"))
+    assert module.actor is None  # nothing was loaded
+    make(TokenFractionReward()).check_datamodule(PromptDataModule(builtin="tiny"))
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("loss_type", "hinge", "loss_type 'hinge' is unknown"),
+    ("beta", -1.0, "beta is -1.0"),
+    ("samples_per_prompt", 1, "samples_per_prompt is 1"),
+    ("max_response_tokens", 1, "max_response_tokens is 1"),
+])
+def test_settings_dpo_cannot_run_with_are_refused_in_one_line(field, value, expected):
+    with pytest.raises(SettingsError, match=expected) as err:
+        make(TokenFractionReward(), **{field: value})
+    assert "\n" not in str(err.value)
