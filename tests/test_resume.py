@@ -201,9 +201,15 @@ def test_critic_free_modules_resume_exactly_after_a_crash_inside_an_iteration(tm
     def build(**kwargs):
         return make_critic_free(cls, **kwargs)
 
+    crash_inside_an_iteration_then_resume(tmp_path, build, "group/reward_std")  # the group statistics compared too
+
+
+def crash_inside_an_iteration_then_resume(tmp_path: Path, build, logged_key: str) -> None:
+    """A run of ``build``'s module crashes inside iteration 3 after its update; resumed from iteration 2's
+    checkpoint it must end like its uninterrupted run (whose metrics include ``logged_key``)."""
     straight_run = train(tmp_path / "straight", build=build)
     uninterrupted = final_state(*straight_run[:2]), iteration_metrics(straight_run[2])
-    assert "group/reward_std" in uninterrupted[1][-1]  # the metrics compared include the group statistics
+    assert logged_key in uninterrupted[1][-1]
     ckpt_dir = tmp_path / "ckpt"
     with pytest.raises(SimulatedCrash, match="global_step 3"):
         train(ckpt_dir, callbacks=[CrashAt(CRASH_STEP + 1, "on_train_batch_end")], build=build)
@@ -217,13 +223,16 @@ KILL_AFTER_STEP = 3
 RUN_TIMEOUT_S = 300
 
 
-def resume_config(run_dir: Path, kill_after_step: int | None = None, critic_free: tuple[str, dict] | None = None) -> Path:
+def resume_config(run_dir: Path, kill_after_step: int | None = None, critic_free: tuple[str, dict] | None = None,
+                  config: dict | None = None) -> Path:
     """``configs/tiny.yaml`` shrunk (batch 8, 8 new tokens, 6 iterations), a checkpoint every
     iteration, validation every 3 iterations, and every output under ``run_dir``, written to
-    ``run_dir/tiny.yaml`` (``critic_free = (class name, settings)``: RLOO or GRPO instead of PPO).
+    ``run_dir/tiny.yaml`` (``critic_free = (class name, settings)``: RLOO or GRPO instead of PPO; ``config``:
+    this training config instead, already shrunk).
     With ``kill_after_step``, also a copy that SIGKILLs itself right after that iteration's
     checkpoint, ``run_dir/victim.yaml`` (returned)."""
-    config = shrunk_tiny_config(run_dir, max_new_tokens=8, max_steps=MAX_STEPS, val_check_interval=3)
+    if config is None:
+        config = shrunk_tiny_config(run_dir, max_new_tokens=8, max_steps=MAX_STEPS, val_check_interval=3)
     if critic_free is not None:
         as_critic_free(config, *critic_free)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -277,12 +286,15 @@ def fit_in_process(run_dir: Path, monkeypatch, *extra: str) -> tuple[str, str]:
     return out, err
 
 
-def straight_and_killed_runs(tmp_path: Path, monkeypatch, critic_free: tuple[str, dict] | None = None) -> tuple[Path, Path]:
+def straight_and_killed_runs(tmp_path: Path, monkeypatch, critic_free: tuple[str, dict] | None = None,
+                             make_config=None) -> tuple[Path, Path]:
     """An uninterrupted run (in this process) beside a victim ``fit`` subprocess that SIGKILLs itself
-    right after iteration ``KILL_AFTER_STEP``'s checkpoint; returns their folders once both ended."""
+    right after iteration ``KILL_AFTER_STEP``'s checkpoint; returns their folders once both ended.
+    ``make_config(run_dir)``: the training config of each run (default: the shrunk tiny PPO config)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    resume_config(straight, critic_free=critic_free)
-    resume_config(killed, kill_after_step=KILL_AFTER_STEP, critic_free=critic_free)
+    resume_config(straight, critic_free=critic_free, config=make_config and make_config(straight))
+    resume_config(killed, kill_after_step=KILL_AFTER_STEP, critic_free=critic_free,
+                  config=make_config and make_config(killed))
     victim = start_fit(killed, "victim", "victim.yaml")
     try:
         fit_in_process(straight, monkeypatch)
@@ -363,5 +375,56 @@ def test_critic_free_sigkill_then_resume_last_matches_uninterrupted_run(tmp_path
     said = re.findall(r"resumed from step (\d+)", resumed_output + resumed_err)
     assert said == [str(KILL_AFTER_STEP)], resumed_output[-2000:]
 
+    assert not (killed / "adapter" / "value_head.safetensors").exists()
+    assert_same_end(straight, killed, ("adapter_model.safetensors",))
+
+
+# ====================================================================== DPO
+def test_online_dpo_resumes_exactly_after_a_crash_inside_an_iteration(tmp_path):
+    """Online DPO (4 samples per prompt, two passes in minibatches of 4 pairs) crashes inside iteration 3
+    after its update; resuming from iteration 2's checkpoint ends like its uninterrupted run."""
+    from tests.test_dpo_module import make as make_dpo
+
+    def build(reward=None, truncate_prompt_tokens=512, adaptive_kl=None, kl_horizon=None, score_normalize=None):
+        # DPO has no adaptive KL or reward shaping (its KL strength is beta; rewards only rank samples)
+        return make_dpo(reward or TokenFractionReward(), truncate_prompt_tokens=truncate_prompt_tokens,
+                        ppo_epochs=2, mini_batch_size=4)
+
+    crash_inside_an_iteration_then_resume(tmp_path, build, "rewards/margins")  # the DPO statistics compared too
+
+
+def stored_pairs_config(run_dir: Path) -> dict:
+    """``configs/dpo_tiny.yaml`` on a preference file written here (batches of 16 of ~86 training pairs), no
+    logger, ``MAX_STEPS`` steps, validation every 3, a checkpoint every step in ``run_dir/ckpt``, the adapter
+    exported to ``run_dir/adapter``."""
+    import json
+
+    from flan_rlhf.reward_model.synthetic import make_preference_pairs
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pairs = run_dir / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in make_preference_pairs(96, seed=3)))
+    config = yaml.safe_load((REPO_ROOT / "configs" / "dpo_tiny.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(logger=False, max_steps=MAX_STEPS, val_check_interval=3, limit_val_batches=1)
+    checkpoint = trainer["callbacks"][0]
+    checkpoint["init_args"].update(dirpath=str(run_dir / "ckpt"), every_n_train_steps=1)
+    config["model"]["init_args"]["export_dir"] = str(run_dir / "adapter")
+    config["data"] = {"class_path": "flan_rlhf.reward_model.PreferenceDataModule",
+                      "init_args": {"dataset": str(pairs), "prompt_column": "prompt", "val_split": None,
+                                    "val_fraction": 0.1, "batch_size": 16, "stream": True}}
+    return config
+
+
+@pytest.mark.timeout(900)
+def test_dpo_on_stored_pairs_sigkill_then_resume_last_matches_uninterrupted_run(tmp_path, monkeypatch):
+    """DPO on a preference file (configs/dpo_tiny.yaml with PreferenceDataModule's endless stream): a real
+    ``fit`` process SIGKILLs itself right after step 3's checkpoint; ``--ckpt_path last`` resumes at step 3
+    of the pair stream and the run ends bit-for-bit like an uninterrupted one: adapter, weights, Adam,
+    scheduler (6 steps of 16 pairs cross into the stream's second shuffled pass)."""
+    straight, killed = straight_and_killed_runs(tmp_path, monkeypatch, make_config=stored_pairs_config)
+    resumed_output, resumed_err = fit_in_process(killed, monkeypatch, "--ckpt_path", "last")
+    said = re.findall(r"resumed from step (\d+)", resumed_output + resumed_err)
+    assert said == [str(KILL_AFTER_STEP)], resumed_output[-2000:]
     assert not (killed / "adapter" / "value_head.safetensors").exists()
     assert_same_end(straight, killed, ("adapter_model.safetensors",))
