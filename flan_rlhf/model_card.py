@@ -18,7 +18,11 @@ TAGS = ["flan-rlhf", "rlhf", "text2text-generation"]  # and the method's name in
 # The settings a reader needs to judge and repeat a run (the rest are in the checkpoint); those a method lacks are skipped.
 KEY_PPO_SETTINGS = ("learning_rate", "ppo_epochs", "mini_batch_size", "init_kl_coef", "adaptive_kl", "kl_target",
                     "cliprange", "vf_coef", "gamma", "lam", "samples_per_prompt", "kl_penalty", "loss_aggregation",
-                    "scale_rewards")
+                    "scale_rewards", "beta", "loss_type", "label_smoothing")
+#: what the policy was trained to do, by method (the card's first sentence)
+AIMS = {"DPO": "trained to prefer the chosen over the rejected response of each preference pair (stored pairs, or "
+               "its own samples ranked by the reward below), with beta keeping it close to the base"}
+RL_AIM = "trained to raise the reward below while a KL penalty keeps it close to the base"
 LOAD_SNIPPETS = {
     "adapter": ("from peft import AutoPeftModelForSeq2SeqLM\n"
                 "model = AutoPeftModelForSeq2SeqLM.from_pretrained(\"{folder}\")"),
@@ -74,7 +78,8 @@ def facts_from_settings(export_format: str, policy: Any, lora: Any, ppo: Any, re
         hyperparameters.update({f"lora.{key}": lora.get(key) for key in ("r", "alpha", "dropout", "target_modules")})
     prefix = algorithm.lower()
     hyperparameters.update({f"{prefix}.{key}": ppo[key] for key in KEY_PPO_SETTINGS if key in ppo})
-    reward_text = reward if isinstance(reward, str) or reward is None else reward_description(reward)
+    # DPO without a reward trained on stored pairs; for the other methods None means "not recorded"
+    reward_text = reward if isinstance(reward, str) or (reward is None and algorithm != "DPO") else reward_description(reward)
     return CardFacts(export_format=export_format, base_model=policy.get("name_or_path"), reward=reward_text,
                      steps=steps, hyperparameters=hyperparameters, metrics=metrics,
                      command=command_line() if command is None else command, method=method_text(algorithm, bool(lora)))
@@ -122,7 +127,7 @@ def export_card(facts: CardFacts, folder_name: str = "."):
     lines = [
         f"# {os.path.basename(os.path.abspath(folder_name))}", "",
         f"An encoder-decoder policy aligned with flan-rlhf: {facts.method} "
-        f"from {base_text}, trained to raise the reward below while a KL penalty keeps it close to the base.", "",
+        f"from {base_text}, {AIMS.get(facts.method.split(' ', 1)[0], RL_AIM)}.", "",
         "## Training", "",
         f"- Method: {facts.method}",
         f"- Base model: {base_text}",

@@ -186,5 +186,7 @@ def test_the_shipped_stored_pairs_config_fits_and_exports_a_dpo_adapter(tmp_path
     adapter = tmp_path / "artifacts" / "dpo_tiny" / "adapter"
     weights = load_file(adapter / "adapter_model.safetensors")
     assert max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k) > 0  # trained
-    assert "DPO" in (adapter / "README.md").read_text()
+    card = (adapter / "README.md").read_text()
+    assert "- Method: DPO (RLHF) with LoRA" in card and "- Reward: none: stored preference pairs" in card
+    assert "prefer the chosen over the rejected response" in card and "| dpo.beta | 0.1 |" in card
     assert list((tmp_path / "lightning_logs" / "dpo_tiny").glob("*/checkpoints/last.ckpt"))
