@@ -215,7 +215,8 @@ def demo(seed: int = 0, root: str | None = None, out: str | None = None, rebuild
             checkout's configs/).
         method: the RL stage: ``rloo`` (the default: the fastest to the detox target over 5 seeds on
             both demo tasks, docs/time-to-detox.md; configs/demo_rloo.yaml), ``grpo`` (configs/demo_grpo.yaml;
-            both critic-free, k responses per prompt) or ``ppo`` (configs/demo_ppo.yaml).
+            both critic-free, k responses per prompt), ``ppo`` (configs/demo_ppo.yaml) or ``dpo`` (online DPO:
+            each prompt's best and worst of k samples by the reward as a preference pair; configs/demo_dpo.yaml).
         task: the corpus: ``tail`` (a hostile sentence appended to a third of the training
             summaries) or ``woven`` (insults woven into them, at the start and in the middle, so
             detoxifying means rewriting; its RL stage and report add configs/demo_woven.yaml).
