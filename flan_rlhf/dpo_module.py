@@ -183,9 +183,18 @@ class DPOModule(OnPolicyModule):
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Held-out stored pairs: the DPO statistics (``val/rewards/accuracies``, ...); prompts: sampling and scoring."""
-        if "chosen" not in batch:
-            self._require_reward("score the validation prompts' samples")
-            return super().validation_step(batch, batch_idx)
+        if "chosen" in batch:
+            return self._log_pair_statistics(batch, "val")
+        return super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """As :meth:`validation_step`, logged under ``test/``."""
+        if "chosen" in batch:
+            return self._log_pair_statistics(batch, "test")
+        return super().test_step(batch, batch_idx)
+
+    def _log_pair_statistics(self, batch: dict[str, Any], stage: str) -> None:
+        """``<stage>/dpo/loss`` and ``<stage>/rewards/*``, ``<stage>/logps/*`` of a batch of stored pairs."""
         pairs = self._tokenize_stored(batch)
         s = self.settings
         with torch.no_grad():
@@ -193,8 +202,13 @@ class DPOModule(OnPolicyModule):
             policy = pair_logps(self.actor, pairs, self._decoder_start, self._average_logps)
         loss = dpo.preference_loss(*policy, *reference, s.beta, s.loss_type, s.label_smoothing).mean()
         stats = {"dpo/loss": loss, **dpo.preference_statistics(*policy, *reference, s.beta)}
-        self.log_dict({f"val/{key}": value for key, value in stats.items()}, on_step=False, on_epoch=True,
+        self.log_dict({f"{stage}/{key}": value for key, value in stats.items()}, on_step=False, on_epoch=True,
                       sync_dist=True, batch_size=pairs.n_pairs, prog_bar=False)
+
+    def score_rollout(self, prompts: list[str], texts: list[str], references: list[list[str]] | None = None):
+        """The RL modules' scoring, refused in one line when there is no reward (stored-pair training)."""
+        self._require_reward("score sampled responses")
+        return super().score_rollout(prompts, texts, references)
 
     def check_datamodule(self, datamodule: Any) -> None:
         """Refuse, before any model loads, data this module cannot train on (the CLI calls this).

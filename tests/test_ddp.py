@@ -71,11 +71,12 @@ def test_sigterm_on_one_ddp_process_stops_every_rank_at_the_same_iteration(tmp_p
     assert not (tmp_path / "adapter").exists()
 
 
-@pytest.mark.parametrize("class_name", ["RLOOModule", "GRPOModule"])
+@pytest.mark.parametrize("class_name", ["RLOOModule", "GRPOModule", "DPOModule"])
 def test_critic_free_modules_keep_each_group_on_the_rank_that_drew_its_prompt(tmp_path, class_name):
-    """RLOO / GRPO on two DDP processes: each process samples its own prompts' k responses (its rollout
-    rows are its batch prompts, each k times in a row), the groups of the two ranks differ, and the
-    all-reduced adapters end identical and trained."""
+    """RLOO / GRPO / online DPO on two DDP processes: each process samples its own prompts' k responses (its
+    rollout rows are its batch prompts, each k times in a row), the groups of the two ranks differ, and the
+    all-reduced adapters end identical and trained (DPO: every rank makes the same passes although its
+    number of untied groups differs)."""
     k = 3
     settings = {"learning_rate": 1e-3, "mini_batch_size": 6, "samples_per_prompt": k}
     config, result = ddp_fit(tmp_path, 2, {"class_path": "tests.ddp_helpers.RankRolloutRecorder",

@@ -55,6 +55,14 @@ def test_dpo_on_stored_pairs_raises_the_held_out_chosen_over_rejected_accuracy(l
     assert trainer.global_step == 40
 
 
+def test_test_on_stored_pairs_logs_the_pair_statistics_and_sampling_without_a_reward_is_refused():
+    module = make(None)
+    results = stored_pairs_trainer(1).test(module, datamodule=pairs_data(), verbose=False)[0]
+    assert results["test/rewards/accuracies"] == 0.0 and "test/logps/chosen" in results  # untrained: all ties
+    with pytest.raises(MissingRewardError, match="needs a reward to score sampled responses"):
+        module.score_rollout(["a prompt"], ["a response"])
+
+
 def test_each_stored_batch_is_one_step_with_trls_statistics():
     recorder = MetricsRecorder()
     module = make(mini_batch_size=8)  # 16 pairs per batch: two minibatches, two optimiser steps per training step

@@ -370,16 +370,19 @@ def test_a_bad_run_config_is_one_line_naming_the_key(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_an_rloo_checkpoint_exports_an_adapter_without_a_value_head_and_a_card_naming_rloo(base_dir, tmp_path):
-    """A critic-free checkpoint (no ``value_head`` weights, ``rloo`` settings) exports: the actor is rebuilt
-    without a value head, the adapter holds the trained LoRA and the card names the algorithm."""
+@pytest.mark.parametrize("key", ["rloo", "dpo"])
+def test_a_critic_free_checkpoint_exports_an_adapter_without_a_value_head_and_a_card_naming_its_method(base_dir, tmp_path, key):
+    """A critic-free checkpoint (no ``value_head`` weights, ``rloo`` or ``dpo`` settings) exports: the actor is
+    rebuilt without a value head, the adapter holds the trained LoRA and the card names the algorithm."""
     import lightning as L
 
     from flan_rlhf.critic_free import RLOOModule
-    from flan_rlhf.settings import RLOOSettings
+    from flan_rlhf.dpo_module import DPOModule
+    from flan_rlhf.settings import DPOSettings, RLOOSettings
 
-    module = RLOOModule(PolicySpec(name_or_path=base_dir), TokenFractionReward(), lora=LORA,
-                        rloo=RLOOSettings(samples_per_prompt=3))
+    cls, settings = {"rloo": (RLOOModule, RLOOSettings), "dpo": (DPOModule, DPOSettings)}[key]
+    module = cls(PolicySpec(name_or_path=base_dir), TokenFractionReward(), lora=LORA,
+                 **{key: settings(samples_per_prompt=3)})
     module.configure_model()
     _perturb_lora(module.actor)
     checkpoint = {"epoch": 0, "global_step": 5, "pytorch-lightning_version": L.__version__,
@@ -390,4 +393,4 @@ def test_an_rloo_checkpoint_exports_an_adapter_without_a_value_head_and_a_card_n
     assert export_cli.main(["--ckpt_path", str(tmp_path / "rloo.ckpt"), "--format", "adapter", "--out", str(out)]) == 0
     assert (out / "adapter_model.safetensors").is_file() and not (out / "value_head.safetensors").exists()
     card = (out / "README.md").read_text()
-    assert "RLOO (RLHF) with LoRA" in card and "rloo.samples_per_prompt" in card
+    assert f"{key.upper()} (RLHF) with LoRA" in card and f"{key}.samples_per_prompt" in card
