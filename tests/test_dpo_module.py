@@ -30,6 +30,9 @@ def stored_pairs_trainer(steps: int, recorder: MetricsRecorder | None = None) ->
                      check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[recorder] if recorder else [])
 
 
+STEPS = 20  # steps of the stored-pair learning test
+
+
 def pairs_data() -> SyntheticPreferenceDataModule:
     """Kind replies chosen over rude ones: 192 training pairs; 64 held-out pairs generated with another seed."""
     return SyntheticPreferenceDataModule(num_train=192, num_val=64, batch_size=16, stream=True)
@@ -38,21 +41,21 @@ def pairs_data() -> SyntheticPreferenceDataModule:
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_on_stored_pairs_raises_the_held_out_chosen_over_rejected_accuracy(loss_type):
     """Before training the policy is the reference (LoRA B = 0): every implicit reward is 0 and no held-out
-    pair is ranked right; after 40 steps of 16 pairs nearly all are, by a wide margin."""
+    pair is ranked right; after 20 steps of 16 pairs nearly all are, by a wide margin."""
     module = make(mini_batch_size=16, loss_type=loss_type, beta=0.1 if loss_type == "sigmoid" else 0.5,
                   learning_rate=2e-3)
     data = pairs_data()
-    trainer = stored_pairs_trainer(40, MetricsRecorder())
+    trainer = stored_pairs_trainer(STEPS, MetricsRecorder())
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
     assert before["val/rewards/accuracies"] == 0.0 and before["val/rewards/margins"] == 0.0
     trainer.fit(module, datamodule=data)
     after = trainer.callback_metrics
     assert after["val/rewards/accuracies"].item() >= 0.9, after
     # IPO regresses the gap to 1 / (2 beta), so its margin beta * gap heads for 0.5; DPO's grows without bound
-    assert after["val/rewards/margins"].item() > (0.25 if loss_type == "ipo" else 1.0)
+    assert after["val/rewards/margins"].item() > (0.2 if loss_type == "ipo" else 1.0)  # measured: 0.29, 3.5
     assert after["val/logps/chosen"].item() - after["val/logps/rejected"].item() > \
         before["val/logps/chosen"] - before["val/logps/rejected"]
-    assert trainer.global_step == 40
+    assert trainer.global_step == STEPS
 
 
 def test_test_on_stored_pairs_logs_the_pair_statistics_and_sampling_without_a_reward_is_refused():
