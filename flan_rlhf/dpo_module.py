@@ -70,6 +70,7 @@ class DPOModule(OnPolicyModule):
     WITH_VALUE_HEAD = False
     LOSS_KEYS = DPO_LOSS_KEYS
     PROGRESS_KEYS = ("env/reward_mean", "objective/kl", "dpo/loss", "rewards/accuracies")
+    LEARNING_RATE_KEY = "dpo/learning_rate"
     settings: DPOSettings
 
     def __init__(self, policy: PolicySpec, reward: Reward | None = None, dpo: DPOSettings = DPOSettings(), **kwargs):
@@ -178,7 +179,11 @@ class DPOModule(OnPolicyModule):
                     self._optimizer_step(optimizer, tally)
         if tally.group_size:
             self._optimizer_step(optimizer, tally)
-        return tally.read()
+        stats = tally.read()
+        # the clipped-ratio guards do not exist here: no ratio threshold, no target KL
+        stats.pop("guards/ratio_skipped"), stats.pop("guards/early_stopped")
+        stats["dpo/updates"] = stats.pop("ppo/updates")
+        return stats
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -87,6 +87,8 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
     LOSS_KEYS: tuple[str, ...] = ()
     #: the statistics an iteration shows in the progress bar (when it logs them)
     PROGRESS_KEYS: tuple[str, ...] = ("env/reward_mean", "objective/kl")
+    #: the tag of the learning rate, logged every iteration
+    LEARNING_RATE_KEY = "ppo/learning_rate"
 
     def __init__(
         self,
@@ -248,7 +250,7 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         with count_as_one_step(optimizer):
             stats = self.training_iteration(batch, optimizer)
         scheduler.step()
-        stats["ppo/learning_rate"] = optimizer.param_groups[0]["lr"]
+        stats[self.LEARNING_RATE_KEY] = optimizer.param_groups[0]["lr"]
         shown = {key: stats.pop(key) for key in self.PROGRESS_KEYS if key in stats}
         size = len(batch["prompt"])
         self.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True, batch_size=size)

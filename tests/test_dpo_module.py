@@ -75,7 +75,8 @@ def test_each_stored_batch_is_one_step_with_trls_statistics():
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "dpo/loss"):
         assert key in row, sorted(row)
-    assert row["dpo/pairs"] == 16.0 and row["ppo/updates"] == 2.0
+    assert row["dpo/pairs"] == 16.0 and row["dpo/updates"] == 2.0 and row["dpo/learning_rate"] == pytest.approx(5e-3)
+    assert not any(key.startswith("ppo/") for key in row) and "guards/ratio_skipped" not in row
     assert row["rewards/margins"] == pytest.approx(row["rewards/chosen"] - row["rewards/rejected"], abs=1e-6)
 
 
@@ -146,7 +147,7 @@ def test_groups_whose_samples_tie_make_no_pair_and_no_step():
     fit(module, steps=1, batch_size=4, callbacks=[recorder])
     before = trainable_copy(module)
     fit_more = recorder.rows[-1]
-    assert fit_more["dpo/pairs"] == 0.0 and fit_more["ppo/updates"] == 0.0
+    assert fit_more["dpo/pairs"] == 0.0 and fit_more["dpo/updates"] == 0.0
     assert fit_more["group/frac_reward_zero_std"] == 1.0
     assert all(torch.equal(before[k], v) for k, v in trainable_copy(module).items())
     lora_b = [v for k, v in before.items() if "lora_B" in k]
