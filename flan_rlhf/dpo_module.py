@@ -46,7 +46,8 @@ DPO_LOSS_KEYS = ("dpo/loss", "rewards/chosen", "rewards/rejected", "rewards/accu
 
 
 PROMPT_COLUMN_NEEDED = ("DPO on stored pairs needs each pair's prompt: set --data.init_args.prompt_column to the column "
-                        "holding it (chosen and rejected then hold the responses only)")
+                        "holding it, or --data.init_args.split_prompt true when chosen and rejected both start with it "
+                        "(hh-rlhf)")
 
 
 class MissingRewardError(SettingsError):
@@ -225,7 +226,7 @@ class DPOModule(OnPolicyModule):
         stored_pairs = hasattr(datamodule, "chosen_column")
         if not stored_pairs and datamodule is not None:
             self._require_reward("sample and rank responses to the data's prompts")
-        if stored_pairs and getattr(datamodule, "prompt_column", None) is None:
+        if stored_pairs and getattr(datamodule, "prompt_column", None) is None and not getattr(datamodule, "split_prompt", False):
             raise DataConfigError(PROMPT_COLUMN_NEEDED)
 
     def _require_reward(self, purpose: str) -> None:

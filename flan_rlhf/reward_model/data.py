@@ -19,6 +19,35 @@ from flan_rlhf.errors import first_line
 from flan_rlhf.io import table_format
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # the flan_rlhf.io.FORMATS read as preference files
+#: where a conversation's last turn to answer begins, in Anthropic/hh-rlhf's format
+ASSISTANT_TURN = "\n\nAssistant:"
+
+
+def split_shared_prompt(chosen: str, rejected: str, turn_marker: str = ASSISTANT_TURN) -> tuple[str, str, str]:
+    """``(prompt, chosen_response, rejected_response)`` of a pair whose texts both hold the prompt.
+
+    The prompt is the start the two texts share, cut just after the last ``turn_marker`` in it (hh-rlhf:
+    the conversation up to the final ``"\n\nAssistant:"``), else at the last whitespace inside it, so
+    no word is split between prompt and response (TRL's ``extract_prompt`` cuts at the first differing
+    character). Examples: ``("H: hi\n\nAssistant: Hello!", "H: hi\n\nAssistant: Go away.")`` ->
+    ``("H: hi\n\nAssistant:", " Hello!", " Go away.")``; ``("Say hi. Hi there", "Say hi. Hi you")`` ->
+    ``("Say hi. Hi", " there", " you")``; no shared start -> ``("", chosen, rejected)``.
+    """
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    if shared == len(chosen) or shared == len(rejected):  # one text is a prefix of the other: keep a word back
+        shared = max(0, shared - 1)
+    prefix = chosen[:shared]
+    marker = prefix.rfind(turn_marker) if turn_marker else -1
+    if marker >= 0:
+        cut = marker + len(turn_marker)
+    else:
+        spaces = [i for i, ch in enumerate(prefix) if ch.isspace()]
+        cut = spaces[-1] if spaces else 0
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -35,6 +64,9 @@ class PreferenceDataModule(L.LightningDataModule):
         chosen_column: column with the preferred response (hh-rlhf: the whole conversation).
         rejected_column: column with the dispreferred response.
         prompt_column: column with the prompt, or ``None`` when chosen/rejected already hold it.
+        split_prompt: with no ``prompt_column``, give batches a ``prompt``: the start chosen and
+            rejected share (hh-rlhf: the conversation up to the last ``Assistant:``), their rest as
+            the responses (:func:`split_shared_prompt`). DPO needs a prompt; the reward model does not.
         max_train_samples: keep only this many training pairs (``None``: all).
         max_val_samples: keep only this many validation pairs.
         batch_size: pairs per batch (the model sees ``2 * batch_size`` sequences).
@@ -65,6 +97,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         stream: bool = False,
+        split_prompt: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -83,6 +116,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.stream = stream
+        self.split_prompt = split_prompt
         self.train_data = None
         self.val_data = None
         self.dropped: dict[str, int] = {}
@@ -189,6 +223,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.prompt_column:
             prompts = [row[self.prompt_column] for row in rows]
             batch["prompt"] = ["" if prompt is None else str(prompt) for prompt in prompts]
+        elif self.split_prompt:
+            triples = [split_shared_prompt(c, r) for c, r in zip(batch["chosen"], batch["rejected"])]
+            batch["prompt"], batch["chosen"], batch["rejected"] = (list(column) for column in zip(*triples))
         return batch
 
     def _loader(self, data, shuffle: bool) -> DataLoader:
