@@ -94,8 +94,7 @@ class DPOModule(OnPolicyModule):
         """One step on a batch of stored pairs: the reference once, then the pair update."""
         t0 = time.perf_counter()
         pairs = self._tokenize_stored(batch)
-        with torch.no_grad():
-            reference = pair_logps(self.actor, pairs, self._decoder_start, self._average_logps, reference=True)
+        reference = pair_logps(self.actor, pairs, self._decoder_start, self._average_logps, reference=True)
         stats = self.pair_update(pairs, reference, optimizer, self.global_step, temperature=1.0)
         stats["dpo/pairs"] = float(pairs.n_pairs)
         stats["time/update_s"] = time.perf_counter() - t0
@@ -166,11 +165,7 @@ class DPOModule(OnPolicyModule):
                 idx = torch.tensor(rows, device=self.device)
                 policy = pair_logps(self.actor, minibatch, self._decoder_start, self._average_logps,
                                     temperature=temperature)
-                ref = reference[0][idx], reference[1][idx]
-                losses = dpo.preference_loss(*policy, *ref, s.beta, s.loss_type, s.label_smoothing)
-                # a placeholder's loss is 0 * its value: where, not a product, so a non-finite one cannot leak
-                loss = dpo.weighted_mean(torch.where(minibatch.weights > 0, losses, 0.0), minibatch.weights)
-                stats = {"dpo/loss": loss, **dpo.preference_statistics(*policy, *ref, s.beta, minibatch.weights)}
+                loss, stats = self._objective(policy, (reference[0][idx], reference[1][idx]), minibatch.weights)
                 nonfinite, has_pairs = self._any_rank(torch.stack([~torch.isfinite(loss.detach()),
                                                                    minibatch.weights.sum() > 0]))
                 skip = tally.add_minibatch(nonfinite, never, never, stats, empty=~has_pairs)
@@ -185,6 +180,16 @@ class DPOModule(OnPolicyModule):
         stats.pop("guards/ratio_skipped"), stats.pop("guards/early_stopped")
         stats["dpo/updates"] = stats.pop("ppo/updates")
         return stats
+
+    def _objective(self, policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
+                   weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted mean DPO/IPO loss of ``n`` pairs and its statistics (:data:`DPO_LOSS_KEYS`), from the
+        policy's and the reference's ``(chosen, rejected)`` log-probs, each ``(n,)``; ``weights`` ``(n,)``."""
+        s = self.settings
+        losses = dpo.preference_loss(*policy, *reference, s.beta, s.loss_type, s.label_smoothing)
+        # a placeholder's loss is 0 * its value: where, not a product, so a non-finite one cannot leak
+        loss = dpo.weighted_mean(torch.where(weights > 0, losses, 0.0), weights)
+        return loss, {"dpo/loss": loss, **dpo.preference_statistics(*policy, *reference, s.beta, weights)}
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -202,12 +207,10 @@ class DPOModule(OnPolicyModule):
     def _log_pair_statistics(self, batch: dict[str, Any], stage: str) -> None:
         """``<stage>/dpo/loss`` and ``<stage>/rewards/*``, ``<stage>/logps/*`` of a batch of stored pairs."""
         pairs = self._tokenize_stored(batch)
-        s = self.settings
         with torch.no_grad():
             reference = pair_logps(self.actor, pairs, self._decoder_start, self._average_logps, reference=True)
             policy = pair_logps(self.actor, pairs, self._decoder_start, self._average_logps)
-        loss = dpo.preference_loss(*policy, *reference, s.beta, s.loss_type, s.label_smoothing).mean()
-        stats = {"dpo/loss": loss, **dpo.preference_statistics(*policy, *reference, s.beta)}
+            _, stats = self._objective(policy, reference, pairs.weights)
         self.log_dict({f"{stage}/{key}": value for key, value in stats.items()}, on_step=False, on_epoch=True,
                       sync_dist=True, batch_size=pairs.n_pairs, prog_bar=False)
 

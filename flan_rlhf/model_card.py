@@ -78,8 +78,7 @@ def facts_from_settings(export_format: str, policy: Any, lora: Any, ppo: Any, re
         hyperparameters.update({f"lora.{key}": lora.get(key) for key in ("r", "alpha", "dropout", "target_modules")})
     prefix = algorithm.lower()
     hyperparameters.update({f"{prefix}.{key}": ppo[key] for key in KEY_PPO_SETTINGS if key in ppo})
-    # DPO without a reward trained on stored pairs; for the other methods None means "not recorded"
-    reward_text = reward if isinstance(reward, str) or (reward is None and algorithm != "DPO") else reward_description(reward)
+    reward_text = reward if isinstance(reward, str) or reward is None else reward_description(reward)
     return CardFacts(export_format=export_format, base_model=policy.get("name_or_path"), reward=reward_text,
                      steps=steps, hyperparameters=hyperparameters, metrics=metrics,
                      command=command_line() if command is None else command, method=method_text(algorithm, bool(lora)))

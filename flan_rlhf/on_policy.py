@@ -525,7 +525,8 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
             from flan_rlhf.model_card import facts_from_settings, write_card
 
             facts = facts_from_settings("adapter" if self.actor.uses_lora else "full model", self.policy_spec, self.lora,
-                                        self.settings, self.reward, steps=self.global_step, algorithm=self.ALGORITHM)
+                                        self.settings, reward_description(self.reward), steps=self.global_step,
+                                        algorithm=self.ALGORITHM)
             with self.export_folder(manifest) as folder:
                 save_adapter(self.actor, self.tokenizer, folder, final_dir=self.export_target()[0])
                 write_card(folder, facts, folder_name=self.export_target()[0])
