@@ -30,6 +30,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# the tests also run the optional loggers (W&B offline, MLflow on local files): docs/logging.md
+$(VENV)/.installed-loggers: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test,wandb,mlflow]"
+	touch $@
+
 demo: install
 	$(OFFLINE) $(BIN)/flan-rlhf demo --method $(METHOD) --task $(TASK) $(DEMO_ARGS)
 
@@ -39,7 +44,7 @@ demo-rebuild: install
 tiny: install
 	$(OFFLINE) $(BIN)/flan-rlhf fit --config configs/tiny.yaml
 
-test: install
+test: install $(VENV)/.installed-loggers
 	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

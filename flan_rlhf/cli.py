@@ -95,13 +95,14 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flan_rlhf.checkpointing import CheckpointError
     from flan_rlhf.data import DataConfigError
     from flan_rlhf.guards import NonFiniteError
+    from flan_rlhf.logger_outputs import LoggerError
     from flan_rlhf.output_dirs import OutputDirError
     from flan_rlhf.policy import ModelLoadError
     from flan_rlhf.rewards.base import RewardOptionError, RewardOutputError, RewardReferencesError, RewardSetupError
     from flan_rlhf.run_lock import RunLockedError
     from flan_rlhf.settings import SettingsError
 
-    return (CheckpointError, DataConfigError, ModelLoadError, OutputDirError, RewardOptionError, RewardOutputError,
+    return (CheckpointError, DataConfigError, LoggerError, ModelLoadError, OutputDirError, RewardOptionError, RewardOutputError,
             RewardReferencesError, RewardSetupError, NonFiniteError, RunLockedError, SettingsError)
 
 

@@ -48,6 +48,11 @@ class CriticFreeModule(OnPolicyModule):
         """``(n_groups, k)`` rewards -> ``(n_groups, k)`` advantages."""
         raise NotImplementedError
 
+    @property
+    def kl_in_reward(self) -> bool:
+        """Whether each response's reward carries ``-beta * KL`` (``kl_penalty: reward``)."""
+        return self.settings.kl_penalty == "reward"
+
     def training_targets(self, rollout: Rollout, scores: torch.Tensor, kl_coef: float
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
         """One advantage per response from its group's rewards, spread over its tokens.

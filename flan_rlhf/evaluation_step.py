@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from flan_rlhf.eval.metrics import QualityMetrics
 from flan_rlhf.ppo import sequence_kl
-from flan_rlhf.rollout import response_rows
+from flan_rlhf.rollout import Rollout, response_rows
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation batches use seeds disjoint from training iterations
 
@@ -43,9 +45,19 @@ class EvaluationMixin:
         self.log(f"{stage}/response_len_mean", rollout.mask.sum(1).float().mean(), sync_dist=True, batch_size=size)
         for name, value in rollout.components.items():
             self.log(f"{stage}/reward/{name}_mean", value.float().mean(), sync_dist=True, batch_size=size)
+        for name, value in self._monitor_scores(rollout, batch.get("references")).items():
+            self.log(f"{stage}/monitor/{name}", value.float().mean(), sync_dist=True, batch_size=size)
         references = batch.get("references")
         if references and all(len(r) > 0 for r in references):
             self._eval_metrics(stage).update(rollout.texts, references)
+
+    def _monitor_scores(self, rollout: Rollout, references: list[list[str]] | None) -> dict[str, torch.Tensor]:
+        """Each monitor's score ``(batch,)`` of the rollout's responses (``references``: one list per
+        response, for a monitor that compares with them), by monitor name: rewards that are watched,
+        not trained on. None when the module has no ``monitors``."""
+        self._ensure_reward()
+        return {monitor.name: monitor.score(rollout.prompts, rollout.texts, references)[0]
+                for monitor in getattr(self, "monitors", ())}
 
     def _log_text_metrics(self, stage: str) -> None:
         metrics = self._eval_metrics(stage)

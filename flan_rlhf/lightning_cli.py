@@ -114,7 +114,7 @@ class FlanRLHFCLI(LightningCLI):
           checkpoints into the same folder;
         * a fresh ``fit`` claims the next free ``version_N`` with one ``mkdir`` (process 0 only).
         """
-        from flan_rlhf.log_versions import LOG_KEY, continued_version, new_log_folders, takes_fresh_version
+        from flan_rlhf.log_versions import LOG_KEY, continued_version, new_log_folders, run_logger, takes_fresh_version
         from flan_rlhf.run_folders import (
             claim_fresh_version,
             logger_version,
@@ -124,10 +124,13 @@ class FlanRLHFCLI(LightningCLI):
             version_of_checkpoint,
         )
 
+        from flan_rlhf.logger_outputs import check_logger_packages
+
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer", {})
         spell_out_default_logger(trainer)
-        logger = trainer.get("logger")
+        check_logger_packages(trainer.get("logger"))  # a missing wandb / mlflow is one line, before anything is built
+        logger = run_logger(trainer.get("logger"))  # the first of several: the run's folder is its
         for callback in model_checkpoint_configs(trainer.get("callbacks")):
             callback["init_args"]["enable_version_counter"] = False
         self._fresh_log_version = takes_fresh_version(logger)
@@ -351,9 +354,10 @@ class FlanRLHFCLI(LightningCLI):
         if check_datamodule is not None:  # e.g. DPO: stored pairs need a prompt column, prompts need a reward
             check_datamodule(getattr(self, "datamodule", None))
         reward = getattr(self.model, "reward", None)
-        if isinstance(reward, Reward):
-            self._refuse_reward_without_references(reward)
-            set_up_reward(reward, "cpu")  # idempotent; the module moves it to its device later
+        for watched in [reward, *getattr(self.model, "monitors", ())]:  # monitors: scored at validation
+            if isinstance(watched, Reward):
+                self._refuse_reward_without_references(watched)
+                set_up_reward(watched, "cpu")  # idempotent; the module moves it to its device later
 
     def _refuse_reward_without_references(self, reward: Reward) -> None:
         """Stop before any model loads when the reward compares responses with references and the data has none.

@@ -34,8 +34,18 @@ START_FILES = ("hparams.yaml", "events.out.tfevents.*", "metrics.csv", "config.y
 
 
 
+def run_logger(logger_config: Any) -> Any:
+    """The entry of a parsed ``trainer.logger`` whose folder is the run's: the logger itself, or the first
+    of a list (Lightning puts the checkpoints in the first logger's ``save_dir/name/version``)."""
+    if isinstance(logger_config, (list, tuple)):
+        return logger_config[0] if logger_config else None
+    return logger_config
+
+
 def file_logger_args(logger_config: Any) -> dict[str, Any] | None:
-    """The ``init_args`` of a parsed ``trainer.logger`` that is a file logger (:data:`FILE_LOGGERS`), else None."""
+    """The ``init_args`` of a parsed ``trainer.logger`` (or the first of a list) that is a file logger
+    (:data:`FILE_LOGGERS`), else None."""
+    logger_config = run_logger(logger_config)
     if not hasattr(logger_config, "get") or str(logger_config.get("class_path")) not in FILE_LOGGERS:
         return None
     return logger_config.get("init_args") or {}

@@ -38,6 +38,11 @@ class PPOModule(OnPolicyModule):
     def __init__(self, policy: PolicySpec, reward: Reward, ppo: PPOSettings = PPOSettings(), **kwargs):
         super().__init__(policy=policy, reward=reward, settings=ppo, **kwargs)
 
+    @property
+    def kl_in_reward(self) -> bool:
+        """PPO's rewards always carry the KL penalty (:func:`flan_rlhf.ppo.kl_penalized_rewards`)."""
+        return True
+
     def training_targets(self, rollout: Rollout, scores: torch.Tensor, kl_coef: float
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
         """Per-token rewards (score at the last token, ``-kl_coef * KL`` on each), GAE advantages

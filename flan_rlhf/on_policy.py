@@ -31,7 +31,8 @@ from flan_rlhf.optim import adamw, lr_schedule, step_unless
 from flan_rlhf.model_card import reward_description
 from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, PromptLimitOfPolicy, load_policy_model
-from flan_rlhf.rewards.base import Reward
+from flan_rlhf.logger_outputs import log_histograms, log_samples, takes_histograms
+from flan_rlhf.rewards.base import Reward, check_monitors
 from flan_rlhf.rollout import Rollout, collect_experience, response_mask, shift_right, tokenize_prompts
 from flan_rlhf.settings import GenerationSettings, UpdateSettings, check_update_settings
 from flan_rlhf.step_counting import count_as_one_step
@@ -59,9 +60,17 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         warmup_steps: linear learning-rate warm-up, in iterations.
         sampling_seed: base of the per-iteration sampling seed (``seed``, iteration, rank), which makes
             every iteration reproducible and a resumed run identical to an uninterrupted one.
-        log_samples_every_n_steps: write a text table of (prompt, response, reward) rows to
-            TensorBoard every N iterations; 0 disables.
+        log_samples_every_n_steps: every N iterations, a table of (prompt, response, reward, components,
+            kl) rows goes to every logger in its own form (:mod:`flan_rlhf.logger_outputs`); 0 disables.
         num_log_samples: rows in that table.
+        log_histograms_every_n_steps: every N iterations, histograms of the rollout's rewards
+            (``env/reward_dist``), per-response KL (``objective/kl_dist``), response lengths
+            (``tokens/responses_dist``) and per-token policy ratios of the update (``ppo/policy/ratio``),
+            TRL's tags, go to the loggers that draw them (TensorBoard, W&B); 0 disables.
+        monitors: rewards that are not trained on, scored on every validation/test sample and logged as
+            ``val/monitor/<name>`` (``test/...``), so reward hacking shows during training (e.g. VADER
+            sentiment or an insult-word share beside a profanity reward). Names must differ from the
+            training reward's and its components'.
         export_dir: at the end of ``fit``, save the LoRA adapter (peft format), value head (PPO)
             and tokenizer here (rank 0). ``null`` disables. A folder that already holds anything but
             an earlier export of this same run is refused before training starts
@@ -103,6 +112,8 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         sampling_seed: int = 0,
         log_samples_every_n_steps: int = 10,
         num_log_samples: int = 4,
+        log_histograms_every_n_steps: int = 10,
+        monitors: list[Reward] | None = None,
         export_dir: str | None = None,
         overwrite_export_dir: bool = False,
         eval_generation: GenerationSettings | None = None,
@@ -110,10 +121,11 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
     ):
         super().__init__()
         # the subclass's arguments too (Lightning collects every __init__ frame), without this copy of them
-        self.save_hyperparameters(ignore=["reward", "settings"])
+        self.save_hyperparameters(ignore=["reward", "settings", "monitors"])
         self.automatic_optimization = False
         self.policy_spec = policy
         self.reward = reward
+        self.monitors = check_monitors(reward, monitors)
         self.lora = lora
         self.generation = generation
         self.eval_generation = eval_generation or generation
@@ -128,6 +140,8 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         self._reward_ready = False
         self._resumed_from: str | None = None
         self._warned_prompt_cut = False
+        self._warned_no_table: set[str] = set()
+        self._ratio_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (ratio, mask) per minibatch when due
         # LoRA checkpoints hold only what training changes; the frozen base is re-loaded.
         self.strict_loading = False
 
@@ -146,7 +160,9 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
 
     def _ensure_reward(self) -> None:
         if not self._reward_ready:
-            self.reward.setup(self.device)
+            for reward in (self.reward, *self.monitors):
+                if reward is not None:
+                    reward.setup(self.device)
             self._reward_ready = True
 
     def configure_optimizers(self):
@@ -292,14 +308,19 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
             return stats
         self.guard.record_ok()
 
-        targets, kl, target_stats = self.training_targets(rollout, scores, self.kl_controller.value)
+        kl_coef = float(self.kl_controller.value)
+        targets, kl, target_stats = self.training_targets(rollout, scores, kl_coef)
         mean_kl = self._global_mean(kl.sum(dim=1))
         stats.update({
             "objective/kl": mean_kl,
             "objective/entropy": (rollout.entropy * rollout.mask).sum(1).mean().item(),
             **target_stats,
         })
+        if self.kl_in_reward:
+            stats["ppo/mean_non_score_reward"] = ppo.mean_non_score_reward(mean_kl, kl_coef)
 
+        histograms_due = self._histograms_due(iteration)
+        self._ratio_log = [] if histograms_due else None
         t1 = time.perf_counter()
         stats.update(self.ppo_update(rollout, targets, optimizer, iteration))
         stats["time/rollout_s"] = t_rollout
@@ -314,10 +335,18 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
             log.error(message)
             print(message, flush=True)
             self.trainer.should_stop = True
-        self._maybe_log_samples(rollout, iteration)
+        if histograms_due:
+            self._log_rollout_histograms(rollout, kl, iteration)
+        self._maybe_log_samples(rollout, iteration, kl)
         return stats
 
     # ------------------------------------------------------------------ what an algorithm defines
+    @property
+    def kl_in_reward(self) -> bool:
+        """Whether the KL penalty is part of the reward (PPO, RLOO with ``kl_penalty: reward``): then
+        ``ppo/mean_non_score_reward`` is logged."""
+        return False
+
     def rollout_rows(self, per_prompt: list) -> list:
         """The rollout's rows from one entry per prompt (its text, its references): one row per prompt here;
         critic-free methods repeat each entry k times."""
@@ -402,6 +431,8 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
             # training_targets that every row has a response token, so no minibatch mask is empty.
             logprobs = ppo.logprobs_from_logits(logits / self.generation.temperature, mb["responses"], check=False)
             loss, approx_kl, loss_stats = self.minibatch_loss(mb, logprobs, vpred)
+            if self._ratio_log is not None:  # histograms due this iteration: kept on the device, read once after
+                self._ratio_log.append((torch.exp(logprobs.detach() - mb["logprobs"]), mb["mask"]))
             ratio_mean = ppo.masked_ratio_mean(logprobs.detach(), mb["logprobs"], mb["mask"], check=False)
             nonfinite, too_far, kl_exceeded = self._any_rank(torch.stack([
                 ~torch.isfinite(loss.detach()),
@@ -448,17 +479,43 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         return self.all_gather(values.float()).mean().item()
 
     # ------------------------------------------------------------------ logging
-    def _maybe_log_samples(self, rollout: Rollout, iteration: int) -> None:
+    def _maybe_log_samples(self, rollout: Rollout, iteration: int, kl: torch.Tensor) -> None:
+        """Every ``log_samples_every_n_steps`` iterations (process 0): the first ``num_log_samples`` rows of
+        the rollout, with their reward, its components (when there are several) and KL ``kl`` ``(batch, len)``
+        summed, to every logger in its own form (:func:`flan_rlhf.logger_outputs.log_samples`)."""
         every = self.hparams.log_samples_every_n_steps
-        if not every or iteration % every or self._trainer is None or self.global_rank != 0 or self.logger is None:
+        if not every or iteration % every or self._trainer is None or self.global_rank != 0 or not self.loggers:
             return
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_text"):
-            return
-        rows = ["| prompt | response | reward |", "|---|---|---|"]
-        for prompt, text, score in list(zip(rollout.prompts, rollout.texts, rollout.scores.tolist()))[: self.hparams.num_log_samples]:
-            rows.append(f"| {_md(prompt)} | {_md(text)} | {score:.3f} |")
-        experiment.add_text("samples", "\n".join(rows), iteration)
+        n = self.hparams.num_log_samples
+        components = list(rollout.components) if len(rollout.components) > 1 else []
+        columns = ["prompt", "response", "reward", *components, "kl"]
+        values = [rollout.scores[:n], *(rollout.components[name][:n] for name in components), kl[:n].sum(1)]
+        numbers = torch.stack([v.detach().float().cpu() for v in values], dim=1).tolist()  # one read
+        rows = [[prompt, text, *row] for prompt, text, row in zip(rollout.prompts[:n], rollout.texts[:n], numbers)]
+        for name in log_samples(self.loggers, columns, rows, iteration):
+            if name not in self._warned_no_table:
+                self._warned_no_table.add(name)
+                rank_zero_warn(f"{name} takes no sample table: samples go to TensorBoard, CSV, W&B and MLflow "
+                               "loggers only (its scalars are logged as usual)")
+
+    def _histograms_due(self, iteration: int) -> bool:
+        every = self.hparams.log_histograms_every_n_steps
+        return bool(every) and iteration % every == 0 and self._trainer is not None and self.global_rank == 0 \
+            and takes_histograms(self.loggers)
+
+    def _log_rollout_histograms(self, rollout: Rollout, kl: torch.Tensor, iteration: int) -> None:
+        """TRL's distributions of this process's rollout: rewards, per-response KL, response lengths, and the
+        per-token policy ratios of every minibatch pass (response tokens only)."""
+        ratios = self._ratio_log or []
+        self._ratio_log = None
+        values = {
+            "env/reward_dist": rollout.scores,
+            "objective/kl_dist": kl.sum(1),
+            "tokens/responses_dist": rollout.mask.sum(1),
+        }
+        if ratios:
+            values["ppo/policy/ratio"] = torch.cat([ratio[mask.bool()] for ratio, mask in ratios])
+        log_histograms(self.loggers, values, iteration)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -579,7 +636,3 @@ def _finite_mean(x: torch.Tensor) -> float:
 def _finite_std(x: torch.Tensor) -> float:
     finite = x[torch.isfinite(x)]
     return finite.std().item() if finite.numel() > 1 else 0.0
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:300]

@@ -350,6 +350,18 @@ def response_kl(
     return _zero_masked(per_token_kl(log_ratio, kl_estimator), bool_mask)
 
 
+def mean_non_score_reward(mean_sequence_kl: float, kl_coef: float) -> float:
+    """TRL's ``ppo/mean_non_score_reward``: the KL penalty's share of the reward, summed over each
+    response and averaged over responses, ``-kl_coef * mean_b sum_t KL_bt``.
+
+    Args:
+        mean_sequence_kl: ``mean_b sum_t KL_bt``, the mean per-response KL (``objective/kl``).
+        kl_coef: the coefficient the rewards were penalised with, ``>= 0``.
+    """
+    _check_non_negative("kl_coef", kl_coef)
+    return -float(kl_coef) * float(mean_sequence_kl)
+
+
 def kl_penalized_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,

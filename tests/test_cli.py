@@ -14,6 +14,7 @@ from flan_rlhf.lightning_cli import parse_training_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 REWARD_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "rewards", "*.yaml")))
+LOGGER_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "loggers", "*.yaml")))  # run by tests/test_loggers.py
 
 TRAINING_TAGS = [
     "env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef", "objective/entropy",
@@ -62,6 +63,12 @@ def test_every_training_config_parses(path):
     assert config["data"]["class_path"].startswith("flan_rlhf.")
     if _is_overlay(path):
         _assert_overlaid(config, yaml.safe_load(open(path)))
+
+
+@pytest.mark.parametrize("path", LOGGER_CONFIGS, ids=os.path.basename)
+def test_every_logger_overlay_parses_over_a_training_config(path):
+    config = parse(os.path.join(ROOT, "configs", "tiny.yaml"), path)
+    _assert_overlaid(config, yaml.safe_load(open(path)))
 
 
 @pytest.mark.parametrize("path", REWARD_CONFIGS, ids=os.path.basename)

@@ -20,7 +20,7 @@ PLACEHOLDER_FLAGS = {"--name", "--flag", "--param.option", "--name_with_undersco
                      "--data.help"}
 #: Programs other than flan-rlhf whose own flags appear in the docs (not checked here).
 OTHER_PROGRAMS = ("python", ".venv/bin/python", "pip", "torchrun", "hf", "make", "srun", "tensorboard",
-                  "bash", "git", "/usr/bin/time", "#SBATCH", "pytest")
+                  "bash", "git", "/usr/bin/time", "#SBATCH", "pytest", "wandb", "mlflow")
 FLAG = re.compile(r"(?<![\w-])--[a-z][\w.-]*")
 COMMAND = re.compile(r"(?:flan-rlhf|flan_rlhf\.cli)\s+([a-z][a-z_-]*)")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

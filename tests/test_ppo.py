@@ -25,6 +25,7 @@ from flan_rlhf.ppo import (
     masked_ratio_mean,
     masked_var,
     masked_whiten,
+    mean_non_score_reward,
     policy_loss,
     sequence_kl,
     value_loss,
@@ -475,3 +476,12 @@ def test_policy_loss_aggregates_per_sequence_when_asked():
     token, _, _ = policy_loss(logprobs, logprobs, advantages, mask, 0.2)
     sequence, _, _ = policy_loss(logprobs, logprobs, advantages, mask, 0.2, aggregation="sequence")
     assert (token.item(), sequence.item()) == pytest.approx((0.0, 0.5))
+
+
+def test_mean_non_score_reward_is_trls_kl_share_of_the_reward():
+    # TRL 0.11 compute_rewards: non_score_reward = -kl_coef * kl per token; record_step_stats averages its
+    # per-response sums. Two responses with KL sums 1.5 and 3.5 (mean 2.5) at kl_coef 0.2: -0.5.
+    assert mean_non_score_reward(2.5, 0.2) == pytest.approx(-0.5)
+    assert mean_non_score_reward(-0.1, 0.0) == 0.0
+    with pytest.raises(ValueError, match="kl_coef"):
+        mean_non_score_reward(1.0, -0.1)

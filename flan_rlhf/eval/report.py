@@ -64,6 +64,18 @@ NO_DIRECTION = frozenset({"response_len_mean", "response_tokens_mean"})
 #: :data:`TOXICITY_TAG_PATTERN` get a panel of their own.
 DEFAULT_CURVE_TAGS: Mapping[str, str] = {"reward": "env/reward_mean", "KL": "objective/kl"}
 TOXICITY_TAG_PATTERN = "toxic"
+#: validation panels, drawn when their tags were logged: task quality, then the monitors
+#: (rewards watched, not trained on: ``--model.init_args.monitors``) beside it
+VALIDATION_QUALITY_TAG = "val/rougeL"
+MONITOR_TAG_PREFIX = "val/monitor/"
+#: y-axis label of each panel, by title (a panel of ``curve_tags`` not named here gets its title)
+PANEL_UNITS: Mapping[str, str] = {
+    "reward": "mean reward per response",
+    "KL": "KL to reference, nats per response",
+    "toxicity": "mean score or share, 0-1",
+    "validation ROUGE-L": "ROUGE-L F1, 0-1",
+    "monitors (validation)": "mean score per response",
+}
 BLEU_N_GRAM = 4
 
 _COMPUTED_KEYS = ("before", "after", "delta", "ci", "n_prompts", "n_responses", "samples_per_prompt",
@@ -371,31 +383,50 @@ def read_scalar_curves(tb_logdir: str | Path) -> dict[str, dict[str, tuple[np.nd
     return runs
 
 
-def plot_training_curves(
-    tb_logdir: str | Path, path: Path, curve_tags: Mapping[str, str] = DEFAULT_CURVE_TAGS
-) -> tuple[bool, list[str]]:
-    """Draw reward, KL and toxicity curves read back from TensorBoard event files.
+def curve_panels(all_tags: Sequence[str], curve_tags: Mapping[str, str] = DEFAULT_CURVE_TAGS, where: str = "the logs"
+                 ) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """The panels of the training-curves figure for the logged scalar tags ``all_tags``.
 
     Returns:
-        ``(drawn, notes)``: whether ``path`` was written, and one note per missing tag of
-        ``curve_tags`` (a missing tag skips its panel; with no tag at all no figure is
-        written). The toxicity panel is drawn only when such tags exist, without a note.
+        ``(panels, notes)``: ``[(title, tags)]`` in order: one per tag of ``curve_tags`` that was logged,
+        then toxicity tags (:data:`TOXICITY_TAG_PATTERN`), validation ROUGE-L and the monitors
+        (``val/monitor/*``) when logged; one note per tag of ``curve_tags`` missing from ``where``.
     """
-    runs = read_scalar_curves(tb_logdir)
-    notes: list[str] = []
-    if not runs:
-        return False, [f"training curves: no TensorBoard event files under {tb_logdir}; figure skipped"]
-    all_tags = sorted({tag for curves in runs.values() for tag in curves})
     panels: list[tuple[str, list[str]]] = []
+    notes: list[str] = []
     for title, tag in curve_tags.items():
         if tag in all_tags:
             panels.append((title, [tag]))
         else:
-            notes.append(f"training curves: tag '{tag}' ({title}) not found under {tb_logdir}; panel skipped")
-    used = {tag for _, tags in panels for tag in tags}
+            notes.append(f"training curves: tag '{tag}' ({title}) not found under {where}; panel skipped")
+    monitor_tags = [tag for tag in all_tags if tag.startswith(MONITOR_TAG_PREFIX)]
+    used = {tag for _, tags in panels for tag in tags} | set(monitor_tags)
     toxicity_tags = [tag for tag in all_tags if TOXICITY_TAG_PATTERN in tag.lower() and tag not in used]
     if toxicity_tags:  # optional: a run whose reward logs no toxicity tag has nothing to draw here
         panels.append(("toxicity", toxicity_tags))
+    if VALIDATION_QUALITY_TAG in all_tags and VALIDATION_QUALITY_TAG not in used:
+        panels.append(("validation ROUGE-L", [VALIDATION_QUALITY_TAG]))
+    if monitor_tags:
+        panels.append(("monitors (validation)", monitor_tags))
+    return panels, notes
+
+
+def plot_training_curves(
+    tb_logdir: str | Path, path: Path, curve_tags: Mapping[str, str] = DEFAULT_CURVE_TAGS
+) -> tuple[bool, list[str]]:
+    """Draw reward, KL, toxicity and validation (ROUGE-L, monitors) curves read back from TensorBoard event files.
+
+    Returns:
+        ``(drawn, notes)``: whether ``path`` was written, and one note per missing tag of
+        ``curve_tags`` (a missing tag skips its panel; with no tag at all no figure is
+        written). The toxicity and validation panels are drawn only when their tags exist,
+        without a note (:func:`curve_panels`). Every panel has axis labels (:data:`PANEL_UNITS`).
+    """
+    runs = read_scalar_curves(tb_logdir)
+    if not runs:
+        return False, [f"training curves: no TensorBoard event files under {tb_logdir}; figure skipped"]
+    all_tags = sorted({tag for curves in runs.values() for tag in curves})
+    panels, notes = curve_panels(all_tags, curve_tags, str(tb_logdir))
     if not panels:
         return False, notes + ["training curves: none of the tags were found; figure skipped"]
     figure = _new_figure(4.2 * len(panels), 3.4)
@@ -405,10 +436,12 @@ def plot_training_curves(
             for tag in tags:
                 if tag in curves:
                     steps, values = curves[tag]
-                    label = tag if len(runs) == 1 else f"{run}: {tag}"
+                    name = tag.removeprefix(MONITOR_TAG_PREFIX)  # a monitor by its name
+                    label = name if len(runs) == 1 else f"{run}: {name}"
                     axes.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
         axes.set_title(title)
-        axes.set_xlabel("step")
+        axes.set_xlabel("training iteration")
+        axes.set_ylabel(PANEL_UNITS.get(title, title))
         axes.legend(fontsize="small")
     figure.tight_layout()
     _save_figure(figure, path)

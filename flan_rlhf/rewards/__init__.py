@@ -1,6 +1,6 @@
 """Reward sources behind one interface (:class:`Reward`): text in, scores out, higher is better.
 
-Offline out of the box: :class:`ProfanityReward`, :class:`VaderReward`. Needing a download (or
+Offline out of the box: :class:`ProfanityReward`, :class:`VaderReward`, :class:`WordListReward`. Needing a download (or
 a local copy): :class:`DetoxifyReward`, :class:`ClassifierReward`,
 :class:`SentimentClassifierReward`. Trained here: :class:`PreferenceReward` (the folder that
 :class:`flan_rlhf.reward_model.PreferenceRewardModel` exports). Against each row's references (the
@@ -16,6 +16,7 @@ from flan_rlhf.rewards.preference_reward import PreferenceReward
 from flan_rlhf.rewards.profanity import ProfanityReward
 from flan_rlhf.rewards.reference import BleuReward, RougeReward
 from flan_rlhf.rewards.sentiment import SentimentClassifierReward, VaderReward
+from flan_rlhf.rewards.word_list import WordListReward
 
 __all__ = [
     "BleuReward",
@@ -31,6 +32,7 @@ __all__ = [
     "RougeReward",
     "SentimentClassifierReward",
     "VaderReward",
+    "WordListReward",
     "check_scores",
     "label_index",
 ]

@@ -170,3 +170,42 @@ def check_scores(name: str, scores: object, batch_size: int) -> torch.Tensor:
     if not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64, torch.bool)):
         raise RewardOutputError(f"reward '{name}' returned dtype {scores.dtype}, expected a float tensor")
     return scores.detach().float().cpu()
+
+
+def reward_names(reward: "Reward | None") -> set[str]:
+    """The names a reward logs under: its own and, for a composite, each child's (recursively)."""
+    if reward is None:
+        return set()
+    names = {reward.name}
+    for child in getattr(reward, "rewards", ()) or ():
+        names |= reward_names(child)
+    return names
+
+
+def check_monitors(reward: "Reward | None", monitors: Sequence["Reward"] | None) -> list["Reward"]:
+    """``monitors`` as a list, after checking that each is a :class:`Reward` with a name of its own.
+
+    A monitor is scored on evaluation samples and logged as ``val/monitor/<name>``; it must not be
+    trained on, so its name may not be the training reward's or one of its components'.
+
+    Raises:
+        RewardOptionError: a monitor that is not a reward, two monitors with one name, or a monitor
+            named like the training reward or one of its parts.
+    """
+    monitors = list(monitors or [])
+    for monitor in monitors:
+        if not isinstance(monitor, Reward):
+            raise RewardOptionError(f"monitors take rewards (flan_rlhf.rewards.*), got {type(monitor).__name__}: "
+                                    "give each as class_path + init_args")
+    names = [monitor.name for monitor in monitors]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise RewardOptionError(f"two monitors share the name {repeated[0]!r}: give each a distinct `name` "
+                                "(it becomes val/monitor/<name>)")
+    trained = reward_names(reward)
+    clash = [name for name in names if name in trained]
+    if clash:
+        raise RewardOptionError(f"monitor {clash[0]!r} has the name of the training reward or one of its parts: "
+                                "a monitor watches what is not trained on - drop it from monitors, or give it "
+                                "another `name` if it measures something else")
+    return monitors

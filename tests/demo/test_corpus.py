@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import re
 import string
+from pathlib import Path
 
 import pytest
 
@@ -264,3 +265,15 @@ def test_woven_fingerprint_covers_the_woven_phrases_and_the_tail_one_does_not(mo
     monkeypatch.setattr(corpus_module, table, (*getattr(corpus_module, table), "dumb"))
     assert generator_fingerprint("woven") != woven
     assert generator_fingerprint("tail") == tail  # a tail corpus is not rebuilt for a woven change
+
+
+@pytest.mark.parametrize("method", ["ppo", "rloo", "grpo", "dpo"])
+def test_the_demo_configs_monitor_the_corpus_insult_words(method):
+    """Each demo config's no_insult monitor lists the generator's insult words, so its mean is 1 - insult_fraction."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / f"demo_{method}.yaml").read_text())
+    monitors = {m["class_path"].rpartition(".")[2]: m.get("init_args", {}) for m in config["model"]["init_args"]["monitors"]}
+    assert set(monitors) == {"VaderReward", "WordListReward"}
+    assert monitors["WordListReward"]["name"] == "no_insult"
+    assert monitors["WordListReward"]["words"] == list(INSULT_VOCABULARY)

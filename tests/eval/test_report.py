@@ -211,3 +211,19 @@ def test_rows_without_references_skip_quality_and_mixed_rows_are_refused(tmp_pat
     mixed = no_refs(BEFORE)[:3] + _rows(BEFORE)[3:]
     with pytest.raises(ValueError, match=r"before_rows\[0\] has no references but other rows do"):
         write_report(mixed, _rows(AFTER), tmp_path / "b", META, n_resamples=50, seed=0)
+
+
+def test_validation_rouge_and_monitors_get_panels_of_their_own():
+    from flan_rlhf.eval.report import curve_panels
+
+    logged = ["env/reward_mean", "objective/kl", "env/reward/nontoxic_mean", "val/rougeL", "val/rouge1",
+              "val/monitor/positivity", "val/monitor/non_toxic", "val/reward_mean"]
+    panels, notes = curve_panels(sorted(logged))
+    assert panels == [("reward", ["env/reward_mean"]), ("KL", ["objective/kl"]),
+                      ("toxicity", ["env/reward/nontoxic_mean"]),  # a monitor named *toxic* stays a monitor
+                      ("validation ROUGE-L", ["val/rougeL"]),
+                      ("monitors (validation)", ["val/monitor/non_toxic", "val/monitor/positivity"])]
+    assert notes == []
+    panels, notes = curve_panels(["env/reward_mean"], where="logs/")
+    assert panels == [("reward", ["env/reward_mean"])]  # no validation logged: no validation panels, no note
+    assert notes == ["training curves: tag 'objective/kl' (KL) not found under logs/; panel skipped"]

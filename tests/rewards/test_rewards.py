@@ -22,6 +22,7 @@ from flan_rlhf.rewards import (
     label_index,
 )
 from flan_rlhf.reward_shaping import RewardShaper
+from flan_rlhf.rewards.base import RewardOptionError
 from flan_rlhf.rewards.text_batches import batched, texts_to_score
 
 
@@ -289,3 +290,31 @@ def test_reward_shaper_without_normalisation_only_scales_and_clips():
     assert shaper.state_dict()["moments"]["count"] == 0
     with pytest.raises(ValueError, match="clip"):
         RewardShaper(clip=0.0)
+
+
+def test_word_list_reward_is_one_for_clean_responses_and_zero_for_listed_words_or_fragments():
+    from flan_rlhf.rewards import WordListReward
+
+    reward = WordListReward(["idiot", "dumb luck"], name="no_insult")
+    scores = reward(["p"] * 5, ["A calm summary.", "You IDIOT!", "what an idio", "pure dumb luck", "a quiet duck"])
+    assert scores.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]  # a 4-letter fragment of a listed word or phrase counts
+    assert WordListReward(["idiot"], min_fragment=100)(["p"], ["idio"]).tolist() == [1.0]  # whole words only
+    with pytest.raises(RewardOptionError, match="WordListReward: insult vocabulary is empty"):
+        WordListReward([])
+
+
+def test_monitors_need_names_of_their_own():
+    from flan_rlhf.rewards import CompositeReward, ProfanityReward, VaderReward, WordListReward
+    from flan_rlhf.rewards.base import check_monitors
+
+    training = CompositeReward([ProfanityReward(), VaderReward()])
+    assert check_monitors(training, None) == []
+    watched = [WordListReward(["idiot"], name="no_insult")]
+    assert check_monitors(training, watched) == watched
+    assert check_monitors(None, [VaderReward()])[0].name == "positivity"  # DPO on stored pairs has no reward
+    with pytest.raises(RewardOptionError, match="monitor 'positivity' has the name of the training reward or one of its parts"):
+        check_monitors(training, [VaderReward()])  # a part of the composite
+    with pytest.raises(RewardOptionError, match="two monitors share the name 'no_insult'"):
+        check_monitors(ProfanityReward(), watched * 2)
+    with pytest.raises(RewardOptionError, match="monitors take rewards"):
+        check_monitors(ProfanityReward(), ["vader"])
