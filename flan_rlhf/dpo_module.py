@@ -31,6 +31,7 @@ from flan_rlhf.data.loading import DataConfigError
 from flan_rlhf.critic_free import repeat_per_prompt
 from flan_rlhf.group_advantages import group_reward_statistics, group_rewards
 from flan_rlhf.on_policy import OnPolicyModule
+from flan_rlhf.evaluation_step import EVAL_SEED_OFFSET
 from flan_rlhf.pair_logps import PairTokens, pair_logps, pairs_from_rollout, tokenize_preference_pairs
 from flan_rlhf.policy import PolicySpec
 from flan_rlhf.rewards.base import Reward
@@ -193,16 +194,24 @@ class DPOModule(OnPolicyModule):
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Held-out stored pairs: the DPO statistics (``val/rewards/accuracies``, ...); prompts: sampling and scoring."""
+        """Held-out stored pairs: the DPO statistics (``val/rewards/accuracies``, ...), and the monitors of
+        responses sampled for their prompts; prompts: sampling and scoring."""
         if "chosen" in batch:
-            return self._log_pair_statistics(batch, "val")
+            return self._evaluate_pairs(batch, batch_idx, "val")
         return super().validation_step(batch, batch_idx)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """As :meth:`validation_step`, logged under ``test/``."""
         if "chosen" in batch:
-            return self._log_pair_statistics(batch, "test")
+            return self._evaluate_pairs(batch, batch_idx, "test")
         return super().test_step(batch, batch_idx)
+
+    def _evaluate_pairs(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        self._log_pair_statistics(batch, stage)
+        if self.monitors:  # training on stored pairs samples nothing: sample the held-out prompts for the monitors
+            self.seed_iteration(EVAL_SEED_OFFSET + batch_idx)
+            rollout = self.rollout(batch["prompt"], self.eval_generation, with_reference=False, scored=False)
+            self._log_monitors(rollout, None, stage)
 
     def _log_pair_statistics(self, batch: dict[str, Any], stage: str) -> None:
         """``<stage>/dpo/loss`` and ``<stage>/rewards/*``, ``<stage>/logps/*`` of a batch of stored pairs."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from flan_rlhf.eval.metrics import QualityMetrics
 from flan_rlhf.ppo import sequence_kl
 from flan_rlhf.rollout import Rollout, response_rows
@@ -45,19 +43,21 @@ class EvaluationMixin:
         self.log(f"{stage}/response_len_mean", rollout.mask.sum(1).float().mean(), sync_dist=True, batch_size=size)
         for name, value in rollout.components.items():
             self.log(f"{stage}/reward/{name}_mean", value.float().mean(), sync_dist=True, batch_size=size)
-        for name, value in self._monitor_scores(rollout, batch.get("references")).items():
-            self.log(f"{stage}/monitor/{name}", value.float().mean(), sync_dist=True, batch_size=size)
+        self._log_monitors(rollout, batch.get("references"), stage)
         references = batch.get("references")
         if references and all(len(r) > 0 for r in references):
             self._eval_metrics(stage).update(rollout.texts, references)
 
-    def _monitor_scores(self, rollout: Rollout, references: list[list[str]] | None) -> dict[str, torch.Tensor]:
-        """Each monitor's score ``(batch,)`` of the rollout's responses (``references``: one list per
-        response, for a monitor that compares with them), by monitor name: rewards that are watched,
-        not trained on. None when the module has no ``monitors``."""
-        self._ensure_reward()
-        return {monitor.name: monitor.score(rollout.prompts, rollout.texts, references)[0]
-                for monitor in getattr(self, "monitors", ())}
+    def _log_monitors(self, rollout: Rollout, references: list[list[str]] | None, stage: str) -> None:
+        """``<stage>/monitor/<name>``: each monitor's mean score of the rollout's responses (``references``:
+        one list per response, for a monitor that compares with them). Monitors are rewards that are
+        watched, not trained on; nothing is logged when the module has none."""
+        monitors = getattr(self, "monitors", ())
+        if monitors:
+            self._ensure_reward()
+        for monitor in monitors:
+            scores = monitor.score(rollout.prompts, rollout.texts, references)[0]
+            self.log(f"{stage}/monitor/{monitor.name}", scores.float().mean(), sync_dist=True, batch_size=len(rollout.texts))
 
     def _log_text_metrics(self, stage: str) -> None:
         metrics = self._eval_metrics(stage)

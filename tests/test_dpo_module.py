@@ -202,3 +202,20 @@ def test_the_shipped_stored_pairs_config_fits_and_exports_a_dpo_adapter(tmp_path
     assert "- Method: DPO (RLHF) with LoRA" in card and "- Reward: none: stored preference pairs" in card
     assert "prefer the chosen over the rejected response" in card and "| dpo.beta | 0.1 |" in card
     assert list((tmp_path / "lightning_logs" / "dpo_tiny").glob("*/checkpoints/last.ckpt"))
+
+
+def test_monitors_watch_responses_sampled_for_the_held_out_pairs_prompts():
+    """Training on stored pairs samples nothing, so validation samples each held-out prompt for the monitors."""
+    from tests.test_logger_outputs import Spy
+
+    monitor = Spy("length")
+    module = DPOModule(tiny_policy_spec(), None, DPOSettings(), lora=LoraSettings(r=4, alpha=8), monitors=[monitor],
+                       generation=GenerationSettings(max_new_tokens=8), log_samples_every_n_steps=0)
+    data = pairs_data()
+    results = stored_pairs_trainer(1).validate(module, datamodule=data, verbose=False)[0]
+    data.setup("validate")
+    held_out = [row for batch in data.val_dataloader() for row in batch["prompt"]]
+    assert [prompt for batch in monitor.prompts for prompt in batch] == held_out  # 64 prompts, 4 batches of 16
+    lengths = [len(text) for batch in monitor.seen for text in batch]
+    assert results["val/monitor/length"] == pytest.approx(sum(lengths) / len(lengths))
+    assert "val/rewards/accuracies" in results  # the pair statistics as before

@@ -97,9 +97,11 @@ class Spy(Reward):
     def __init__(self, name: str):
         self.name = name
         self.seen: list[list[str]] = []
+        self.prompts: list[list[str]] = []
 
     def components(self, prompts, responses):
         self.seen.append(list(responses))
+        self.prompts.append(list(prompts))
         return {self.name: torch.tensor([float(len(text)) for text in responses])}
 
 
