@@ -24,22 +24,16 @@ PPO_EPOCHS = 4  # configs/tiny.yaml
 BATCH = 8  # tiny_config's batch_size
 
 
-def logged_fit(tmp_path, logger, **model_updates) -> str:
-    """A 4-iteration tiny fit with ``logger`` (the ``trainer.logger`` entry or list), samples and histograms
-    every 2 iterations, validation after iterations 2 and 4; returns the config's path."""
-    path = tiny_config(tmp_path)
+def logged_config(folder, logger, **model_updates) -> str:
+    """``configs/tiny.yaml`` for a 4-iteration fit in ``folder`` with ``logger`` (the ``trainer.logger`` entry or
+    list), samples and histograms every 2 iterations, validation after iterations 2 and 4; its path."""
+    path = tiny_config(folder)
     config = yaml.safe_load(open(path))
     config["trainer"]["logger"] = logger
     config["model"]["init_args"].update({"log_histograms_every_n_steps": 2, **model_updates})
     with open(path, "w") as handle:
         yaml.safe_dump(config, handle)
-    assert main(["fit", "--config", path]) == 0
     return path
-
-
-def tensorboard_logger(tmp_path) -> dict:
-    return {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": str(tmp_path / "logs"), "name": "tiny"}}
 
 
 def check_sample_rows(rows: list[dict]) -> None:
@@ -52,67 +46,116 @@ def check_sample_rows(rows: list[dict]) -> None:
     assert all(abs(row["kl"]) < 1e-4 for row in rows[:NUM_SAMPLES])  # before the first update the policy is the reference
 
 
-def test_tensorboard_gets_scalars_samples_histograms_and_monitors(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def file_loggers_run(tmp_path_factory):
+    """configs/loggers/csv.yaml (TensorBoard, then CSV) on the tiny config with no checkpoint ``dirpath``:
+    2 iterations, then ``--ckpt_path last`` to 4. Returns ``(folder, resume stdout)``."""
+    folder = tmp_path_factory.mktemp("file_loggers")
+    overlay = yaml.safe_load(open(os.path.join(ROOT, "configs", "loggers", "csv.yaml")))
+    for entry in overlay["trainer"]["logger"]:
+        entry["init_args"]["save_dir"] = str(folder / "logs")
+    path = logged_config(folder, overlay["trainer"]["logger"])
+    config = yaml.safe_load(open(path))
+    checkpoint = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    del checkpoint["init_args"]["dirpath"]  # the run's own folder: the first logger's
+    checkpoint["init_args"]["every_n_train_steps"] = 1
+    with open(path, "w") as handle:
+        yaml.safe_dump(config, handle)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["fit", "--config", path, "--trainer.max_steps", "2"]) == 0
+    resumed = io.StringIO()
+    with contextlib.redirect_stdout(resumed), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["fit", "--config", path, "--ckpt_path", "last"]) == 0
+    return folder, resumed.getvalue()
+
+
+def test_tensorboard_gets_scalars_samples_histograms_and_monitors(file_loggers_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logged_fit(tmp_path, tensorboard_logger(tmp_path))
-    capsys.readouterr()
-    (events,) = glob.glob(str(tmp_path / "logs" / "tiny" / "version_0" / "events.out.tfevents.*"))
-    accumulator = EventAccumulator(events, size_guidance={"histograms": 0, "scalars": 0, "tensors": 0})
-    accumulator.Reload()
-    tags = accumulator.Tags()
-    assert set(tags["histograms"]) == HISTOGRAM_TAGS
-    scalars = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in tags["scalars"]}
-    assert len(scalars["val/monitor/positivity"]) == 2  # configs/tiny.yaml's VADER monitor, at both validations
-    assert all(-1.0 <= value <= 1.0 for value in scalars["val/monitor/positivity"])
+    folder, _ = file_loggers_run
+    scalars, histograms, texts = {}, {}, []
+    for events in sorted(glob.glob(str(folder / "logs" / "run" / "version_0" / "events.out.tfevents.*"))):  # 1 per process
+        accumulator = EventAccumulator(events, size_guidance={"histograms": 0, "scalars": 0, "tensors": 0})
+        accumulator.Reload()
+        tags = accumulator.Tags()
+        for tag in tags["scalars"]:
+            scalars.setdefault(tag, []).extend((event.step, event.value) for event in accumulator.Scalars(tag))
+        for tag in tags["histograms"]:
+            histograms.setdefault(tag, []).extend(accumulator.Histograms(tag))
+        if f"{SAMPLES_KEY}/text_summary" in tags["tensors"]:
+            texts += accumulator.Tensors(f"{SAMPLES_KEY}/text_summary")
+    assert set(histograms) == HISTOGRAM_TAGS
+    values = {tag: [value for _, value in points] for tag, points in scalars.items()}
+    assert [step for step, _ in scalars["env/reward_mean"]] == [0, 1, 2, 3]
+    assert len(values["val/monitor/positivity"]) == 2  # configs/tiny.yaml's VADER monitor, at both validations
+    assert all(-1.0 <= value <= 1.0 for value in values["val/monitor/positivity"])
     # TRL's ppo/mean_non_score_reward: -kl_coef * mean per-response KL, the coefficient the rewards used
-    assert scalars["ppo/mean_non_score_reward"] == pytest.approx(
-        [-coef * kl for coef, kl in zip(scalars["objective/kl_coef"], scalars["objective/kl"])], rel=1e-5, abs=1e-7)
+    assert values["ppo/mean_non_score_reward"] == pytest.approx(
+        [-coef * kl for coef, kl in zip(values["objective/kl_coef"], values["objective/kl"])], rel=1e-5, abs=1e-7)
     for tag in HISTOGRAM_TAGS:
-        assert [event.step for event in accumulator.Histograms(tag)] == [0, 2], tag
-    lengths = scalars["tokens/response_len_mean"]
-    for event in accumulator.Histograms("env/reward_dist"):
+        assert [event.step for event in histograms[tag]] == [0, 2], tag  # one before the resume, one after
+    lengths = values["tokens/response_len_mean"]
+    for event in histograms["env/reward_dist"]:
         assert event.histogram_value.num == BATCH
-    for event in accumulator.Histograms("tokens/responses_dist"):
+    for event in histograms["tokens/responses_dist"]:
         assert event.histogram_value.sum == pytest.approx(BATCH * lengths[event.step])
-    for event in accumulator.Histograms("ppo/policy/ratio"):  # every response token of every epoch's passes
+    for event in histograms["ppo/policy/ratio"]:  # every response token of every epoch's passes
         assert event.histogram_value.num == pytest.approx(PPO_EPOCHS * BATCH * lengths[event.step])
-    texts = accumulator.Tensors(f"{SAMPLES_KEY}/text_summary")
     assert [event.step for event in texts] == [0, 2]
     table = texts[0].tensor_proto.string_val[0].decode().splitlines()
     assert table[0] == "| " + " | ".join(SAMPLE_COLUMNS) + " |" and len(table) == 2 + NUM_SAMPLES
 
 
-def test_csv_beside_tensorboard_gets_metrics_and_sample_rows(tmp_path, capsys):
-    csv_logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                  "init_args": {"save_dir": str(tmp_path / "logs"), "name": "tiny_csv"}}
-    logged_fit(tmp_path, [tensorboard_logger(tmp_path), csv_logger])
-    capsys.readouterr()
-    folder = tmp_path / "logs" / "tiny_csv" / "version_0"
-    with open(folder / "metrics.csv") as handle:
-        metrics = list(csv.DictReader(handle))
-    rewards = [row for row in metrics if row.get("env/reward_mean")]
-    assert [int(row["step"]) for row in rewards] == [0, 1, 2, 3]
+def test_csv_beside_tensorboard_gets_metrics_and_sample_rows(file_loggers_run):
+    folder, _ = file_loggers_run
+    runs = sorted(os.listdir(folder / "logs" / "run_csv"))  # a resumed run's second logger starts a version of its own
+    assert runs == ["version_0", "version_1"]
+    metrics, rows = [], []
+    for run in runs:
+        with open(folder / "logs" / "run_csv" / run / "metrics.csv") as handle:
+            metrics += list(csv.DictReader(handle))
+        with open(folder / "logs" / "run_csv" / run / "samples.jsonl") as handle:
+            rows += [json.loads(line) for line in handle]
+    assert [int(row["step"]) for row in metrics if row.get("env/reward_mean")] == [0, 1, 2, 3]
     assert len([row for row in metrics if row.get("val/monitor/positivity")]) == 2
-    with open(folder / "samples.jsonl") as handle:
-        rows = [json.loads(line) for line in handle]
     assert list(rows[0]) == ["step", *SAMPLE_COLUMNS]
     check_sample_rows(rows)
-    assert glob.glob(str(tmp_path / "logs" / "tiny" / "version_0" / "events.out.tfevents.*"))  # both loggers wrote
 
 
-def test_wandb_offline_run_read_back_with_wandbs_own_reader(tmp_path, monkeypatch, capsys):
+def test_a_logger_list_keeps_the_run_in_the_first_loggers_folder_and_resumes_there(file_loggers_run):
+    folder, resumed = file_loggers_run
+    first = folder / "logs" / "run" / "version_0"
+    assert f"resumed from step 2 ({first / 'checkpoints' / 'last.ckpt'})" in resumed
+    assert sorted(os.listdir(folder / "logs" / "run")) == ["version_0"]  # the run kept its folder
+    assert (first / "checkpoints" / "epoch=0-step=4.ckpt").is_file()
+
+
+@pytest.fixture(scope="module")
+def tracker_run(tmp_path_factory):
+    """configs/loggers/wandb.yaml and configs/loggers/mlflow.yaml together on the tiny config (in its folder, the
+    MLflow overlay's relative paths too). Returns the folder."""
     wandb = pytest.importorskip("wandb")
-    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    overlay = yaml.safe_load(open(os.path.join(ROOT, "configs", "loggers", "wandb.yaml")))
-    logger = overlay["trainer"]["logger"]
-    logger["init_args"]["save_dir"] = str(tmp_path / "logs")
-    logged_fit(tmp_path, logger)
-    wandb.finish()  # the CLI's process ends the run at exit; in-process, the test does
-    capsys.readouterr()
-    (run,) = glob.glob(str(tmp_path / "logs" / "wandb" / "offline-run-*"))
+    pytest.importorskip("mlflow")
+    folder = tmp_path_factory.mktemp("trackers")
+    loggers = [yaml.safe_load(open(os.path.join(ROOT, "configs", "loggers", f"{name}.yaml")))["trainer"]["logger"]
+               for name in ("wandb", "mlflow")]
+    loggers[0]["init_args"]["save_dir"] = str(folder / "logs")
+    path = logged_config(folder, loggers)
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+            patch.setenv(variable, str(folder / "wandb-home"))
+        patch.setenv("WANDB_SILENT", "true")
+        patch.chdir(folder)
+        assert main(["fit", "--config", path]) == 0
+        wandb.finish()  # the CLI's process ends the run at exit; in-process, the test does
+    return folder
+
+
+def test_wandb_offline_run_read_back_with_wandbs_own_reader(tracker_run):
+    (run,) = glob.glob(str(tracker_run / "logs" / "wandb" / "offline-run-*"))
     inspect = subprocess.run([os.path.join(os.path.dirname(sys.executable), "wandb"), "leet", "inspect", "--json", run],
                              capture_output=True, text=True, timeout=120)
     assert inspect.returncode == 0, inspect.stderr
@@ -143,51 +186,50 @@ def mlflow_runs(tracking_uri: str, experiment: str):
     return client, runs
 
 
-def test_mlflow_local_store_read_back_with_the_mlflow_client(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("mlflow")
-    monkeypatch.chdir(tmp_path)  # the shipped overlay's store and artifacts are relative: lightning_logs/...
+def test_mlflow_local_store_read_back_with_the_mlflow_client(tracker_run, monkeypatch):
+    monkeypatch.chdir(tracker_run)  # the shipped overlay's store and artifacts are relative: lightning_logs/...
+    assert os.path.isfile(tracker_run / "lightning_logs" / "mlflow.db")
     overlay = yaml.safe_load(open(os.path.join(ROOT, "configs", "loggers", "mlflow.yaml")))
-    logged_fit(tmp_path, overlay["trainer"]["logger"])
-    capsys.readouterr()
-    assert os.path.isfile(tmp_path / "lightning_logs" / "mlflow.db")
     client, (run,) = mlflow_runs(overlay["trainer"]["logger"]["init_args"]["tracking_uri"], "flan-rlhf")
     history = client.get_metric_history(run.info.run_id, "env/reward_mean")
     assert [point.step for point in history] == [0, 1, 2, 3]
     assert len(client.get_metric_history(run.info.run_id, "val/monitor/positivity")) == 2
     assert "ppo/mean_non_score_reward" in run.data.metrics
-    local = client.download_artifacts(run.info.run_id, "samples.json", str(tmp_path / "download"))
-    assert local.startswith(str(tmp_path))
+    local = client.download_artifacts(run.info.run_id, "samples.json", str(tracker_run / "download"))
+    assert local.startswith(str(tracker_run))
     with open(local) as handle:
         table = json.load(handle)
     assert table["columns"] == ["step", *SAMPLE_COLUMNS]
     check_sample_rows([dict(zip(table["columns"], row)) for row in table["data"]])
-    assert glob.glob(str(tmp_path / "lightning_logs" / "mlflow-artifacts" / "*" / "artifacts" / "samples.json"))
+    assert glob.glob(str(tracker_run / "lightning_logs" / "mlflow-artifacts" / "*" / "artifacts" / "samples.json"))
 
 
-def test_mlflow_file_store_when_allowed_and_one_line_when_refused(tmp_path, monkeypatch, capsys):
+def test_mlflow_file_store_one_line_when_refused_and_a_table_when_allowed(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
-    store = f"file:{tmp_path / 'mlruns'}"
-    logger = {"class_path": "lightning.pytorch.loggers.MLFlowLogger",
-              "init_args": {"experiment_name": "tiny", "tracking_uri": store}}
-    config = tiny_config(tmp_path)
+    from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import environment_variables
 
-    refused = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None) is not None
-    if refused:  # MLflow 3.7+: the file store needs an opt-in; without it, one line before anything is built
+    from flan_rlhf.logger_outputs import log_samples
+
+    store = f"file:{tmp_path / 'mlruns'}"
+    if getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None) is not None:
+        # MLflow 3.7+: the file store needs an opt-in; without it, one line before anything is built
         monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-        code, _, err = run_command("fit", "--config", config, "--trainer.logger", json.dumps(logger))
+        logger = {"class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                  "init_args": {"experiment_name": "tiny", "tracking_uri": store}}
+        code, _, err = run_command("fit", "--config", tiny_config(tmp_path), "--trainer.logger", json.dumps(logger))
         assert code == 2
         (line,) = error_lines(err)
         assert "MLFLOW_ALLOW_FILE_STORE=true" in line and "sqlite:///" in line and store in line
         assert not os.path.exists(tmp_path / "mlruns") and not os.path.exists(tmp_path / "ckpt")
         monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    logger["init_args"]["tracking_uri"] = store
-    logged_fit(tmp_path, logger, log_histograms_every_n_steps=0)
-    capsys.readouterr()
+    logger = MLFlowLogger(experiment_name="tiny", tracking_uri=store)
+    assert log_samples([logger], ["prompt", "reward"], [["a", 0.5], ["b", 1.0]], step=0) == []
+    assert log_samples([logger], ["prompt", "reward"], [["c", 0.0]], step=10) == []  # appended to the run's table
     client, (run,) = mlflow_runs(store, "tiny")
-    assert [point.step for point in client.get_metric_history(run.info.run_id, "env/reward_mean")] == [0, 1, 2, 3]
     with open(client.download_artifacts(run.info.run_id, "samples.json", str(tmp_path / "download"))) as handle:
-        assert len(json.load(handle)["data"]) == 2 * NUM_SAMPLES
+        table = json.load(handle)
+    assert table == {"columns": ["step", "prompt", "reward"], "data": [[0, "a", 0.5], [0, "b", 1.0], [10, "c", 0.0]]}
 
 
 @pytest.mark.parametrize("class_name, package", [("WandbLogger", "wandb"), ("MLFlowLogger", "mlflow")])
@@ -199,26 +241,6 @@ def test_a_missing_logger_package_is_one_line_naming_the_extra(tmp_path, monkeyp
     (line,) = error_lines(err)
     assert f"pip install 'flan-rlhf[{package}]'" in line and class_name in line
     assert not os.path.exists(tmp_path / "logs") and not os.path.exists(tmp_path / "ckpt")
-
-
-def test_a_logger_list_keeps_the_run_in_the_first_loggers_folder_and_resumes_there(tmp_path, capsys):
-    config = yaml.safe_load(open(tiny_config(tmp_path)))
-    overlay = yaml.safe_load(open(os.path.join(ROOT, "configs", "loggers", "csv.yaml")))
-    for entry in overlay["trainer"]["logger"]:
-        entry["init_args"]["save_dir"] = str(tmp_path / "logs")
-    config["trainer"]["logger"] = overlay["trainer"]["logger"]
-    checkpoint = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
-    del checkpoint["init_args"]["dirpath"]  # the run's own folder: the first logger's
-    path = tmp_path / "list.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", str(path), "--trainer.max_steps", "2"]) == 0
-    first = tmp_path / "logs" / "run" / "version_0"
-    assert (first / "checkpoints" / "last.ckpt").is_file()
-    capsys.readouterr()
-    assert main(["fit", "--config", str(path), "--ckpt_path", "last"]) == 0
-    assert f"resumed from step 2 ({first / 'checkpoints' / 'last.ckpt'})" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path / "logs" / "run")) == ["version_0"]  # the run kept its folder
-    assert (tmp_path / "logs" / "run_csv" / "version_0" / "metrics.csv").is_file()
 
 
 def test_a_monitor_named_like_the_training_reward_is_one_line(tmp_path):
