@@ -82,12 +82,13 @@ def mlflow_tracking_uri(init_args: Any) -> str:
 def check_mlflow_store(init_args: Any) -> None:
     """Refuse a file store that the installed MLflow will refuse mid-start; make a local SQLite file's folder.
 
-    MLflow 3.7+ raises on ``file:`` stores unless ``MLFLOW_ALLOW_FILE_STORE=true`` (the store is in
-    maintenance mode; SQLite is its default now).
+    Recent MLflow (3.18 here) raises on file stores unless ``MLFLOW_ALLOW_FILE_STORE=true`` (the store is in
+    maintenance mode; SQLite is its default now): one line before the run starts instead.
     """
     uri = mlflow_tracking_uri(init_args)
-    scheme = uri.split(":", 1)[0] if "://" in uri or uri.startswith("file:") else ""
-    if scheme in ("", "file"):
+    # a file store: file:..., or a bare path (not a bare word such as "databricks", which names a service)
+    file_store = uri.startswith("file:") or (":" not in uri and ("/" in uri or uri.startswith(".")))
+    if file_store:
         from mlflow import environment_variables
 
         allowed = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
@@ -97,7 +98,7 @@ def check_mlflow_store(init_args: Any) -> None:
                 "MLFLOW_TRACKING_URI or Lightning's default): use a local database, "
                 "--trainer.logger.init_args.tracking_uri sqlite:///lightning_logs/mlflow.db (configs/loggers/mlflow.yaml), "
                 "or export MLFLOW_ALLOW_FILE_STORE=true")
-    elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+    elif uri.startswith("sqlite:///"):
         folder = os.path.dirname(uri[len("sqlite:///"):])
         if folder:
             os.makedirs(folder, exist_ok=True)  # SQLite creates the file, not its folder

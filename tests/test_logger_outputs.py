@@ -121,3 +121,26 @@ def test_monitors_score_the_validation_samples_the_reward_scored_and_are_not_tra
     lengths = [len(text) for text in monitor.seen[0]]
     assert float(trainer.callback_metrics["val/monitor/watched"]) == pytest.approx(sum(lengths) / len(lengths))
     assert "env/reward/watched_mean" not in trainer.callback_metrics  # logged as a monitor only
+
+
+def test_only_a_file_store_is_refused_and_lightnings_default_is_one(monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow import environment_variables
+
+    from flan_rlhf.logger_outputs import check_mlflow_store
+
+    if getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None) is None:
+        pytest.skip("this MLflow takes file stores without an opt-in")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for service in ("databricks", "http://tracking:5000", "postgresql://u@db/mlflow"):
+        check_mlflow_store({"tracking_uri": service})
+    for store, shown in (({}, "file:./mlruns"), ({"save_dir": "runs"}, "file:runs"), ({"tracking_uri": "./mlruns"}, "./mlruns"),
+                         ({"tracking_uri": "/data/mlruns"}, "/data/mlruns")):
+        with pytest.raises(LoggerError, match=f"refuses the file store {shown} "):
+            check_mlflow_store(store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:/elsewhere")
+    with pytest.raises(LoggerError, match="refuses the file store file:/elsewhere "):
+        check_mlflow_store({})
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_mlflow_store({})
