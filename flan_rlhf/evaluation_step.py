@@ -48,16 +48,19 @@ class EvaluationMixin:
         if references and all(len(r) > 0 for r in references):
             self._eval_metrics(stage).update(rollout.texts, references)
 
-    def _log_monitors(self, rollout: Rollout, references: list[list[str]] | None, stage: str) -> None:
-        """``<stage>/monitor/<name>``: each monitor's mean score of the rollout's responses (``references``:
-        one list per response, for a monitor that compares with them). Monitors are rewards that are
-        watched, not trained on; nothing is logged when the module has none."""
+    def _monitor_scores(self, rollout: Rollout, references: list[list[str]] | None) -> dict[str, Any]:
+        """Each monitor's score ``(batch,)`` of the rollout's responses, by name (``references``: one list per
+        response, for a monitor that compares with them). Monitors are rewards that are watched, not trained
+        on; empty when the module has none."""
         monitors = getattr(self, "monitors", ())
         if monitors:
             self._ensure_reward()
-        for monitor in monitors:
-            scores = monitor.score(rollout.prompts, rollout.texts, references)[0]
-            self.log(f"{stage}/monitor/{monitor.name}", scores.float().mean(), sync_dist=True, batch_size=len(rollout.texts))
+        return {monitor.name: monitor.score(rollout.prompts, rollout.texts, references)[0] for monitor in monitors}
+
+    def _log_monitors(self, rollout: Rollout, references: list[list[str]] | None, stage: str) -> None:
+        """``<stage>/monitor/<name>``: each monitor's mean score of the rollout's responses."""
+        for name, scores in self._monitor_scores(rollout, references).items():
+            self.log(f"{stage}/monitor/{name}", scores.float().mean(), sync_dist=True, batch_size=len(rollout.texts))
 
     def _log_text_metrics(self, stage: str) -> None:
         metrics = self._eval_metrics(stage)
@@ -80,6 +83,8 @@ class EvaluationMixin:
         self._log_text_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Rows ``{prompt_id, sample, prompt, response, references, reward, <component>..., kl}`` for the writer."""
+        """Rows ``{prompt_id, sample, prompt, response, references, reward, <component>..., kl, monitor/<name>...}``
+        for the writer."""
         rollout, kl = self._sample_and_score(batch, batch_idx)
-        return response_rows(rollout, batch, {"reward": rollout.scores, **rollout.components, "kl": kl})
+        monitors = {f"monitor/{name}": scores for name, scores in self._monitor_scores(rollout, batch.get("references")).items()}
+        return response_rows(rollout, batch, {"reward": rollout.scores, **rollout.components, "kl": kl, **monitors})

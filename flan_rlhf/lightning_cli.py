@@ -237,7 +237,7 @@ class FlanRLHFCLI(LightningCLI):
                 self._lock_run_folders(folder)
                 if identity_known:
                     self._refuse_another_runs_checkpoints(folder)
-            self._set_up_reward()
+            self._check_data_and_set_up_rewards()
         except BaseException:
             release_run_locks()  # before the folders they sit in go
             self._give_back_claimed_version()
@@ -283,15 +283,15 @@ class FlanRLHFCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path("validate")
-        self._set_up_reward()
+        self._check_data_and_set_up_rewards()
 
     def before_test(self) -> None:
         self._resolve_ckpt_path("test")
-        self._set_up_reward()
+        self._check_data_and_set_up_rewards()
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path("predict")
-        self._set_up_reward()
+        self._check_data_and_set_up_rewards()
 
     def _resolve_ckpt_path(self, subcommand: str) -> bool:
         """Resolve ``--ckpt_path`` and check the checkpoint's settings against the run's.
@@ -349,7 +349,9 @@ class FlanRLHFCLI(LightningCLI):
         for difference in harmless:
             say(difference_line(difference))
 
-    def _set_up_reward(self) -> None:
+    def _check_data_and_set_up_rewards(self) -> None:
+        """Before any model loads: the data module suits the module (``check_datamodule``), and the reward and
+        each monitor can score it (references where needed) and load, each refusal one line."""
         check_datamodule = getattr(self.model, "check_datamodule", None)
         if check_datamodule is not None:  # e.g. DPO: stored pairs need a prompt column, prompts need a reward
             check_datamodule(getattr(self, "datamodule", None))

@@ -169,6 +169,11 @@ def test_fit_validate_test_predict_compare_on_tiny_model(tmp_path, capsys):
     rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
     assert len(rows) == 5 * 2  # max_eval_prompts from the flag, samples_per_prompt from the overlay
     assert {"prompt", "response", "reward", "non_profanity", "kl"} <= set(rows[0])
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # configs/tiny.yaml's monitor, per response
+
+    vader = SentimentIntensityAnalyzer()
+    assert [row["monitor/positivity"] for row in rows] == pytest.approx(
+        [vader.polarity_scores(row["response"])["compound"] for row in rows], abs=1e-6)
     assert list(rows[0])[:6] == ["prompt_id", "sample", "prompt", "prompt_truncated", "response", "references"]  # rollout.response_rows
     assert len({row["prompt_id"] for row in rows}) == 5
 
