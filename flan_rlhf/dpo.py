@@ -1,8 +1,8 @@
 """Direct preference optimisation: the DPO and IPO losses, their statistics, and online pairs (pure math).
 
 No Lightning and no model code: these functions take per-response log-probabilities and rewards and
-return tensors. The modules that wire them to a policy are :mod:`flan_rlhf.dpo_module` (pairs from a
-file) and :mod:`flan_rlhf.online_dpo` (pairs from the policy's own samples).
+return tensors. :mod:`flan_rlhf.dpo_module` wires them to a policy, for pairs from a file and for
+pairs from the policy's own samples.
 
 * DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7)::
 

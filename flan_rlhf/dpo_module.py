@@ -153,11 +153,9 @@ class DPOModule(OnPolicyModule):
         s = self.settings
         tally = UpdateTally(self.device, self.LOSS_KEYS)
         n = pairs.n_pairs  # the same on every process (tied groups keep a weight-0 slot), so all make the same passes
-        generator = torch.Generator().manual_seed(self.seed_iteration(iteration, salt=1))
-        orders = [torch.randperm(n, generator=generator).tolist() for _ in range(s.ppo_epochs)]
+        orders = self.epoch_orders(n, iteration)
         lengths = pairs.lengths()
         never = torch.zeros((), dtype=torch.bool, device=self.device)
-        zero = torch.zeros((), device=self.device)
         optimizer.zero_grad()
         for order in orders:
             for start in range(0, n, s.mini_batch_size):
@@ -170,10 +168,7 @@ class DPOModule(OnPolicyModule):
                 nonfinite, has_pairs = self._any_rank(torch.stack([~torch.isfinite(loss.detach()),
                                                                    minibatch.weights.sum() > 0]))
                 skip = tally.add_minibatch(nonfinite, never, never, stats, empty=~has_pairs)
-                # torch.where, not loss * 0: a skipped non-finite loss must not turn the zero into NaN
-                self.manual_backward(torch.where(skip, zero, loss) / s.gradient_accumulation_steps)
-                if tally.group_size == s.gradient_accumulation_steps:
-                    self._optimizer_step(optimizer, tally)
+                self.backward_minibatch(loss, skip, optimizer, tally)
         if tally.group_size:
             self._optimizer_step(optimizer, tally)
         stats = tally.read()

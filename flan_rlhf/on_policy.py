@@ -392,9 +392,7 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         """
         s = self.settings
         batch_size = rollout.responses.shape[0]
-        generator = torch.Generator().manual_seed(self.seed_iteration(iteration, salt=1))
-        # a CPU generator, every epoch's order in one conversion
-        orders = torch.stack([torch.randperm(batch_size, generator=generator) for _ in range(s.ppo_epochs)]).tolist()
+        orders = self.epoch_orders(batch_size, iteration)
         # row lengths read once per iteration, so trimming a minibatch's padding needs no device read
         lengths = (rollout.attention_mask.sum(1).long().tolist(), rollout.mask.sum(1).long().tolist())
         ppo.check_token_ids(rollout.responses, self.actor.vocab_size)
@@ -420,7 +418,6 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         s = self.settings
         prompt_lengths, response_lengths = lengths
         never = torch.zeros((), dtype=torch.bool, device=self.device)  # a guard that is switched off
-        zero = torch.zeros((), device=self.device)
         for start in range(0, len(order), s.mini_batch_size):
             rows = order[start:start + s.mini_batch_size]
             longest = (max(prompt_lengths[i] for i in rows), max(response_lengths[i] for i in rows))
@@ -440,10 +437,21 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
                 approx_kl > s.target_kl if s.target_kl is not None else never,
             ]))
             skip = tally.add_minibatch(nonfinite, too_far, kl_exceeded, {**loss_stats, "ppo/policy/ratio_mean": ratio_mean})
-            # torch.where, not loss * 0: a skipped non-finite loss must not turn the zero into NaN
-            self.manual_backward(torch.where(skip, zero, loss) / s.gradient_accumulation_steps)
-            if tally.group_size == s.gradient_accumulation_steps:
-                self._optimizer_step(optimizer, tally)
+            self.backward_minibatch(loss, skip, optimizer, tally)
+
+    def epoch_orders(self, rows: int, iteration: int) -> list[list[int]]:
+        """``ppo_epochs`` shuffles of ``range(rows)``, seeded by ``iteration`` (the same after a resume), as host
+        lists: a CPU generator, every epoch's order in one conversion."""
+        generator = torch.Generator().manual_seed(self.seed_iteration(iteration, salt=1))
+        return torch.stack([torch.randperm(rows, generator=generator) for _ in range(self.settings.ppo_epochs)]).tolist()
+
+    def backward_minibatch(self, loss: torch.Tensor, skip: torch.Tensor, optimizer, tally: "UpdateTally") -> None:
+        """Back-propagate one minibatch's ``loss`` (a zero when ``skip``, so every rank makes the same passes),
+        then step once the accumulation group is full; no host read."""
+        # torch.where, not loss * 0: a skipped non-finite loss must not turn the zero into NaN
+        self.manual_backward(torch.where(skip, torch.zeros_like(loss), loss) / self.settings.gradient_accumulation_steps)
+        if tally.group_size == self.settings.gradient_accumulation_steps:
+            self._optimizer_step(optimizer, tally)
 
     def _optimizer_step(self, optimizer, tally: "UpdateTally") -> None:
         """Clip and step unless every minibatch of the accumulation group was skipped or one was
