@@ -8,6 +8,9 @@ Writes (no half-written output, ever):
   ``*.tmp-<pid>`` leftover, which checkpoint resume recognises and ignores.
 * :func:`atomic_folder` - a folder is filled in a temporary sibling folder that is renamed into
   place; a crash leaves the old folder or the new one, never a half-written one.
+* :func:`append_jsonl` - the one appender of JSON lines, for logs that grow while a run goes on
+  (``predict``'s rows, a CSV logger's sample rows). Not atomic: a crash may cut its last line,
+  as it may a logger's own files; earlier lines are never rewritten.
 
 Reads (what every reader of jsonl/json/csv/parquet/txt files shares):
 
@@ -22,6 +25,7 @@ This module is the bottom of the package: it imports nothing from ``flan_rlhf``.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -34,6 +38,14 @@ from typing import IO, Iterable, Iterator, Sequence
 # ---------------------------------------------------------------------------------------------
 # atomic writes
 # ---------------------------------------------------------------------------------------------
+def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Append ``records`` to the JSON-lines file ``path`` (made, with its folder, if missing); non-ASCII kept."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def remove_empty_folders(folders: Iterable[str | os.PathLike]) -> None:
     """``rmdir`` each of ``folders`` (in order, deepest first) that exists and is empty; leave the rest."""
     for folder in folders:

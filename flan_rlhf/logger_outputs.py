@@ -19,12 +19,13 @@ say so once.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from typing import Any, Sequence
 
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+from flan_rlhf.io import append_jsonl
 
 #: the key of the sample table in every logger (TensorBoard tag, W&B key, stem of the CSV/MLflow file)
 SAMPLES_KEY = "samples"
@@ -143,14 +144,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value).replace("|", "\\|").replace("\n", " ")[:300]
-
-
-def append_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
-    """Append ``records`` to the JSON-lines file ``path`` (made with its folder if missing)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- histograms

@@ -1,11 +1,12 @@
 """Writes ``predict`` outputs as JSON lines: prompt, response, reward and each reward component."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from flan_rlhf.io import append_jsonl
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
@@ -41,9 +42,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._path, self.rows_written = path, 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Sequence[dict[str, Any]], batch_indices, batch, batch_idx, dataloader_idx) -> None:
-        with open(self._path, "a", encoding="utf-8") as handle:
-            for row in prediction:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        append_jsonl(self._path, prediction)
         self.rows_written += len(prediction)
 
     @property
