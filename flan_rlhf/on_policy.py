@@ -33,8 +33,8 @@ from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, PromptLimitOfPolicy, load_policy_model
 from flan_rlhf.logger_outputs import log_histograms, log_samples, takes_histograms
 from flan_rlhf.rewards.base import Reward, check_monitors
-from flan_rlhf.rollout import Rollout, collect_experience, response_mask, shift_right, tokenize_prompts
-from flan_rlhf.settings import GenerationSettings, UpdateSettings, check_update_settings
+from flan_rlhf.rollout import Rollout, collect_experience, response_mask, sampling_logits, shift_right, tokenize_prompts
+from flan_rlhf.settings import GenerationSettings, UpdateSettings, check_generation_settings, check_update_settings
 from flan_rlhf.step_counting import count_as_one_step
 from flan_rlhf.update_tally import UpdateTally
 from flan_rlhf.t5_fused import set_fused_kernels
@@ -50,7 +50,8 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         policy: where the policy weights and tokenizer come from.
         reward: the reward source (``flan_rlhf.rewards.*``), higher is better.
         lora: LoRA settings; ``null`` for full fine-tuning (a frozen copy is the reference).
-        generation: rollout sampling settings.
+        generation: rollout sampling settings: sampling, ``temperature`` and ``min_new_tokens`` only (what
+            biases the KL or the ratio, such as top-k or beam search, is refused with its reason).
         settings: the algorithm's hyperparameters (a subclass passes its own group, e.g. ``ppo``).
         truncate_prompt_tokens: the model's prompt cap in tokens (``</s>`` included). The data module
             cuts the inserted text of a longer prompt to fit (template kept, counted in its data line);
@@ -77,8 +78,9 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
             (:mod:`flan_rlhf.output_dirs`).
         overwrite_export_dir: allow replacing an earlier flan-rlhf export of another run in
             ``export_dir``. Never replaces a folder holding files flan-rlhf did not write.
-        eval_generation: sampling settings for validate/test/predict; ``null`` reuses
-            ``generation``.
+        eval_generation: decoding settings for validate/test/predict and ``compare``: any of
+            :class:`~flan_rlhf.settings.GenerationSettings` (greedy, beam search, top-k/top-p, repetition
+            penalty, n-gram blocking, length penalty); ``null`` reuses ``generation``.
         fused_kernels: T5-family policies sample, score and train through
             :mod:`flan_rlhf.t5_fused` (the same arithmetic as Hugging Face's forward in fewer ops;
             equality tested). ``false`` runs the model's own ``forward`` everywhere. Always off
@@ -127,8 +129,9 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         self.reward = reward
         self.monitors = check_monitors(reward, monitors)
         self.lora = lora
-        self.generation = generation
-        self.eval_generation = eval_generation or generation
+        self.generation = check_generation_settings(generation, "generation.", training=True)
+        self.eval_generation = check_generation_settings(eval_generation or generation, "eval_generation.",
+                                                         training=False)
         self.settings = check_update_settings(settings)
         self.truncate_prompt_tokens = truncate_prompt_tokens
         self.sampling_seed = sampling_seed
@@ -426,7 +429,9 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
             logits, vpred = self.actor(mb["input_ids"], mb["attention_mask"], mb["decoder_input_ids"])
             # No input checks in the loop (each reads the device): ppo_update checked the token ids and
             # training_targets that every row has a response token, so no minibatch mask is empty.
-            logprobs = ppo.logprobs_from_logits(logits / self.generation.temperature, mb["responses"], check=False)
+            scaled = sampling_logits(logits, self.generation.temperature, self.generation.min_new_tokens,
+                                     self.tokenizer.eos_token_id)  # the distribution the rollout drew from
+            logprobs = ppo.logprobs_from_logits(scaled, mb["responses"], check=False)
             loss, approx_kl, loss_stats = self.minibatch_loss(mb, logprobs, vpred)
             if self._ratio_log is not None:  # histograms due this iteration: kept on the device, read once after
                 self._ratio_log.append((torch.exp(logprobs.detach() - mb["logprobs"]), mb["mask"]))

@@ -101,11 +101,11 @@ class SampledResponses:
         responses: sampled tokens without the decoder start token, pad after EOS,
             shape ``(batch, response_len)``; ``response_len <= max_new_tokens`` (shorter when
             every row emitted EOS early).
-        logprobs: ``log_softmax(logits / temperature)`` of each sampled token, with no
-            top-k/top-p/min-length warping (the distribution PPO optimises), ``(batch, response_len)``.
+        logprobs: log-prob of each sampled token under :func:`sampling_logits` (``logits / temperature``,
+            EOS banned before ``min_new_tokens``; training takes no other processor), ``(batch, response_len)``.
         values: value-head output on the decoder's last hidden state, ``(batch, response_len)``;
             zeros when the actor has no value head.
-        entropy: entropy of ``softmax(logits / temperature)``, ``(batch, response_len)``.
+        entropy: entropy of the softmax of :func:`sampling_logits`, ``(batch, response_len)``.
     """
 
     responses: torch.Tensor
@@ -141,6 +141,30 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     is_eos = (responses == eos_token_id).long()
     eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS strictly before this position
     return (eos_before == 0).float()
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, min_new_tokens: int = 0,
+                    eos_token_id: int | None = None, first_position: int = 0) -> torch.Tensor:
+    """The logits of the distribution training samples from: ``logits / temperature`` with EOS banned
+    at response positions before ``min_new_tokens`` (transformers' ``MinNewTokensLengthLogitsProcessor``).
+
+    Log-probs and entropies taken from these describe the draws (with the ban left out they would not,
+    and the KL estimate would be biased: TRL's "negative KL" notes). The ban is the dtype's lowest
+    finite value, not ``-inf``, so ``softmax * logits`` in the entropy stays finite.
+
+    Args:
+        logits: ``(batch, positions, vocab)``: response positions ``first_position ...``.
+        first_position: the response position of ``logits[:, 0]`` (a sampling step passes its step).
+    Returns:
+        ``(batch, positions, vocab)``; a new tensor unless nothing changes (temperature 1, no ban).
+    """
+    scaled = logits / temperature if temperature != 1.0 else logits
+    banned = min(int(min_new_tokens or 0) - first_position, logits.shape[1])
+    if banned <= 0 or eos_token_id is None:
+        return scaled
+    ban = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)
+    ban[:banned, eos_token_id] = True
+    return scaled.masked_fill(ban, torch.finfo(scaled.dtype).min)
 
 
 def shift_right(responses: torch.Tensor, decoder_start_token_id: int) -> torch.Tensor:
@@ -281,6 +305,11 @@ def _sample(model, input_ids, attention_mask, settings: GenerationSettings, toke
     batch, max_new = input_ids.shape[0], int(settings.max_new_tokens)
     if max_new < 1:
         raise ValueError(f"generation.max_new_tokens must be >= 1, got {max_new}")
+    if settings.needs_hf_generate:  # beam search, penalties: not draws this loop makes
+        if fused_only:
+            return None
+        raise ValueError("beam search, repetition_penalty and no_repeat_ngram_size decode through transformers' "
+                         "generate, not the sampler (flan_rlhf.settings.GenerationSettings.needs_hf_generate)")
     if fused_only and not is_fused_t5(model):
         return None
     encoder_hidden, stepper = prepare_sampling(model, input_ids, attention_mask, max_new)
@@ -291,7 +320,7 @@ def _sample(model, input_ids, attention_mask, settings: GenerationSettings, toke
 
         stepper = _CachedForwardStepper(model, BaseModelOutput(last_hidden_state=encoder_hidden), attention_mask)
     choose = _token_chooser(settings, eos)
-    temperature = float(settings.temperature)
+    temperature, min_new = float(settings.temperature), int(settings.min_new_tokens or 0)
     device = input_ids.device
     tokens = torch.full((batch,), start, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
@@ -304,7 +333,7 @@ def _sample(model, input_ids, attention_mask, settings: GenerationSettings, toke
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
         out_tokens.append(tokens)
         if statistics:
-            scaled = logits / temperature
+            scaled = sampling_logits(logits[:, None], temperature, min_new, eos, first_position=step)[:, 0]
             # the formula of ppo.logprobs_from_logits: label logit - logsumexp
             out_logprobs.append(scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1))
             out_entropy.append(entropy_from_logits(scaled))
@@ -338,11 +367,13 @@ def reference_logprobs(
     responses: torch.Tensor,
     decoder_start_token_id: int,
     temperature: float,
+    min_new_tokens: int = 0,
+    eos_token_id: int | None = None,
 ) -> torch.Tensor:
-    """Log-probs of ``responses`` under the frozen reference, from ``logits / temperature``,
+    """Log-probs of ``responses`` under the frozen reference, from :func:`sampling_logits`,
     shape ``(batch, response_len)``."""
     logits = actor.reference_logits(input_ids, attention_mask, shift_right(responses, decoder_start_token_id))
-    return logprobs_from_logits(logits / temperature, responses)
+    return logprobs_from_logits(sampling_logits(logits, temperature, min_new_tokens, eos_token_id), responses)
 
 
 @torch.no_grad()
@@ -354,12 +385,14 @@ def evaluate_responses(
     decoder_start_token_id: int,
     temperature: float,
     with_reference: bool = True,
+    min_new_tokens: int = 0,
+    eos_token_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probs, values, reference log-probs and entropy of given responses (no gradients).
 
-    Log-probs come from ``logits / temperature`` with no top-k/top-p warping, the same
-    distribution the sampler drew from when those are disabled. (A rollout gets the policy's
-    numbers from :func:`collect_experience` without this second forward.)
+    Log-probs come from :func:`sampling_logits`, the distribution the sampler draws from when no
+    evaluation-only processor (top-k/top-p, beams, penalties) is on. (A sampled rollout gets the
+    policy's numbers from :func:`collect_experience` without this second forward.)
 
     Returns:
         logprobs, values (zeros without a value head), ref_logprobs (or ``None``), entropy: each
@@ -367,12 +400,13 @@ def evaluate_responses(
     """
     decoder_input_ids = shift_right(responses, decoder_start_token_id)
     logits, values = actor(input_ids, attention_mask, decoder_input_ids)
-    logits = logits / temperature
+    logits = sampling_logits(logits, temperature, min_new_tokens, eos_token_id)
     if values is None:
         values = logits.new_zeros(responses.shape)
     ref = None
     if with_reference:
-        ref = reference_logprobs(actor, input_ids, attention_mask, responses, decoder_start_token_id, temperature)
+        ref = reference_logprobs(actor, input_ids, attention_mask, responses, decoder_start_token_id, temperature,
+                                 min_new_tokens, eos_token_id)
     return logprobs_from_logits(logits, responses), values, ref, entropy_from_logits(logits)
 
 
@@ -386,18 +420,34 @@ def collect_experience(
     decoder_start_token_id: int,
     with_reference: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Sample responses and get everything PPO needs about them with one reference forward.
+    """Decode responses and get everything PPO (and the evaluation metrics) need about them.
 
-    Log-probs, values and entropy come from the sampling pass itself
+    Sampling settings: log-probs, values and entropy come from the sampling pass itself
     (:func:`sample_with_statistics`); only the reference needs a teacher-forced forward.
+    Settings only transformers' ``generate`` decodes (beam search, repetition penalty, n-gram
+    blocking: evaluation only, :attr:`GenerationSettings.needs_hf_generate`): the policy
+    ``generate``\ s, then :func:`evaluate_responses` scores the responses teacher-forced. The
+    log-probs are then those of the model's softmax, not of the decoding (which is not a
+    distribution one draws from), so the KL of such responses is their log-ratio to the reference.
 
     Returns:
         responses, logprobs, values, ref_logprobs (or ``None``), entropy: each
         ``(batch, response_len)``.
     """
+    eos = tokenizer.eos_token_id
+    if settings.needs_hf_generate:
+        model = actor.base_model
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=eos, decoder_start_token_id=decoder_start_token_id,
+                             **settings.generate_kwargs())
+        responses = out[:, 1:]  # without the decoder start token; pad after EOS
+        logprobs, values, ref, entropy = evaluate_responses(
+            actor, input_ids, attention_mask, responses, decoder_start_token_id, settings.temperature, with_reference,
+            settings.min_new_tokens, eos)
+        return responses, logprobs, values, ref, entropy
     sampled = sample_with_statistics(actor, input_ids, attention_mask, settings, tokenizer)
     ref = None
     if with_reference:
         ref = reference_logprobs(actor, input_ids, attention_mask, sampled.responses, decoder_start_token_id,
-                                 settings.temperature)
+                                 settings.temperature, settings.min_new_tokens, eos)
     return sampled.responses, sampled.logprobs, sampled.values, ref, sampled.entropy

@@ -6,20 +6,32 @@ from dataclasses import dataclass
 
 @dataclass
 class GenerationSettings:
-    """How responses are sampled during rollouts (and, with ``do_sample``, for evaluation).
+    """How responses are decoded: training rollouts (``generation``) and validate/test/predict, ``compare``
+    and ``generate`` (``eval_generation``, the ``generate`` command's flags).
+
+    Training rollouts must be draws from the distribution the log-probs describe, or the KL
+    estimate and the importance ratio are biased (TRL #235: mismatched settings make the KL
+    negative). So training takes sampling, ``temperature`` (log-probs use the same
+    ``logits / temperature``; N implementation details #7) and ``min_new_tokens`` (log-probs use
+    the same EOS ban), and :func:`check_generation_settings` refuses the rest there.
 
     Attributes:
         max_new_tokens: longest response, in tokens.
-        min_new_tokens: shortest response (EOS is suppressed before this).
-        temperature: softmax temperature. Log-probs for PPO and KL are computed from logits
-            divided by the same temperature, so the sampling distribution and the one being
-            optimised agree (N implementation details #7; TRL #235: mismatched settings make
-            KL negative).
-        top_k: 0 disables top-k. Keep 0 for training: top-k/top-p warping makes the sampled
-            distribution differ from the softmax the log-probs come from (a biased KL estimate),
-            and a token outside the reference's top-k gets a reference log-prob of -inf.
-        top_p: 1.0 disables nucleus sampling; same caveat as ``top_k``.
-        do_sample: sample (True) or greedy (False). PPO needs sampling.
+        min_new_tokens: shortest response: EOS is banned before this many tokens (in training the
+            log-probs of the policy and the reference are taken with the same ban).
+        temperature: softmax temperature.
+        top_k: sample from the k most likely tokens; 0 disables. Evaluation only: truncation draws
+            from a renormalised head of the softmax, and a token outside the reference's top-k has
+            log-prob -inf under it.
+        top_p: nucleus sampling mass; 1.0 disables. Evaluation only, as ``top_k``.
+        do_sample: sample (True) or decode greedily / by beam search (False). Training samples.
+        num_beams: beam search width; 1 disables. Evaluation only.
+        repetition_penalty: CTRL's penalty (Keskar et al. 2019) on tokens already in the response;
+            1.0 disables. Evaluation only.
+        no_repeat_ngram_size: ban every token that would repeat an n-gram of this size; 0 disables.
+            Evaluation only.
+        length_penalty: beam search's exponent on the length a beam's log-prob sum is divided by
+            (> 0 favours longer responses); needs ``num_beams`` > 1. Evaluation only.
     """
 
     max_new_tokens: int = 64
@@ -28,6 +40,89 @@ class GenerationSettings:
     top_k: int = 0
     top_p: float = 1.0
     do_sample: bool = True
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+
+    @property
+    def mode(self) -> str:
+        """``sampled``, ``greedy``, ``beam search`` or ``beam sampling`` (reports, summaries)."""
+        if self.num_beams > 1:
+            return "beam sampling" if self.do_sample else "beam search"
+        return "sampled" if self.do_sample else "greedy"
+
+    @property
+    def needs_hf_generate(self) -> bool:
+        """True when only transformers' ``generate`` decodes these settings (beam search, repetition
+        penalty, n-gram blocking); the package's sampler draws the rest."""
+        return self.num_beams > 1 or self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+    def generate_kwargs(self) -> dict:
+        """These settings as keyword arguments of transformers' ``generate`` (the token ids are the caller's)."""
+        kwargs = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
+                      num_beams=self.num_beams, repetition_penalty=self.repetition_penalty,
+                      no_repeat_ngram_size=self.no_repeat_ngram_size, use_cache=True)
+        if self.num_beams > 1:
+            kwargs["length_penalty"] = self.length_penalty
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        else:  # None: generate's defaults would otherwise warn that they have no effect when not sampling
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        return kwargs
+
+
+#: Decoding settings training refuses, each with its value that changes nothing and why it biases training.
+TRAINING_REFUSES: dict[str, tuple[object, str]] = {
+    "do_sample": (True, "greedy decoding gives no draws from the policy, which the policy gradient and the KL "
+                        "estimate need"),
+    "num_beams": (1, "beam search keeps likely sequences instead of drawing from the policy"),
+    "repetition_penalty": (1.0, "it rescales the logits of tokens already in the response"),
+    "no_repeat_ngram_size": (0, "it bans tokens that would repeat an n-gram"),
+    "top_k": (0, "truncation draws from a renormalised head of the softmax, and a token outside the "
+                 "reference's top-k has log-prob -inf under it"),
+    "top_p": (1.0, "truncation draws from a renormalised head of the softmax, and a token outside the "
+                   "reference's nucleus has log-prob -inf under it"),
+}
+
+
+def check_generation_settings(settings: GenerationSettings, prefix: str, training: bool) -> GenerationSettings:
+    """``settings`` if valid for their use, else :class:`SettingsError` with one line naming the option.
+
+    Args:
+        prefix: what names an option in messages: ``generation.``, ``eval_generation.``, ``--`` (a command's flags).
+        training: the settings decode training rollouts: only sampling from the softmax the log-probs
+            come from (:data:`TRAINING_REFUSES` lists what is refused and why).
+    """
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise SettingsError(message)
+
+    s = settings
+    require(isinstance(s.max_new_tokens, int) and s.max_new_tokens >= 1,
+            f"{prefix}max_new_tokens is {s.max_new_tokens!r}; a response needs a token: use 1 or more")
+    require(isinstance(s.min_new_tokens, int) and 0 <= s.min_new_tokens <= s.max_new_tokens,
+            f"{prefix}min_new_tokens is {s.min_new_tokens!r}; use 0 to {prefix}max_new_tokens ({s.max_new_tokens})")
+    require(s.temperature > 0, f"{prefix}temperature is {s.temperature!r}; use a positive number (1.0: the model's "
+                               f"own softmax), or do_sample false for greedy decoding")
+    require(s.top_k >= 0, f"{prefix}top_k is {s.top_k!r}; use 0 (off) or a positive count")
+    require(0 < s.top_p <= 1, f"{prefix}top_p is {s.top_p!r}; use a mass in (0, 1] (1.0: off)")
+    require(isinstance(s.num_beams, int) and s.num_beams >= 1, f"{prefix}num_beams is {s.num_beams!r}; use 1 (off) or more")
+    require(s.repetition_penalty > 0, f"{prefix}repetition_penalty is {s.repetition_penalty!r}; use a positive number "
+                                      f"(1.0: off, above 1 discourages repeats)")
+    require(isinstance(s.no_repeat_ngram_size, int) and s.no_repeat_ngram_size >= 0,
+            f"{prefix}no_repeat_ngram_size is {s.no_repeat_ngram_size!r}; use 0 (off) or an n-gram size")
+    require(s.length_penalty == 1.0 or s.num_beams > 1,
+            f"{prefix}length_penalty is {s.length_penalty!r} but it acts only in beam search; set {prefix}num_beams "
+            f"above 1, or leave length_penalty at 1.0")
+    if training:
+        for name, (neutral, why) in TRAINING_REFUSES.items():
+            value = getattr(s, name)
+            require(value == neutral,
+                    f"{prefix}{name} is {value!r} but training rollouts must be draws from the softmax the log-probs "
+                    f"and KL are computed from, and {why}; keep {prefix}{name} at {neutral!r} and set it in "
+                    f"eval_generation (validate, test, predict, compare) or on `flan-rlhf generate`")
+    return settings
 
 
 @dataclass

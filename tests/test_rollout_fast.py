@@ -144,7 +144,7 @@ def test_eos_ends_rows_and_generation_stops_when_all_are_done(tokenizer):
     assert torch.all(out.responses == eos)
 
 
-def test_min_new_tokens_suppresses_eos_but_logprobs_stay_unwarped(tokenizer):
+def test_min_new_tokens_bans_eos_in_the_draws_and_in_every_log_prob(tokenizer):
     actor = _eos_loving_actor(tokenizer)
     ids, mask = _prompts(tokenizer)
     eos = tokenizer.eos_token_id
@@ -154,10 +154,20 @@ def test_min_new_tokens_suppresses_eos_but_logprobs_stay_unwarped(tokenizer):
     assert out.responses.shape == (len(PROMPTS), 4)
     assert not torch.any(out.responses[:, :3] == eos)
     assert torch.all(out.responses[:, 3] == eos)
-    # The forced tokens are scored by the unwarped softmax, where EOS holds nearly all the
-    # mass: each forced token has log-prob about -50 (its logit is ~50 below EOS's).
-    assert torch.all(out.logprobs[:, :3] < -40)
+    # The forced tokens are scored by the softmax they were drawn from, EOS banned: without the
+    # ban EOS holds nearly all the mass and each forced token has log-prob about -50.
+    assert torch.all(out.logprobs[:, :3] > -20)
     assert torch.all(out.logprobs[:, 3] > -1e-3)
+    # the teacher-forced passes (the update's and the reference's) take the same ban
+    logprobs, _, ref, entropy = evaluate_responses(actor, ids, mask, out.responses, 0, 1.0,
+                                                   min_new_tokens=3, eos_token_id=eos)
+    torch.testing.assert_close(logprobs, out.logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(entropy, out.entropy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ref, reference_logprobs(actor, ids, mask, out.responses, 0, 1.0, 3, eos))
+    assert torch.isfinite(entropy).all()
+    unbanned, _, _, _ = evaluate_responses(actor, ids, mask, out.responses, 0, 1.0, with_reference=False)
+    assert torch.all(unbanned[:, :3] < -40)
+    torch.testing.assert_close(unbanned[:, 3:], logprobs[:, 3:])
 
 
 def test_rows_are_padded_after_their_eos(tokenizer):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Sequence
 
@@ -117,15 +117,9 @@ def compare_before_after(
         after = sample_rows(module, batches, "after", generation, toxicity_scorer, positivity, progress)
     samples = max((row["sample"] for row in before), default=0) + 1
     info = {
-        "decoding": {
-            "mode": "sampled" if generation.do_sample else "greedy",
-            "seed": int(module.sampling_seed),
-            "temperature": generation.temperature,
-            "top_k": generation.top_k,
-            "top_p": generation.top_p,
-            "max_new_tokens": generation.max_new_tokens,
-            "samples_per_prompt": samples,
-        },
+        "decoding": {"mode": generation.mode, "seed": int(module.sampling_seed),
+                     **{key: value for key, value in asdict(generation).items() if key != "do_sample"},  # in mode
+                     "samples_per_prompt": samples},
         "eval_sampling_s": round(time.perf_counter() - started, 2),
     }
     info.update(meta or {})

@@ -28,7 +28,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from flan_rlhf.io import TextFileError, atomic_file, file_format, read_utf8
 from flan_rlhf.progress import RowProgress, seconds
 from flan_rlhf.rollout import fused_generate
-from flan_rlhf.settings import GenerationSettings
+from flan_rlhf.settings import GenerationSettings, check_generation_settings
 from flan_rlhf.tools.command import UsageError, run_tool
 
 DTYPE_CHOICES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -127,14 +127,15 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], generation: Generatio
     """Response token ids for each prompt, in input order.
 
     Args:
-        generation: ``max_new_tokens``, ``min_new_tokens`` (a benchmark sets it equal to
-            ``max_new_tokens`` so every model does the same work), ``do_sample`` (False: greedy)
-            and the sampling warpers.
+        generation: any decoding settings: ``max_new_tokens``, ``min_new_tokens`` (a benchmark sets
+            it equal to ``max_new_tokens`` so every model does the same work), ``do_sample`` (False:
+            greedy), the sampling warpers, beam search and the repetition settings.
         batch_size: prompts per ``generate`` call.
         max_prompt_tokens: prompts are truncated to this many tokens.
-        fused: T5-family float models decode through the package's fused decoder
+        fused: T5-family float models sample or decode greedily through the package's fused decoder
             (:func:`flan_rlhf.rollout.fused_generate`: the same tokens as ``generate``, LoRA folded
-            into the weights once per batch); ``False`` or any other model: ``model.generate``.
+            into the weights once per batch); ``False``, any other model, beam search or a repetition
+            setting: ``model.generate``.
         progress: advanced by the number of prompts of each batch.
 
     Prompts are batched in order of token length (less padding) and put back in input order.
@@ -149,12 +150,7 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], generation: Generatio
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    kwargs: dict[str, Any] = dict(max_new_tokens=generation.max_new_tokens, min_new_tokens=generation.min_new_tokens,
-                                  pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
-    if generation.do_sample:
-        kwargs.update(do_sample=True, temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    kwargs = dict(pad_token_id=pad_id, eos_token_id=eos_id, **generation.generate_kwargs())
     device = next(model.parameters()).device
     plain = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers inside
     results: list[list[int]] = [[] for _ in prompts]
@@ -192,7 +188,9 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: str, overwrite: bool = Fal
 def generate(model: str, input: str, output: str, adapter: str | None = None, tokenizer: str | None = None,
              prompt_column: str = "prompt", template: str = "raw", greedy: bool = False,
              max_new_tokens: PositiveInt = 64, batch_size: PositiveInt = 16, max_prompt_tokens: PositiveInt = 512,
-             temperature: PositiveFloat = 1.0, top_k: NonNegativeInt = 0, top_p: PositiveFloat = 1.0, seed: int = 0,
+             temperature: PositiveFloat = 1.0, top_k: NonNegativeInt = 0, top_p: PositiveFloat = 1.0,
+             min_new_tokens: NonNegativeInt = 0, num_beams: PositiveInt = 1, repetition_penalty: PositiveFloat = 1.0,
+             no_repeat_ngram_size: NonNegativeInt = 0, length_penalty: float = 1.0, seed: int = 0,
              dtype: Literal["auto", "fp32", "bf16"] = "auto", threads: PositiveInt | None = None,
              hf_generate: bool = False, overwrite: bool = False, trust_remote_code: bool = False) -> str:
     """Responses for a file of prompts from an export, a base model or an adapter.
@@ -214,6 +212,13 @@ def generate(model: str, input: str, output: str, adapter: str | None = None, to
         temperature: the sampling temperature.
         top_k: sample from the k most likely tokens; 0 turns top-k off.
         top_p: nucleus sampling mass; 1.0 turns it off.
+        min_new_tokens: the shortest response: EOS is banned before this many tokens.
+        num_beams: beam search width (with ``--greedy``: beam search; without: beam sampling); 1 turns it off.
+        repetition_penalty: CTRL's penalty on tokens already in the response (above 1 discourages
+            repeats); 1.0 turns it off.
+        no_repeat_ngram_size: never repeat an n-gram of this size; 0 turns it off.
+        length_penalty: beam search's length exponent (above 0 favours longer responses); needs
+            ``--num_beams`` above 1.
         seed: the sampling seed.
         dtype: cast a float model to this dtype (auto: as saved).
         threads: torch.set_num_threads (default: torch's choice).
@@ -230,10 +235,12 @@ def generate(model: str, input: str, output: str, adapter: str | None = None, to
         torch.set_num_threads(threads)
     if os.path.exists(output) and not overwrite:
         raise FileExistsError(f"--output '{output}' already exists - pass --overwrite true to replace it")
+    generation = check_generation_settings(GenerationSettings(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=not greedy, temperature=temperature,
+        top_k=top_k, top_p=top_p, num_beams=num_beams, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty), "--", training=False)
     rows = read_prompts(input, prompt_column, template)
     net, tok, kind = load_generation_model(model, adapter, tokenizer, DTYPE_CHOICES[dtype], trust_remote_code)
-    generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy,
-                                    temperature=temperature, top_k=top_k, top_p=top_p)
     torch.manual_seed(seed)
     with RowProgress(len(rows), "generate") as progress:
         ids = generate_ids(net, tok, [row["prompt"] for row in rows], generation, batch_size=batch_size,
@@ -241,7 +248,7 @@ def generate(model: str, input: str, output: str, adapter: str | None = None, to
     out_rows = [{**({"id": row["id"]} if "id" in row else {}), "prompt": row["prompt"], "response": text}
                 for row, text in zip(rows, decode(tok, ids))]
     write_jsonl(out_rows, output, overwrite)
-    return (f"generate: {len(out_rows)} responses ({kind} model, {'greedy' if greedy else 'sampled'}) "
+    return (f"generate: {len(out_rows)} responses ({kind} model, {generation.mode}) "
             f"in {seconds(time.perf_counter() - started)}\n  rows: {len(out_rows)} in {output}")
 
 
