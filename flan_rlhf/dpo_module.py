@@ -96,7 +96,7 @@ class DPOModule(OnPolicyModule):
         t0 = time.perf_counter()
         pairs = self._tokenize_stored(batch)
         reference = pair_logps(self.actor, pairs, self._decoder_start, self._average_logps, reference=True)
-        stats = self.pair_update(pairs, reference, optimizer, self.global_step, temperature=1.0)
+        stats = self.pair_update(pairs, reference, optimizer, self.global_step, sampled=False)
         stats["dpo/pairs"] = float(pairs.n_pairs)
         stats["time/update_s"] = time.perf_counter() - t0
         return stats
@@ -131,21 +131,22 @@ class DPOModule(OnPolicyModule):
         """The pair update on this iteration's sampled pairs (none when every group tied)."""
         pairs = pairs_from_rollout(rollout, targets["chosen_rows"], targets["rejected_rows"], targets["weights"])
         reference = targets["reference_chosen"], targets["reference_rejected"]
-        stats = self.pair_update(pairs, reference, optimizer, iteration, temperature=self.generation.temperature)
+        stats = self.pair_update(pairs, reference, optimizer, iteration, sampled=True)
         stats["dpo/pairs"] = pairs.weights.sum().item()
         return stats
 
     # ------------------------------------------------------------------ the update both share
     def pair_update(self, pairs: PairTokens, reference: tuple[torch.Tensor, torch.Tensor], optimizer, iteration: int,
-                    temperature: float) -> dict[str, float]:
+                    sampled: bool) -> dict[str, float]:
         """``ppo_epochs`` passes over ``pairs`` in minibatches of ``mini_batch_size`` pairs, each a DPO/IPO step.
 
         Args:
             pairs: ``n`` prompts with their chosen and rejected responses.
             reference: the reference's ``(chosen, rejected)`` log-probs, each ``(n,)`` (sums, or means for IPO).
             iteration: seeds the minibatch order (reproducible, and the same after a resume).
-            temperature: the policy's log-probs come from ``logits / temperature`` (1 for stored pairs; the
-                sampling temperature for sampled ones, as their reference log-probs).
+            sampled: the pairs are the policy's samples: its log-probs are taken under the distribution they
+                were drawn from (``generation``'s temperature and EOS ban, as their reference log-probs);
+                ``False`` (stored pairs): the model's own softmax.
         Returns:
             the mean statistics of the accepted minibatches (:data:`DPO_LOSS_KEYS`) and the guard counters.
             A non-finite loss skips its accumulation group's step, on the device (no host read per minibatch).
@@ -163,7 +164,8 @@ class DPOModule(OnPolicyModule):
                 minibatch = pairs.select(rows, lengths)
                 idx = torch.tensor(rows, device=self.device)
                 policy = pair_logps(self.actor, minibatch, self._decoder_start, self._average_logps,
-                                    temperature=temperature)
+                                    sampling=self.generation if sampled else None,
+                                    eos_token_id=self.tokenizer.eos_token_id)
                 loss, stats = self._objective(policy, (reference[0][idx], reference[1][idx]), minibatch.weights)
                 nonfinite, has_pairs = self._any_rank(torch.stack([~torch.isfinite(loss.detach()),
                                                                    minibatch.weights.sum() > 0]))

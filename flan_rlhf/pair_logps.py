@@ -25,7 +25,8 @@ import torch
 from flan_rlhf.dpo import sequence_logps
 from flan_rlhf.policy import ActorCritic
 from flan_rlhf.ppo import logprobs_from_logits
-from flan_rlhf.rollout import Rollout, shift_right, tokenize_prompts
+from flan_rlhf.rollout import Rollout, sampling_logits, shift_right, tokenize_prompts
+from flan_rlhf.settings import GenerationSettings
 
 __all__ = ["PairTokens", "pair_logps", "pairs_from_rollout", "tokenize_preference_pairs"]
 
@@ -96,15 +97,19 @@ def pairs_from_rollout(rollout: Rollout, chosen_rows: torch.Tensor, rejected_row
 
 
 def pair_logps(actor: ActorCritic, pairs: PairTokens, decoder_start_token_id: int, average: bool = False,
-               reference: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               reference: bool = False, sampling: GenerationSettings | None = None,
+               eos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen, rejected)`` sequence log-probs, each ``(n,)``: sums of the response tokens' log-probs
     (means with ``average``, IPO's) under the policy (with gradient) or, with ``reference``, the
-    reference (adapters off, no gradient), from ``logits / temperature`` (sampled pairs are scored
-    under the distribution they were sampled from, as the rollout scored them)."""
+    reference (adapters off, no gradient).
+
+    ``sampling``: pairs sampled with these settings are scored under the distribution they were drawn
+    from, as the rollout scored them (:func:`flan_rlhf.rollout.sampling_logits`: the temperature, EOS
+    banned before ``min_new_tokens``); ``None`` (stored pairs): the model's own softmax."""
     decoder_input_ids = shift_right(pairs.responses, decoder_start_token_id)
     logits = actor.shared_prompt_logits(pairs.input_ids, pairs.attention_mask, decoder_input_ids, reference=reference)
-    if temperature != 1.0:
-        logits = logits / temperature
+    if sampling is not None:
+        logits = sampling_logits(logits, sampling.temperature, sampling.min_new_tokens, eos_token_id)
     token_logps = logprobs_from_logits(logits, pairs.responses, check=False)
     totals = sequence_logps(token_logps, pairs.mask, average)
     return totals[:pairs.n_pairs], totals[pairs.n_pairs:]

@@ -15,12 +15,14 @@ from tests.conftest import ScriptedReward, TokenFractionReward, tiny_policy_spec
 from tests.test_module import MetricsRecorder, assert_reward_rose, fit, trainable_copy
 
 
-def make(reward=None, max_new_tokens: int = 8, truncate_prompt_tokens: int = 512, **overrides) -> DPOModule:
+def make(reward=None, max_new_tokens: int = 8, truncate_prompt_tokens: int = 512,
+         sampling: GenerationSettings | None = None, **overrides) -> DPOModule:
     """A DPOModule on the tiny policy (LoRA r 4): 4 samples per prompt, minibatches of 8 pairs, lr 5e-3."""
     settings = dict(learning_rate=5e-3, mini_batch_size=8, samples_per_prompt=4)
     settings.update(overrides)
     return DPOModule(tiny_policy_spec(), reward, DPOSettings(**settings), lora=LoraSettings(r=4, alpha=8),
-                     generation=GenerationSettings(max_new_tokens=max_new_tokens), log_samples_every_n_steps=0,
+                     generation=sampling or GenerationSettings(max_new_tokens=max_new_tokens),
+                     log_samples_every_n_steps=0,
                      truncate_prompt_tokens=truncate_prompt_tokens)
 
 
@@ -105,12 +107,13 @@ def spy(module, monkeypatch) -> dict:
     return seen
 
 
-def test_each_sampled_pair_is_its_groups_best_and_worst_scored_by_policy_and_rollout_reference(monkeypatch):
+@pytest.mark.parametrize("sampling", [None, GenerationSettings(max_new_tokens=8, min_new_tokens=3, temperature=0.8)])
+def test_each_sampled_pair_is_its_groups_best_and_worst_scored_by_policy_and_rollout_reference(monkeypatch, sampling):
     """Row by row: pair j of a minibatch is prompt g's best and worst sample by reward; its reference
     log-probs are the rollout's reference pass summed over that response; its policy log-probs those of
     a teacher-forced forward of that response (before the first step the policy is the sampler, so they
-    equal the rollout's own log-probs)."""
-    module = make(TokenFractionReward(), mini_batch_size=3, ppo_epochs=1)
+    equal the rollout's own log-probs, under the sampling temperature and EOS ban too)."""
+    module = make(TokenFractionReward(), mini_batch_size=3, ppo_epochs=1, sampling=sampling)
     seen = spy(module, monkeypatch)
     fit(module, steps=1, batch_size=6)
     rollout = seen["rollout"]

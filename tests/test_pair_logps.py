@@ -98,9 +98,11 @@ def test_both_responses_share_one_encoder_pass_whose_gradient_collects_both():
     assert max(g.abs().max().item() for g in shared) > 1e-2
 
 
-def test_sampled_pairs_are_scored_as_the_rollout_scored_them():
+@pytest.mark.parametrize("sampling", [GenerationSettings(max_new_tokens=12),
+                                      GenerationSettings(max_new_tokens=12, temperature=0.7, min_new_tokens=4)])
+def test_sampled_pairs_are_scored_as_the_rollout_scored_them(sampling):
     """Pairs cut from a rollout (online DPO) get, token for token, the log-probs the sampler recorded
-    (temperature 1), summed over each response up to its first </s>."""
+    (under its temperature and EOS ban), summed over each response up to its first </s>."""
     model, tokenizer = load_policy_model(tiny_policy_spec())
     actor = perturbed_actor(model, LoraSettings(r=4, alpha=8))
     ids, mask, _ = tokenize_prompts(tokenizer, PROMPTS * 2, 512, "cpu")
@@ -108,7 +110,7 @@ def test_sampled_pairs_are_scored_as_the_rollout_scored_them():
     torch.manual_seed(0)
     with torch.no_grad():
         responses, logprobs, _, ref_logprobs, entropy = collect_experience(
-            actor, ids, mask, GenerationSettings(max_new_tokens=12), tokenizer, start)
+            actor, ids, mask, sampling, tokenizer, start)
     response_tokens = response_mask(responses, tokenizer.eos_token_id)
 
     class Sampled:  # the Rollout fields pairs_from_rollout reads
@@ -117,8 +119,9 @@ def test_sampled_pairs_are_scored_as_the_rollout_scored_them():
     chosen_rows, rejected_rows = torch.tensor([0, 4]), torch.tensor([3, 1])  # prompt 0 twice, prompt 1 twice
     pairs = pairs_from_rollout(Sampled, chosen_rows, rejected_rows)
     with torch.no_grad():
-        chosen, rejected = pair_logps(actor, pairs, start)
-        ref_chosen, _ = pair_logps(actor, pairs, start, reference=True)
+        chosen, rejected = pair_logps(actor, pairs, start, sampling=sampling, eos_token_id=tokenizer.eos_token_id)
+        ref_chosen, _ = pair_logps(actor, pairs, start, reference=True, sampling=sampling,
+                                   eos_token_id=tokenizer.eos_token_id)
     recorded = (logprobs * response_tokens).sum(1)
     torch.testing.assert_close(chosen, recorded[chosen_rows], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rejected, recorded[rejected_rows], atol=1e-4, rtol=1e-4)
