@@ -35,6 +35,11 @@ $(VENV)/.installed-loggers: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test,wandb,mlflow]"
 	touch $@
 
+# and QLoRA's bitsandbytes, whose 4-/8-bit layers run on CPU too (tests/test_qlora.py, docs/scaling.md)
+$(VENV)/.installed-qlora: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test,qlora]"
+	touch $@
+
 demo: install
 	$(OFFLINE) $(BIN)/flan-rlhf demo --method $(METHOD) --task $(TASK) $(DEMO_ARGS)
 
@@ -44,7 +49,7 @@ demo-rebuild: install
 tiny: install
 	$(OFFLINE) $(BIN)/flan-rlhf fit --config configs/tiny.yaml
 
-test: install $(VENV)/.installed-loggers
+test: install $(VENV)/.installed-loggers $(VENV)/.installed-qlora
 	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

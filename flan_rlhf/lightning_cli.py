@@ -237,6 +237,7 @@ class FlanRLHFCLI(LightningCLI):
                 self._lock_run_folders(folder)
                 if identity_known:
                     self._refuse_another_runs_checkpoints(folder)
+            self._check_quantized_policy()
             self._check_data_and_set_up_rewards()
         except BaseException:
             release_run_locks()  # before the folders they sit in go
@@ -283,14 +284,17 @@ class FlanRLHFCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path("validate")
+        self._check_quantized_policy()
         self._check_data_and_set_up_rewards()
 
     def before_test(self) -> None:
         self._resolve_ckpt_path("test")
+        self._check_quantized_policy()
         self._check_data_and_set_up_rewards()
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path("predict")
+        self._check_quantized_policy()
         self._check_data_and_set_up_rewards()
 
     def _resolve_ckpt_path(self, subcommand: str) -> bool:
@@ -348,6 +352,27 @@ class FlanRLHFCLI(LightningCLI):
             raise CheckpointError(conflict_message(path, conflicts))
         for difference in harmless:
             say(difference_line(difference))
+
+    def _check_quantized_policy(self) -> None:
+        """Before any model loads: a quantised base (``policy.quantization``) can load and train here
+        (:func:`flan_rlhf.policy.check_quantization`: bitsandbytes installed, a checkpoint to quantise,
+        LoRA), and the strategy does not shard weights (bitsandbytes' packed 4-/8-bit weights are
+        not what FSDP or DeepSpeed ZeRO-3 shard or gather here).
+
+        Raises:
+            ModelLoadError: one line naming the setting and the fix.
+        """
+        spec = getattr(self.model, "policy_spec", None)
+        if spec is None:
+            return
+        from flan_rlhf.on_policy import shards_weights
+        from flan_rlhf.policy import ModelLoadError, check_quantization
+
+        check_quantization(spec, getattr(self.model, "lora", None))
+        if getattr(spec, "quantization", None) is not None and shards_weights(self.trainer.strategy):
+            raise ModelLoadError(f"policy.quantization {spec.quantization} does not combine with the "
+                                 f"{type(self.trainer.strategy).__name__}: bitsandbytes' quantised weights are not "
+                                 "sharded - QLoRA runs on one GPU or under DDP (configs/ddp.yaml)")
 
     def _check_data_and_set_up_rewards(self) -> None:
         """Before any model loads: the data module suits the module (``check_datamodule``), and the reward and

@@ -74,6 +74,10 @@ def facts_from_settings(export_format: str, policy: Any, lora: Any, ppo: Any, re
     them); ``ppo`` is the algorithm's settings group, ``algorithm`` its name (``PPO``, ``RLOO``, ``GRPO``)."""
     policy, lora, ppo = _plain(policy), _plain(lora), _plain(ppo)
     hyperparameters: dict[str, Any] = {}
+    if policy.get("quantization"):  # QLoRA: trained over a quantised base (flan_rlhf.policy.PolicySpec)
+        hyperparameters["policy.quantization"] = policy["quantization"]
+        if policy["quantization"] == "4bit":
+            hyperparameters["policy.quant_type"] = policy.get("quant_type", "nf4")
     if lora:
         hyperparameters.update({f"lora.{key}": lora.get(key) for key in ("r", "alpha", "dropout", "target_modules")})
     prefix = algorithm.lower()

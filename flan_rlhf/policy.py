@@ -7,6 +7,10 @@
   deep copy.
 * Value head: ``Linear(d_model, 1)`` on the decoder's last hidden state (after the final layer
   norm), as TRL's ``AutoModelForSeq2SeqLMWithValueHead`` did.
+* QLoRA (``PolicySpec.quantization``): the frozen base loaded in 4 or 8 bits by bitsandbytes
+  through transformers' ``quantization_config``, the LoRA adapters and the value head in float32;
+  the reference is still the base with the adapters off, so the one copy of the weights is the
+  quantised one. Exports rebuild the policy on the full-precision base (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import logging
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -63,6 +67,16 @@ class PolicySpec:
         trust_remote_code: allow model code from the hub. Off: remote code runs with your rights.
         dtype: weights dtype when loading (``float32``, ``bfloat16``, ``float16``); ``None`` keeps
             the checkpoint's. Mixed precision is the Trainer's ``precision`` setting.
+        quantization: QLoRA: load the frozen base in ``4bit`` (bitsandbytes ``Linear4bit``) or
+            ``8bit`` (LLM.int8(), ``Linear8bitLt``); the LoRA adapters and the value head stay
+            float32 and the reference is the same quantised base with the adapters off. Needs
+            ``name_or_path``, LoRA and ``pip install 'flan-rlhf[qlora]'``. ``None``: full precision.
+            Exports rebuild the policy on the full-precision base.
+        quant_type: 4-bit data type: ``nf4`` (NormalFloat, the QLoRA paper's) or ``fp4``.
+        quant_double: 4-bit: quantise the quantisation constants too (QLoRA's double
+            quantisation, ~0.4 bit less per weight).
+        quant_compute_dtype: 4-bit: the dtype the dequantised weights multiply in; ``None`` is
+            ``bfloat16`` on a GPU that has it, else ``float32``.
     """
 
     name_or_path: str | None = None
@@ -70,6 +84,118 @@ class PolicySpec:
     t5_config: dict[str, Any] | None = None
     trust_remote_code: bool = False
     dtype: str | None = None
+    quantization: Literal["4bit", "8bit"] | None = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    quant_double: bool = True
+    quant_compute_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+
+
+#: the oldest bitsandbytes transformers 5 quantises with (its ``BITSANDBYTES_MIN_VERSION``), which is
+#: also the first line whose 4-/8-bit layers run on CPU as well (bitsandbytes PR #1602, in 0.46)
+BITSANDBYTES_MIN_VERSION = "0.46.1"
+QLORA_INSTALL = "pip install 'flan-rlhf[qlora]'"
+_QUANTIZATION_CHOICES = {"quantization": (None, "4bit", "8bit"), "quant_type": ("nf4", "fp4"),
+                         "quant_compute_dtype": (None, "bfloat16", "float16", "float32")}
+
+
+def quantization_problem(spec: PolicySpec) -> str | None:
+    """One line naming what stops ``spec.quantization`` and the fix, or ``None`` (also for no quantisation).
+
+    Cheap (no import of bitsandbytes), so the CLI runs it before anything loads: an unknown value, a
+    base built from ``t5_config`` (no checkpoint to quantise), bitsandbytes missing or too old.
+    """
+    for key, choices in _QUANTIZATION_CHOICES.items():
+        value = getattr(spec, key, None)
+        if value not in choices:
+            names = ", ".join("null" if choice is None else repr(choice) for choice in choices)
+            return f"policy.{key} is {value!r} - use one of {names}"
+    if getattr(spec, "quantization", None) is None:
+        return None
+    if spec.name_or_path is None:
+        return (f"policy.quantization {spec.quantization} needs a checkpoint to quantise, and a policy built from "
+                "t5_config has none - set policy.name_or_path (a hub id or folder), or drop policy.quantization")
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        installed = version("bitsandbytes")
+    except PackageNotFoundError:
+        return f"policy.quantization {spec.quantization} needs bitsandbytes, which is not installed - {QLORA_INSTALL}"
+    if Version(installed) < Version(BITSANDBYTES_MIN_VERSION):
+        return (f"policy.quantization {spec.quantization} needs bitsandbytes >= {BITSANDBYTES_MIN_VERSION}, "
+                f"found {installed} - {QLORA_INSTALL}")
+    return None
+
+
+def check_quantization(spec: PolicySpec, lora: LoraSettings | None) -> None:
+    """Refuse a quantised base that cannot be trained, before any weights load.
+
+    Raises:
+        ModelLoadError: :func:`quantization_problem`, or a quantised base without LoRA (its frozen
+            4-/8-bit weights cannot be fine-tuned themselves).
+    """
+    problem = quantization_problem(spec)
+    if problem is None and getattr(spec, "quantization", None) is not None and lora is None:
+        problem = (f"policy.quantization {spec.quantization} freezes the base in {spec.quantization} and "
+                   "`lora: null` would train those frozen weights - set lora (adapters train over a quantised "
+                   "base), or drop policy.quantization for full fine-tuning")
+    if problem is not None:
+        raise ModelLoadError(problem)
+
+
+def bitsandbytes_config(spec: PolicySpec):
+    """transformers' ``BitsAndBytesConfig`` of ``spec.quantization`` (see :class:`PolicySpec`)."""
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = spec.quant_compute_dtype or (
+        "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
+                              bnb_4bit_use_double_quant=spec.quant_double,
+                              bnb_4bit_compute_dtype=getattr(torch, compute))
+
+
+def quantized_device_map() -> dict[str, Any]:
+    """Where a quantised model is loaded: this process's GPU, else the CPU.
+
+    bitsandbytes quantises while the weights load onto their device, so the model must be loaded
+    where it trains. Lightning sets each process's GPU (``torch.cuda.set_device`` in
+    ``CUDAAccelerator.setup_device``) before it calls ``configure_model``, so
+    ``torch.cuda.current_device()`` is local rank's GPU under DDP too (the ``device_map={"":
+    local_rank}`` of transformers' and peft's multi-GPU QLoRA recipes); Lightning's later
+    ``.to(root_device)`` then moves nothing.
+    """
+    return {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` (a HF model, or peft's wrapper of one) was loaded with bitsandbytes quantisation."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_quantized_base(model: nn.Module) -> nn.Module:
+    """Freeze a quantised base and cast its non-quantised float16/bfloat16 weights (layer norms,
+    embeddings, the head) to float32, in place: peft's ``prepare_model_for_kbit_training`` without
+    its gradient-checkpointing part (its input-gradient hook is needed only by reentrant
+    checkpointing, and :func:`enable_activation_checkpointing` is non-reentrant, as peft's own
+    comment there says).
+
+    Also turns off bitsandbytes' CPU inference repacking of 4-bit weights: on a CPU with
+    AVX512-BF16, ``Linear4bit.forward`` in eval mode under ``no_grad`` (a validation, a reference
+    pass) repacks its weight for ``gemv_4bit`` for good, and every later forward, training ones
+    included, then runs ``gemv_4bit``, which has no autograd kernel: the LoRA gradients came out
+    ``None`` with only a torch warning (bitsandbytes 0.50.2, measured in tests/test_qlora.py).
+    """
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit (private attribute)
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -100,12 +226,17 @@ def _load_hint(what: str, name_or_path: str, err: Exception) -> str:
     )
 
 
-def load_seq2seq_model(name_or_path: str, trust_remote_code: bool = False, dtype: str | None = None):
+def load_seq2seq_model(name_or_path: str, trust_remote_code: bool = False, dtype: str | None = None,
+                       quantization_config: Any = None):
     """``AutoModelForSeq2SeqLM.from_pretrained`` with errors that say what to do.
+
+    Args:
+        quantization_config: a ``BitsAndBytesConfig`` (:func:`bitsandbytes_config`): the model is
+            quantised while it loads, onto :func:`quantized_device_map`.
 
     Raises:
         ModelLoadError: offline and not cached, unknown name, or a folder that does not hold an
-            encoder-decoder (e.g. a causal LM or a classifier).
+            encoder-decoder (e.g. a causal LM or a classifier); bitsandbytes that cannot run here.
     """
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
@@ -121,10 +252,17 @@ def load_seq2seq_model(name_or_path: str, trust_remote_code: bool = False, dtype
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map=quantized_device_map())
     try:
         return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(_load_hint("model", name_or_path, err)) from err
+    except (ImportError, RuntimeError) as err:  # transformers' bitsandbytes checks (version, backend of this device)
+        if quantization_config is None or "bitsandbytes" not in str(err):
+            raise
+        raise ModelLoadError(f"cannot quantise '{name_or_path}' with bitsandbytes here: {str(err).splitlines()[0]} "
+                             f"- {QLORA_INSTALL} on a machine bitsandbytes supports, or drop policy.quantization") from err
 
 
 def build_t5_from_config(
@@ -194,12 +332,22 @@ def load_policy_model(spec: PolicySpec, tokenizer: Any = None):
         tokenizer: the spec's tokenizer when already loaded (:func:`load_policy_tokenizer`).
 
     Returns:
-        model: a HF encoder-decoder (``PreTrainedModel``).
+        model: a HF encoder-decoder (``PreTrainedModel``); with ``spec.quantization``, quantised,
+            frozen and prepared for adapters (:func:`prepare_quantized_base`).
         tokenizer: its tokenizer (right padding, as T5 expects).
+
+    Raises:
+        ModelLoadError: :func:`quantization_problem`, and what :func:`load_seq2seq_model` raises.
     """
+    problem = quantization_problem(spec)
+    if problem is not None:
+        raise ModelLoadError(problem)
     if tokenizer is None:
         tokenizer = load_policy_tokenizer(spec)
-    if spec.name_or_path is not None:
+    if getattr(spec, "quantization", None) is not None:
+        model = load_seq2seq_model(spec.name_or_path, spec.trust_remote_code, spec.dtype, bitsandbytes_config(spec))
+        model = prepare_quantized_base(model)
+    elif spec.name_or_path is not None:
         model = load_seq2seq_model(spec.name_or_path, spec.trust_remote_code, spec.dtype)
     else:
         cfg = dict(spec.t5_config or {})
@@ -283,7 +431,7 @@ class ActorCritic(nn.Module):
     Args:
         model: a HF encoder-decoder (``PreTrainedModel``).
         lora: adapter settings, or ``None`` for full fine-tuning (a frozen deep copy then
-            serves as reference).
+            serves as reference; refused for a quantised ``model``).
         gradient_checkpointing: recompute activations in backward to save memory.
         with_value_head: build the value head (PPO's critic); critic-free methods (RLOO, GRPO)
             pass ``False`` and ``value_head`` is ``None``.
@@ -292,6 +440,9 @@ class ActorCritic(nn.Module):
     def __init__(self, model: nn.Module, lora: LoraSettings | None = None, gradient_checkpointing: bool = False,
                  with_value_head: bool = True):
         super().__init__()
+        if lora is None and is_quantized(model):
+            raise ModelLoadError("a quantised base (policy.quantization) cannot be fully fine-tuned: its 4-/8-bit "
+                                 "weights are frozen - set lora, or load the base without policy.quantization")
         disable_dropout(model)
         # from_pretrained returns eval mode and Lightning keeps submodules' modes as found; HF's
         # gradient checkpointing runs only in train mode, which with every dropout at 0 computes
@@ -508,7 +659,16 @@ def portable_base_name(recorded: str | None, adapter_dir: str) -> str:
 
 @torch.no_grad()
 def merged_model(actor: ActorCritic):
-    """A plain HF model with LoRA merged into the base weights (a copy; ``actor`` is unchanged)."""
+    """A plain HF model with LoRA merged into the base weights (a copy; ``actor`` is unchanged).
+
+    Raises:
+        ModelLoadError: a quantised base: peft would merge into 4-/8-bit weights and quantise the
+            sum again; :func:`flan_rlhf.tools.export.actor_from_checkpoint` rebuilds the policy on
+            the full-precision base to merge there.
+    """
+    if is_quantized(actor.policy):
+        raise ModelLoadError("will not merge LoRA into a quantised base (the sum would be quantised again) - "
+                             "rebuild the policy on the full-precision base: flan-rlhf export --ckpt_path CKPT")
     if not actor.uses_lora:
         return copy.deepcopy(actor.policy)
     return copy.deepcopy(actor.policy).merge_and_unload()

@@ -40,6 +40,17 @@ HARMLESS_LOG_RECORDS: tuple[tuple[str, str, str], ...] = (
     ("transformers.tokenization_utils_base", r"Token indices sequence length is longer than the specified maximum",
      "the project measures prompt lengths untruncated on purpose (to count and report truncation) and "
      "truncates before the model sees them"),
+    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community",
+     "bitsandbytes' CPU backend (0.50: bitsandbytes/backends/cpu/ops.py) on a CPU with AVX512-BF16 tries to fetch an optional 4-bit matmul kernel from the Hub "
+     "when it is imported; offline (or without the `kernels` package) its `except` falls back to its own torch "
+     "code, the same arithmetic (QLoRA, PolicySpec.quantization)"),
+    ("kernels._internals.hf_hub", r"^Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+     "the same optional kernel of bitsandbytes' CPU backend, looked up offline (see the line above)"),
+    ("bitsandbytes.autograd._functions", r"^MatMul8bitLt: inputs will be cast from torch\.(float32|bfloat16) to float16",
+     "LLM.int8() (PolicySpec.quantization 8bit) quantises each input row through float16 by design and says so "
+     "at every layer call; in T5 the 8-bit layers' inputs are layer-normed (q, k, v, wi) or attention outputs (o), "
+     "well inside float16's range, and the feed-forward output `wo`, whose inputs are large, stays float32 "
+     "(transformers' T5 `_keep_in_fp32_modules`)"),
 )
 
 class _DropMatching(logging.Filter):

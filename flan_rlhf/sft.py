@@ -31,6 +31,7 @@ from flan_rlhf.optim import adamw, lr_schedule
 from flan_rlhf.output_dirs import GuardedExportMixin
 from flan_rlhf.policy import (
     LoraSettings,
+    ModelLoadError,
     PolicySpec,
     PromptLimitOfPolicy,
     enable_activation_checkpointing,
@@ -121,6 +122,9 @@ class SFTModule(GuardedExportMixin, PromptLimitOfPolicy, L.LightningModule):
                 f"need learning_rate > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got {learning_rate}, "
                 f"{warmup_steps}, {min_lr_ratio}"
             )
+        if getattr(policy, "quantization", None) is not None:
+            raise ModelLoadError("SFTModule does not train over a quantised base (policy.quantization is for the RL "
+                                 "modules, whose checkpoints hold only the adapters) - drop policy.quantization")
         self.save_hyperparameters()
         self.policy_spec = policy
         self.lora = lora

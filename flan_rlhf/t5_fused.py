@@ -64,15 +64,19 @@ def _plain_parameters(model: torch.nn.Module) -> bool:
     ``forward``.
 
     False under FSDP (wrapper modules, flattened or empty shards, DTensors), DeepSpeed ZeRO-3
-    (partitioned parameters carry ``ds_id`` and are empty outside the engine's hooks), and for
-    float16, where HF's T5 clamps activations against overflow and the fused ops do not.
+    (partitioned parameters carry ``ds_id`` and are empty outside the engine's hooks), for
+    float16, where HF's T5 clamps activations against overflow and the fused ops do not, and for
+    bitsandbytes' quantised weights (QLoRA, ``PolicySpec.quantization``): ``Params4bit`` (packed
+    ``uint8``, or the float ``bnb_4bit_quant_storage`` dtype) and ``Int8Params`` (``int8``) hold
+    codes that only their layer's ``forward`` dequantises.
     """
     for module in model.modules():
         if "FullyShardedDataParallel" in type(module).__name__ or "FSDP" in type(module).__name__:
             return False
     for param in model.parameters():
         if (param.numel() == 0 or hasattr(param, "ds_id") or hasattr(param, "_local_tensor")
-                or param.dtype == torch.float16):
+                or param.dtype == torch.float16 or not param.is_floating_point()
+                or type(param).__module__.startswith("bitsandbytes")):
             return False
     return True
 

@@ -12,6 +12,7 @@ comment block). Public replacements were taken where they exist (quantize: ``Lin
 | transformers' T5 module layout | t5_fused.py | the fused kernels read T5's weights directly |
 | peft LoRA ``Linear`` internals (``lora_A``, ``lora_B``, ``scaling``, ...) | t5_fused.py | folding LoRA into fused projections |
 | ``numpy._core.multiarray._reconstruct`` | checkpointing.py | numpy arrays in ``weights_only`` loads |
+| bitsandbytes ``Linear4bit.support_avx512bf16_for_cpu`` | policy.py | turning off the CPU inference repacking that leaves training forwards without gradients |
 | torchmetrics ``_rouge_score_update``, ``_rouge_lsum_score``, ``_normalize_and_tokenize_text``, ``_SacreBLEUTokenizer`` | eval/metrics.py | per-sample scores and BLEU statistics |
 """
 from __future__ import annotations
@@ -217,3 +218,12 @@ def test_torchmetrics_sacrebleu_tokenizer_is_constructible_and_splits_punctuatio
     tokens = list(tokenizer_class("13a", False)("Hello, world."))
     pinned(tokens == ["Hello", ",", "world", "."], "torchmetrics sacre_bleu._SacreBLEUTokenizer", "eval/metrics.py",
            f"'Hello, world.' gave {tokens}")
+
+
+def test_bitsandbytes_linear4bit_cpu_repacking_is_switched_by_the_attribute_policy_turns_off():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(8, 8)
+    pinned(hasattr(layer, "support_avx512bf16_for_cpu")
+           and "self.support_avx512bf16_for_cpu" in inspect.getsource(bnb.nn.Linear4bit.forward),
+           "bitsandbytes.nn.Linear4bit.support_avx512bf16_for_cpu", "policy.py (prepare_quantized_base)",
+           "Linear4bit.forward no longer reads it")

@@ -21,6 +21,17 @@ from flan_rlhf.quiet import HARMLESS_LOG_RECORDS, HARMLESS_WARNINGS, silence_har
     ("transformers.modeling_utils", "Some weights of T5ForConditionalGeneration were not initialized from the model checkpoint", False),
     ("transformers.tokenization_utils_base", "Token indices sequence length is longer than the specified maximum sequence "
      "length for this model (700 > 512). Running this sequence through the model will result in indexing errors", True),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: Version 1 of "
+     "'kernels-community/quantization-bitsandbytes' is not available in the local cache and Hugging Face Hub is in "
+     "offline mode.. Please make sure you already `pip install kernels` and the kernels >= 0.11.1", True),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+     "because Hugging Face Hub is in offline mode.", True),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in "
+     "offline mode.", False),
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during "
+     "quantization", True),
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from torch.float64 to float16 during "
+     "quantization", False),
 ])
 def test_log_records(logger_name, message, dropped, caplog):
     silence_harmless()

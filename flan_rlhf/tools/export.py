@@ -8,6 +8,8 @@ Inputs (one of):
                         Read with ``torch.load(weights_only=True)`` and an allow-list of the
                         package's settings dataclasses (no arbitrary code runs);
                         ``--trust_checkpoint true`` lifts that for files you made yourself.
+                        A run over a quantised base (QLoRA) is rebuilt on the full-precision base, so
+                        ``merged`` merges into full-precision weights (never into 4-/8-bit ones).
   ``--adapter DIR``     a LoRA adapter folder (``PPOModule(export_dir=...)`` or
                         ``export --format adapter``) plus its base (``--base`` or the adapter's
                         ``base_model_name_or_path``).
@@ -33,7 +35,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -92,12 +94,18 @@ def policy_settings(checkpoint: dict[str, Any]) -> tuple[PolicySpec, LoraSetting
 def actor_from_checkpoint(checkpoint: dict[str, Any], base: str | None = None) -> tuple[ActorCritic, Any, PolicySpec]:
     """Rebuild the ActorCritic of a PPOModule checkpoint and load its weights.
 
+    A run over a quantised base (``policy.quantization``, QLoRA) is rebuilt on the full-precision
+    base: its checkpoint holds only the float32 LoRA and value-head weights, which do not depend on
+    the base's precision, so the adapter it exports is the trained one, and a merge adds the LoRA
+    update to full-precision weights instead of quantising the sum again. No bitsandbytes needed.
+
     Args:
         checkpoint: the loaded checkpoint dict (``state_dict`` keys start with ``actor.``).
         base: replaces ``policy.name_or_path`` (e.g. the base folder on this machine).
 
     Returns:
-        ``(actor, tokenizer, spec)`` with the actor in eval mode.
+        ``(actor, tokenizer, spec)`` with the actor in eval mode; ``spec`` as trained (its
+        ``quantization`` included, for the export's manifest).
     """
     spec, lora = policy_settings(checkpoint)
     if base is not None:
@@ -108,7 +116,7 @@ def actor_from_checkpoint(checkpoint: dict[str, Any], base: str | None = None) -
              if key.startswith("actor.") and not key.startswith("actor.frozen_reference.")}
     if not state:
         raise ValueError("checkpoint state_dict holds no 'actor.*' weights - pass a checkpoint of an RL module (PPOModule, RLOOModule, GRPOModule)")
-    model, tokenizer = load_policy_model(spec)
+    model, tokenizer = load_policy_model(replace(spec, quantization=None))
     actor = ActorCritic(model, lora, with_value_head=any(key.startswith("value_head.") for key in state))
     problem = state_dict_mismatch(state, actor.state_dict(), required=set(actor.trainable_state_dict()))
     if problem is not None:
