@@ -31,9 +31,6 @@ import torch.nn.functional as F
 
 
 # Private or undocumented APIs (pinned by tests/test_private_apis.py; values by tests/test_t5_fused.py):
-# - ``Tensor._version``: the in-place version counter, part of the cache key of stacked frozen
-#   weights (``load_state_dict`` bumps it; a fused AdamW step and a write through ``.data`` do not,
-#   so trainable weights are never cached).
 # - transformers' T5 module layout: ``T5Block.layer[i]`` with ``SelfAttention`` / ``EncDecAttention``
 #   (``q k v o``, ``n_heads``, ``key_value_proj_dim``, ``has_relative_attention_bias``,
 #   ``compute_bias(query_length, key_length, device=)``), ``DenseReluDense`` (``wi``/``wi_0``/``wi_1``,
@@ -150,7 +147,7 @@ class _Projection:
     into one weight, ``W + s * B @ A`` as peft's ``merge`` computes it: one matmul. With
     gradients it stays factored, ``x @ W.T + (x @ A.T) @ (s*B).T`` with the adapters stacked
     (B block-diagonal), so backward never forms a full-size weight gradient for a frozen ``W``.
-    Frozen side-by-side weights are concatenated once and kept (see :func:`_frozen_cat`).
+    Frozen side-by-side weights are stacked once and the parameters kept as views of the stack (see :func:`_frozen_cat`).
     """
 
     def __init__(self, linears: list[torch.nn.Module]):
@@ -186,29 +183,43 @@ class _Projection:
 _CAT_CACHE = "_flan_rlhf_cat_cache"
 
 
-def _frozen_cat(owner: torch.nn.Module, weights: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(weights)``, kept on ``owner`` while every input is an unchanged frozen parameter.
+def _rows_of(stacked: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether ``weights`` are, in order, contiguous views of consecutive rows of ``stacked`` (metadata only)."""
+    offset, storage = stacked.storage_offset(), stacked.untyped_storage().data_ptr()
+    for weight in weights:
+        if (weight.untyped_storage().data_ptr() != storage or weight.storage_offset() != offset
+                or weight.dtype != stacked.dtype or not weight.is_contiguous() or weight.shape[1:] != stacked.shape[1:]):
+            return False
+        offset += weight.numel()
+    return offset == stacked.storage_offset() + stacked.numel()
 
-    Frozen base weights (LoRA training) are concatenated once instead of once per minibatch.
-    The key holds each parameter's identity, version counter (bumped by in-place updates such as
-    ``load_state_dict``) and storage address (changed by ``.to(device/dtype)``). A trainable weight
-    is never cached, even under ``no_grad``: torch's fused AdamW kernel updates it without bumping
-    its version (tests/test_private_apis.py), so a rollout after a step would see the old weight.
-    Costs one extra copy of the stacked weights.
+
+def _frozen_cat(owner: torch.nn.Module, weights: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(weights)`` without a second copy of frozen parameters.
+
+    Frozen base weights (LoRA training, the frozen reference) are stacked once and each parameter is
+    then made a view of its rows of the stack (``param.data = stacked[rows]``), so the stack is the
+    weights' only copy and later calls return it as it is. In-place updates of a parameter
+    (``load_state_dict``, ``add_`` under ``no_grad``) write into the stack; anything that gives a
+    parameter new storage (``module.to(device/dtype)``, assigning ``.data``) makes it no longer a view,
+    and the next call stacks again. A trainable weight is never stacked this way: the optimiser owns
+    it, and torch's fused AdamW kernel updates it in place without any sign a cache could read.
     """
     cacheable = all(isinstance(w, torch.nn.Parameter) and not w.requires_grad for w in weights)
     if not cacheable:
         return torch.cat(weights)
-    # data_ptr: ``module.to(device/dtype)`` swaps a parameter's storage without bumping its version
-    key = tuple((id(w), w._version, w.data_ptr()) for w in weights)
     cached = getattr(owner, _CAT_CACHE, None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    # a normal tensor even when the first call is under inference_mode (a `validate` before `fit`): an
-    # inference tensor kept here would fail the first training pass ("cannot be saved for backward")
-    with torch.inference_mode(False):
+    if cached is not None and _rows_of(cached, weights):
+        return cached
+    # normal tensors even when the first call is under inference_mode (a `validate` before `fit`): an
+    # inference tensor here would fail the first training pass ("cannot be saved for backward")
+    with torch.inference_mode(False), torch.no_grad():
         stacked = torch.cat(weights).detach()
-    object.__setattr__(owner, _CAT_CACHE, (key, stacked))  # a plain attribute: not a buffer, not saved
+        row = 0
+        for weight in weights:
+            weight.data = stacked[row:row + weight.shape[0]]
+            row += weight.shape[0]
+    object.__setattr__(owner, _CAT_CACHE, stacked)  # a plain attribute: not a buffer, not saved
     return stacked
 
 

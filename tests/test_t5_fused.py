@@ -177,6 +177,54 @@ def test_float16_models_keep_hf_forward_for_its_overflow_clamps(tokenizer):
     assert t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids) is None
 
 
+def _storage_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every distinct storage behind ``module``'s parameters and its stacked-weight caches."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}
+    for part in module.modules():
+        stacked = getattr(part, t5_fused._CAT_CACHE, None)
+        if stacked is not None:
+            storages[stacked.untyped_storage().data_ptr()] = stacked.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("targets", [["q", "v"], ["o"]])
+def test_stacked_frozen_weights_are_the_parameters_only_copy(tokenizer, targets):
+    """The reference is the policy with its adapters off, so the base weights must exist once: the
+    stacks the fused path multiplies with are the frozen parameters' storage, not a second copy."""
+    model = build_t5_from_config(vocab_size=len(tokenizer), d_model=64, d_ff=128, num_layers=2, num_heads=4, seed=0)
+    actor = ActorCritic(model, LoraSettings(target_modules=targets))
+    ids, mask, decoder_input_ids, _ = _batch(tokenizer)
+    one_copy = sum(p.numel() * p.element_size() for p in actor.parameters())
+    assert _storage_bytes(actor) == one_copy
+    t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)[1].logsumexp(-1).mean().backward()
+    with torch.no_grad():
+        t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)
+        with actor.policy.disable_adapter():
+            t5_fused.fused_forward(actor.base_model, ids, mask, decoder_input_ids)
+    stacks = [m for m in actor.modules() if getattr(m, t5_fused._CAT_CACHE, None) is not None]
+    assert len(stacks) >= 8  # each block's wi_0|wi_1 at least
+    assert _storage_bytes(actor) == one_copy
+
+
+def test_stacked_frozen_weights_follow_in_place_updates_and_new_storage(tokenizer):
+    """A frozen weight updated in place (``load_state_dict``) is seen through the stack it views; one given
+    new storage (``.data = ...``) is stacked again."""
+    actor = _actor(tokenizer, lora=True)
+    ids, mask, decoder_input_ids, _ = _batch(tokenizer)
+    base = actor.base_model
+    ffn = base.decoder.block[1].layer[2].DenseReluDense
+    with torch.no_grad(), actor.policy.disable_adapter():
+        first = t5_fused.fused_forward(base, ids, mask, decoder_input_ids)[1]
+        assert ffn.wi_1.weight.untyped_storage().data_ptr() == getattr(ffn.wi_0, t5_fused._CAT_CACHE).untyped_storage().data_ptr()
+        ffn.wi_1.load_state_dict({"weight": torch.randn_like(ffn.wi_1.weight)})
+        second = t5_fused.fused_forward(base, ids, mask, decoder_input_ids)[1]
+        torch.testing.assert_close(second, _hf_forward(actor, ids, mask, decoder_input_ids)[1], atol=1e-4, rtol=1e-4)
+        ffn.wi_1.weight.data = torch.randn_like(ffn.wi_1.weight)  # new storage: no longer a view
+        third = t5_fused.fused_forward(base, ids, mask, decoder_input_ids)[1]
+        torch.testing.assert_close(third, _hf_forward(actor, ids, mask, decoder_input_ids)[1], atol=1e-4, rtol=1e-4)
+    assert (first - second).abs().max() > 1e-2 and (second - third).abs().max() > 1e-2
+
+
 def test_cached_stacked_weights_follow_a_dtype_move(tokenizer):
     """``model.to(dtype)`` replaces parameter storage without a version bump: the cache must notice."""
     actor = _actor(tokenizer, lora=True)
