@@ -7,8 +7,9 @@ weight at fp32 / bf16 / int8 / nf4, AdamW state, the activations of one PPO mini
 forward/backward (batch 8 x 512 prompt tokens x 64 response tokens) with and without gradient
 checkpointing, and the KV cache of sampling; for three systems:
 
-* ``flan-rlhf``: one copy of the base weights (the reference is the policy with its adapters off),
-  the fused T5 path's stacked frozen weights, LoRA + value head trained with AdamW;
+* ``flan-rlhf``: one copy of the base weights (the reference is the policy with its adapters off;
+  the fused T5 path's stacked frozen weights are that copy, ``t5_fused._frozen_cat``), LoRA + value
+  head trained with AdamW;
 * ``TRL 0.11``: PPOTrainer full fine-tuning: ``AutoModelForSeq2SeqLMWithValueHead`` trained in full
   with Adam, plus ``create_reference_model``'s frozen deep copy (trl/models/modeling_base.py);
 * ``RL4LMs``: ``Seq2SeqLMActorCriticPolicy`` (rl4lms/envs/text_generation/policy/seq2seq_policy.py):
@@ -174,19 +175,6 @@ def trainable_state_bytes(trainable: int, param_bytes: int) -> int:
     return trainable * 4 * param_bytes
 
 
-def fused_cache_count(dims: T5Dims, checkpointing: bool = False) -> int:
-    """Elements of the stacked frozen weights this project's fused T5 path keeps (flan_rlhf/t5_fused.py,
-    ``_frozen_cat``): q|k|v of every self-attention and k|v of every cross-attention (stacked under
-    gradient, where LoRA stays factored) and wi_0|wi_1 of every block. With gradient checkpointing the
-    minibatch passes take Hugging Face's forward and only wi_0|wi_1 is stacked (by sampling)."""
-    d, f, i = dims.d_model, dims.d_ff, dims.inner
-    blocks = dims.num_layers + dims.num_decoder_layers
-    wi = blocks * 2 * d * f
-    if checkpointing:
-        return wi
-    return wi + blocks * 3 * d * i + dims.num_decoder_layers * 2 * d * i
-
-
 # ---------------------------------------------------------------- activations
 
 def encoder_layer_elements(dims: T5Dims, w: Workload, frozen: bool, lora_targets: tuple[str, ...], r: int) -> dict:
@@ -321,11 +309,10 @@ def system_memory(system: str, dims: T5Dims, precision: str, w: Workload = Workl
     params = t5_parameter_count(dims)
     if system in LORA_TARGETS:
         targets = LORA_TARGETS[system]
-        fused = precision in DTYPE_BYTES  # quantised layers take Hugging Face's forward, no stacking
+        fused = precision in DTYPE_BYTES  # quantised layers take Hugging Face's forward: no merged temporaries
         trainable = lora_parameter_count(dims, r, targets) + value_head_parameter_count(dims)
         parts = {
             "weights": weights,  # one copy: the reference is the same weights with the adapters off
-            "fused_cache": fused_cache_count(dims, checkpointing) * p if fused else 0,
             "trainable_state": trainable_state_bytes(trainable, 4),  # peft keeps adapters in fp32
             "activations": activation_bytes(dims, w, precision, True, targets, r, checkpointing)["total"],
             "sampling": sampling_bytes(dims, w, precision) + (merged_weight_bytes(dims, precision, targets)
@@ -339,12 +326,11 @@ def system_memory(system: str, dims: T5Dims, precision: str, w: Workload = Workl
         head = value_head_parameter_count(dims) - (system == "RL4LMs")
         parts = {
             "weights": (models - trained) * weights,  # the frozen copies; the trained ones are in the state
-            "fused_cache": 0,
             "trainable_state": trainable_state_bytes(trained * params + head, p),
             "activations": trained * activation_bytes(dims, w, precision, False, (), r, checkpointing)["total"],
             "sampling": sampling_bytes(dims, w, precision),
         }
-    parts["peak"] = (parts["weights"] + parts["fused_cache"] + parts["trainable_state"]
+    parts["peak"] = (parts["weights"] + parts["trainable_state"]
                      + max(parts["activations"], parts["sampling"]))
     return parts
 
@@ -375,12 +361,12 @@ def markdown_tables(w: Workload = Workload(), r: int = 32) -> str:
                 cells.append("n/a" if plain is None else f"{_gib(plain['peak'])} / {_gib(ckpt['peak'])}")
             lines.append(f"| {name} | {prec} | " + " | ".join(cells) + " |")
     lines += ["", "Parts at flan-t5-base, bf16, no checkpointing (GiB):", "",
-              "| system | weights (frozen copies) | fused stacked weights | trained weights + grads + Adam | "
-              "activations | sampling | peak |", "|---|---|---|---|---|---|---|"]
+              "| system | weights (frozen copies) | trained weights + grads + Adam | "
+              "activations | sampling | peak |", "|---|---|---|---|---|---|"]
     for system in SYSTEMS:
         parts = system_memory(system, FLAN_T5["base"], "bf16", w, r)
         lines.append(f"| {system} | " + " | ".join(_gib(parts[k]) for k in (
-            "weights", "fused_cache", "trainable_state", "activations", "sampling", "peak")) + " |")
+            "weights", "trainable_state", "activations", "sampling", "peak")) + " |")
     return "\n".join(lines)
 
 
@@ -517,7 +503,7 @@ def measure_one(folder: str, size: str, dtype: str, w: Workload, r: int, ppo_epo
 def saved_activation_check(size: str, dtype: str, w: Workload, r: int = 32) -> dict:
     """Bytes autograd keeps for backward in one teacher-forced pass of the package's ``ActorCritic``
     (LoRA r on q,v, fused T5 path), counted by ``torch.autograd.graph.saved_tensors_hooks`` (each storage
-    once, parameters and the stacked frozen weights left out), beside :func:`activation_bytes` without
+    once, parameters left out), beside :func:`activation_bytes` without
     its logits part (the loss's tensors are made after the pass). A check of the per-layer count that
     needs no allocator: small workloads run in seconds."""
     import torch
@@ -539,9 +525,7 @@ def saved_activation_check(size: str, dtype: str, w: Workload, r: int = 32) -> d
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         actor(input_ids, torch.ones_like(input_ids), decoder_input_ids)
-    weights = {p.untyped_storage().data_ptr() for p in actor.parameters()}
-    weights |= {getattr(m, "_flan_rlhf_cat_cache")[1].untyped_storage().data_ptr() for m in actor.modules()
-                if getattr(m, "_flan_rlhf_cat_cache", None) is not None}
+    weights = {p.untyped_storage().data_ptr() for p in actor.parameters()}  # the stacked frozen weights too (views)
     saved = sum(n for ptr, n in storages.items() if ptr not in weights)
     parts = activation_bytes(dims, w, dtype, True, ("q", "v"), r)
     formula = parts["total"] - parts["logits"]
@@ -561,13 +545,13 @@ def compare(row: dict) -> dict:
 def comparison_table(rows: list[dict]) -> str:
     """Markdown: each measured configuration beside the formula."""
     lines = ["| size | weights | batch x prompt x new | measured MiB (iteration peak - after imports) | formula MiB | "
-             "error | formula parts: weights + stacked + LoRA state + max(activations, sampling) |",
+             "error | formula parts: weights + LoRA state + max(activations, sampling) |",
              "|---|---|---|---|---|---|---|"]
     for row in map(compare, rows):
         f = row["formula"]
         lines.append(f"| {row['size']} | {row['dtype']} | {row['batch']} x {row['prompt_tokens']} x {row['response_tokens']} | "
                      f"{row['measured_mib']:.0f} ({row['iteration_peak_mib']:.0f} - {row['baseline_mib']:.0f}) | "
-                     f"{f['peak']:.0f} | {row['error_pct']:+.1f}% | {f['weights']:.0f} + {f['fused_cache']:.0f} + "
+                     f"{f['peak']:.0f} | {row['error_pct']:+.1f}% | {f['weights']:.0f} + "
                      f"{f['trainable_state']:.0f} + max({f['activations']:.0f}, {f['sampling']:.0f}) |")
     return "\n".join(lines)
 
