@@ -20,7 +20,9 @@ REJECTED = ["The stupid cat sat on the mat all day long.", "No.", "It rained."]
 
 
 def perturbed_actor(model, lora: LoraSettings) -> ActorCritic:
-    """An actor whose adapters are not zero, so policy and reference differ."""
+    """An actor whose adapters are not zero, so policy and reference differ; the same whatever ran before
+    (peft draws lora_A from the global generator)."""
+    torch.manual_seed(0)
     actor = ActorCritic(model, lora, with_value_head=False)
     with torch.no_grad():
         for name, param in actor.policy.named_parameters():
