@@ -14,7 +14,6 @@ model's ``forward`` with its KV cache.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -181,15 +180,15 @@ def _decoder_start_token_id(model, tokenizer) -> int:
     return tokenizer.pad_token_id if start is None else int(start)
 
 
-def _token_chooser(settings: GenerationSettings, eos_token_id: int | None) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """``choose(logits, step) -> tokens``: Hugging Face ``generate``'s token selection.
+def _token_chooser(settings: GenerationSettings) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``choose(scores) -> tokens``: Hugging Face ``generate``'s token selection from the step's
+    :func:`sampling_logits` (temperature applied, EOS banned before ``min_new_tokens``, as
+    ``generate``'s min-new-tokens processor and temperature warper leave them: a banned logit is
+    ``-inf`` there and the dtype's lowest value here, both probability 0), then the top-k and top-p
+    warpers (only those that change anything) and ``multinomial(softmax(scores))`` or ``argmax``.
+    With the same RNG state and the same logits it draws the same tokens.
 
-    Same order and semantics as ``GenerationMixin._sample``: the min-new-tokens processor
-    (EOS logit to ``-inf`` before ``min_new_tokens``), then the temperature, top-k and top-p
-    warpers (only those that change anything), then ``multinomial(softmax(scores))`` or
-    ``argmax``. With the same RNG state and the same logits it draws the same tokens.
-
-    ``logits``: float32, shape ``(batch, vocab)``; returns ``(batch,)`` int64.
+    ``scores``: float32, shape ``(batch, vocab)``; returns ``(batch,)`` int64.
     """
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -199,18 +198,10 @@ def _token_chooser(settings: GenerationSettings, eos_token_id: int | None) -> Ca
             warpers.append(TopKLogitsWarper(top_k=int(settings.top_k)))
         if settings.top_p is not None and settings.top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p=float(settings.top_p)))
-    temperature = float(settings.temperature)
-    min_new = int(settings.min_new_tokens or 0)
 
-    def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
-        scores = logits
-        if step < min_new and eos_token_id is not None:
-            scores = scores.clone()
-            scores[:, eos_token_id] = -math.inf
+    def choose(scores: torch.Tensor) -> torch.Tensor:
         if not settings.do_sample:
             return scores.argmax(dim=-1)
-        if temperature != 1.0:
-            scores = scores / temperature
         for warper in warpers:
             scores = warper(None, scores)
         return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
@@ -319,7 +310,7 @@ def _sample(model, input_ids, attention_mask, settings: GenerationSettings, toke
         from transformers.modeling_outputs import BaseModelOutput
 
         stepper = _CachedForwardStepper(model, BaseModelOutput(last_hidden_state=encoder_hidden), attention_mask)
-    choose = _token_chooser(settings, eos)
+    choose = _token_chooser(settings)
     temperature, min_new = float(settings.temperature), int(settings.min_new_tokens or 0)
     device = input_ids.device
     tokens = torch.full((batch,), start, dtype=torch.long, device=device)
@@ -327,13 +318,13 @@ def _sample(model, input_ids, attention_mask, settings: GenerationSettings, toke
     out_tokens, out_logprobs, out_values, out_entropy = [], [], [], []
     for step in range(max_new):
         hidden, logits = stepper.step(tokens, step)
-        logits = logits.float()
-        tokens = choose(logits, step)
+        # one distribution for the draw and for its statistics
+        scaled = sampling_logits(logits.float()[:, None], temperature, min_new, eos, first_position=step)[:, 0]
+        tokens = choose(scaled)
         if eos is not None:
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
         out_tokens.append(tokens)
         if statistics:
-            scaled = sampling_logits(logits[:, None], temperature, min_new, eos, first_position=step)[:, 0]
             # the formula of ppo.logprobs_from_logits: label logit - logsumexp
             out_logprobs.append(scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1))
             out_entropy.append(entropy_from_logits(scaled))
