@@ -237,7 +237,7 @@ class FlanRLHFCLI(LightningCLI):
                 self._lock_run_folders(folder)
                 if identity_known:
                     self._refuse_another_runs_checkpoints(folder)
-            self._check_quantized_policy()
+            self._check_policy_and_strategy()
             self._check_data_and_set_up_rewards()
         except BaseException:
             release_run_locks()  # before the folders they sit in go
@@ -284,17 +284,17 @@ class FlanRLHFCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path("validate")
-        self._check_quantized_policy()
+        self._check_policy_and_strategy()
         self._check_data_and_set_up_rewards()
 
     def before_test(self) -> None:
         self._resolve_ckpt_path("test")
-        self._check_quantized_policy()
+        self._check_policy_and_strategy()
         self._check_data_and_set_up_rewards()
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path("predict")
-        self._check_quantized_policy()
+        self._check_policy_and_strategy()
         self._check_data_and_set_up_rewards()
 
     def _resolve_ckpt_path(self, subcommand: str) -> bool:
@@ -353,20 +353,28 @@ class FlanRLHFCLI(LightningCLI):
         for difference in harmless:
             say(difference_line(difference))
 
-    def _check_quantized_policy(self) -> None:
-        """Before any model loads: a quantised base (``policy.quantization``) can load and train here
-        (:func:`flan_rlhf.policy.check_quantization`: bitsandbytes installed, a checkpoint to quantise,
-        LoRA), and the strategy does not shard weights (bitsandbytes' packed 4-/8-bit weights are
-        not what FSDP or DeepSpeed ZeRO-3 shard or gather here).
+    def _check_policy_and_strategy(self) -> None:
+        """Before any model loads: the strategy is not Lightning's FSDP1 ``FSDPStrategy`` (flan-rlhf shards
+        through FSDP2, :mod:`flan_rlhf.sharded_strategy`), a quantised base (``policy.quantization``) can
+        load and train here (:func:`flan_rlhf.policy.check_quantization`: bitsandbytes installed, a
+        checkpoint to quantise, LoRA), and the strategy does not shard it (bitsandbytes' packed 4-/8-bit
+        weights are not what FSDP or DeepSpeed ZeRO-3 shard or gather here).
 
         Raises:
             ModelLoadError: one line naming the setting and the fix.
         """
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from flan_rlhf.on_policy import shards_weights
+        from flan_rlhf.policy import ModelLoadError, check_quantization
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ModelLoadError("trainer.strategy FSDPStrategy (FSDP1) is not supported: flan-rlhf shards with torch's "
+                                 "FSDP2 - use --config configs/fsdp.yaml (flan_rlhf.sharded_strategy.FSDP2Strategy), "
+                                 "which also runs on CPUs")
         spec = getattr(self.model, "policy_spec", None)
         if spec is None:
             return
-        from flan_rlhf.on_policy import shards_weights
-        from flan_rlhf.policy import ModelLoadError, check_quantization
 
         check_quantization(spec, getattr(self.model, "lora", None))
         if getattr(spec, "quantization", None) is not None and shards_weights(self.trainer.strategy):

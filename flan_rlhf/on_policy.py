@@ -34,6 +34,7 @@ from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, PromptLimitO
 from flan_rlhf.logger_outputs import log_histograms, log_samples, takes_histograms
 from flan_rlhf.rewards.base import Reward, check_monitors
 from flan_rlhf.rollout import Rollout, collect_experience, response_mask, sampling_logits, shift_right, tokenize_prompts
+from flan_rlhf.sharding import full_state_dict, gathered_weights, is_sharded, shard_actor
 from flan_rlhf.settings import GenerationSettings, UpdateSettings, check_generation_settings, check_update_settings
 from flan_rlhf.step_counting import count_as_one_step
 from flan_rlhf.update_tally import UpdateTally
@@ -160,6 +161,12 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         for part in (self.actor.base_model, self.actor.frozen_reference):
             if part is not None:
                 set_fused_kernels(part, fused)
+        if self._device_mesh is not None:  # ModelParallelStrategy (FSDP2Strategy): FSDP2 over its data-parallel dimension
+            if self._device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError(f"ModelParallelStrategy with tensor_parallel_size {self._device_mesh['tensor_parallel'].size()}: "
+                                 "flan-rlhf shards data parallel only - use strategy flan_rlhf.sharded_strategy.FSDP2Strategy "
+                                 "(configs/fsdp.yaml)")
+            shard_actor(self.actor, self._device_mesh["data_parallel"])
 
     def _ensure_reward(self) -> None:
         if not self._reward_ready:
@@ -198,9 +205,10 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         )
         if any(prompt_cut):
             prompts = self._note_prompts_cut(prompts, prompt_cut)
-        responses, logprobs, values, ref_logprobs, entropy = collect_experience(
-            self.actor, input_ids, attention_mask, settings, self.tokenizer, self._decoder_start, with_reference
-        )
+        with gathered_weights(self.actor):  # sharded: one all-gather per rollout, not per token
+            responses, logprobs, values, ref_logprobs, entropy = collect_experience(
+                self.actor, input_ids, attention_mask, settings, self.tokenizer, self._decoder_start, with_reference
+            )
         mask = response_mask(responses, self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(responses * mask.long() + self.tokenizer.pad_token_id * (1 - mask.long()),
                                             skip_special_tokens=True)
@@ -587,19 +595,34 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
             print(f"resumed from step {self.global_step} ({self._resumed_from}): training was already complete, "
                   "writing the end-of-fit files", flush=True)
         self._resumed_from = None
-        if self.hparams.export_dir and self.global_rank == 0:
-            from flan_rlhf.policy import save_adapter
+        if not self.hparams.export_dir:
+            return
+        actor = self.actor
+        if is_sharded(actor):  # every process gathers; process 0 writes the full weights from an unsharded twin
+            state = full_state_dict(actor)
+            actor = self._unsharded_actor(state) if self.global_rank == 0 else None
+        if self.global_rank == 0:
+            self._write_export(actor)
 
-            manifest = {"format": "adapter" if self.actor.uses_lora else "full model",
-                        "written_by": f"flan-rlhf fit ({type(self).__name__})", "global_step": self.global_step}
-            from flan_rlhf.model_card import facts_from_settings, write_card
+    def _unsharded_actor(self, state: dict[str, torch.Tensor]) -> ActorCritic:
+        """A plain (unsharded) actor on the CPU holding ``state``, every weight of this one (``full_state_dict``)."""
+        model, _ = load_policy_model(self.policy_spec, self.tokenizer)
+        actor = ActorCritic(model, self.lora, with_value_head=self.WITH_VALUE_HEAD)
+        actor.load_state_dict(state)
+        return actor
 
-            facts = facts_from_settings("adapter" if self.actor.uses_lora else "full model", self.policy_spec, self.lora,
-                                        self.settings, reward_description(self.reward), steps=self.global_step,
-                                        algorithm=self.ALGORITHM)
-            with self.export_folder(manifest) as folder:
-                save_adapter(self.actor, self.tokenizer, folder, final_dir=self.export_target()[0])
-                write_card(folder, facts, folder_name=self.export_target()[0])
+    def _write_export(self, actor: ActorCritic) -> None:
+        from flan_rlhf.model_card import facts_from_settings, write_card
+        from flan_rlhf.policy import save_adapter
+
+        manifest = {"format": "adapter" if self.actor.uses_lora else "full model",
+                    "written_by": f"flan-rlhf fit ({type(self).__name__})", "global_step": self.global_step}
+        facts = facts_from_settings("adapter" if self.actor.uses_lora else "full model", self.policy_spec, self.lora,
+                                    self.settings, reward_description(self.reward), steps=self.global_step,
+                                    algorithm=self.ALGORITHM)
+        with self.export_folder(manifest) as folder:
+            save_adapter(actor, self.tokenizer, folder, final_dir=self.export_target()[0])
+            write_card(folder, facts, folder_name=self.export_target()[0])
 
 
 def shards_weights(strategy) -> bool:

@@ -19,9 +19,20 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
     implementation (sharded DTensor parameters, other devices). Same update rule."""
     fusable = all(type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
                   for p in params)
-    if fusable:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fusable else {}))
+    optimizer.register_load_state_dict_pre_hook(_keep_implementation)
+    return optimizer
+
+
+_IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable", "differentiable")  # how a step runs, not what it computes
+
+
+def _keep_implementation(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """Load a saved optimizer state but keep this optimizer's implementation options: a checkpoint of
+    sharded (unfusable DTensor) parameters resumes a DDP run with the fused kernel, and back."""
+    groups = [{**saved, **{key: own[key] for key in _IMPLEMENTATION_OPTIONS if key in own}}
+              for saved, own in zip(state_dict["param_groups"], optimizer.param_groups)]
+    return {**state_dict, "param_groups": groups}
 
 
 def lr_multiplier(

@@ -26,6 +26,10 @@ HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
      "peft 0.21's PeftModel.__init__ reads transformers 5's deprecated property; nothing the user wrote"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning,
      "Lightning 2.6's CombinedLoader builds torch 2.13's deprecated LeafSpec on every fit"),
+    (r"FSDP2-wrapped module \(FSDPLinear\) returned a view tensor", UserWarning,
+     "under FSDP2Strategy the value head is a unit of its own (flan_rlhf.sharding) and nn.Linear over "
+     "(batch, length, hidden) returns a view; flan-rlhf only reads it out of place (squeeze, float, masked "
+     "means), and its gradient equals DDP's (tests/test_fsdp2.py)"),
 )
 
 # (logger name, message regex, why it is harmless) for ``logging`` records.

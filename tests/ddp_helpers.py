@@ -8,13 +8,16 @@ import lightning as L
 
 
 class RankRolloutRecorder(L.Callback):
-    """Writes ``<out_dir>/rank<r>.json`` with this process's batch prompts, the prompts of its training
-    rollouts' rows (RLOO/GRPO: each batch prompt k times), its final global_step and trainable weights."""
+    """Writes ``<out_dir>/rank<r>.json`` with this process's batch prompts, the prompts and sampled texts
+    of its rollouts' rows (RLOO/GRPO: each batch prompt k times; ``texts`` from validation too), its final
+    global_step and trainable weights (whole: a sharded weight is gathered), and for each parameter the
+    number of elements this process holds and the whole parameter's (``shards``)."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.prompts: list[str] = []
         self.rollout_rows: list[list[str]] = []
+        self.texts: list[list[str]] = []
 
     def on_train_start(self, trainer, pl_module):
         sample = pl_module.rollout
@@ -23,6 +26,7 @@ class RankRolloutRecorder(L.Callback):
             rollout = sample(prompts, settings, **kwargs)
             if pl_module.training:
                 self.rollout_rows.append(list(rollout.prompts))
+            self.texts.append(list(rollout.texts))
             return rollout
 
         pl_module.rollout = recorded
@@ -32,10 +36,14 @@ class RankRolloutRecorder(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.out_dir, exist_ok=True)
-        lora = {k: float(v.float().abs().sum()) for k, v in pl_module.actor.trainable_state_dict().items()}
+        whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v  # collective: every rank runs this hook
+                 for k, v in pl_module.actor.trainable_state_dict().items()}
+        lora = {k: float(v.float().abs().sum()) for k, v in whole.items()}
+        shards = {name: [p.to_local().numel() if hasattr(p, "to_local") else p.numel(), p.numel()]
+                  for name, p in pl_module.actor.named_parameters()}
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
-            json.dump({"prompts": self.prompts, "rollout_rows": self.rollout_rows, "global_step": trainer.global_step,
-                       "weights": lora}, handle)
+            json.dump({"prompts": self.prompts, "rollout_rows": self.rollout_rows, "texts": self.texts,
+                       "global_step": trainer.global_step, "weights": lora, "shards": shards}, handle)
 
 
 class RankStopRecorder(L.Callback):

@@ -15,19 +15,23 @@ from tests.test_cli import ROOT, tiny_config
 
 
 def ddp_fit(tmp_path, max_steps: int, *callbacks: dict, critic_free: tuple[str, dict] | None = None,
+            strategy: str | dict = "ddp", ckpt_path: str | None = None, **model_options
             ) -> tuple[dict, subprocess.CompletedProcess]:
-    """``flan-rlhf fit`` of the tiny config on two DDP processes (gloo), with ``callbacks`` added and,
-    with ``critic_free = (class name, settings)``, RLOO or GRPO instead of PPO: ``(config, finished
-    process)``; the config is ``tmp_path/ddp.yaml``."""
+    """``flan-rlhf fit`` of the tiny config on two processes (gloo) under ``strategy`` (DDP, or e.g. FSDP2's
+    class_path dict), with ``callbacks`` added and, with ``critic_free = (class name, settings)``, RLOO or
+    GRPO instead of PPO, ``model_options`` set in the model's init_args, resuming from ``ckpt_path`` if
+    given: ``(config, finished process)``; the config is ``tmp_path/ddp.yaml``."""
     config = yaml.safe_load(open(tiny_config(tmp_path)))
     if critic_free is not None:
         as_critic_free(config, *critic_free)
-    config["trainer"].update(devices=2, strategy="ddp", max_steps=max_steps, val_check_interval=3, limit_val_batches=1)
+    config["model"]["init_args"].update(model_options)
+    config["trainer"].update(devices=2, strategy=strategy, max_steps=max_steps, val_check_interval=3, limit_val_batches=1)
     config["trainer"]["callbacks"] += list(callbacks)
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return config, subprocess.run([sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", str(config_path)],
+    resume = ["--ckpt_path", ckpt_path] if ckpt_path else []
+    return config, subprocess.run([sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", str(config_path), *resume],
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -10,6 +10,7 @@ comment block). Public replacements were taken where they exist (quantize: ``Lin
 | fused AdamW ``found_inf`` / ``_step_supports_amp_scaling`` | optim.py | skipping a step on the device |
 | transformers' T5 module layout | t5_fused.py | the fused kernels read T5's weights directly |
 | peft LoRA ``Linear`` internals (``lora_A``, ``lora_B``, ``scaling``, ...) | t5_fused.py | folding LoRA into fused projections |
+| FSDP2 ``FSDPModule._get_fsdp_state()._lazy_init()`` | sharding.py | making the base model the root before a rollout calls its encoder directly |
 | ``numpy._core.multiarray._reconstruct`` | checkpointing.py | numpy arrays in ``weights_only`` loads |
 | bitsandbytes ``Linear4bit.support_avx512bf16_for_cpu`` | policy.py | turning off the CPU inference repacking that leaves training forwards without gradients |
 | torchmetrics ``_rouge_score_update``, ``_rouge_lsum_score``, ``_normalize_and_tokenize_text``, ``_SacreBLEUTokenizer`` | eval/metrics.py | per-sample scores and BLEU statistics |
@@ -210,3 +211,33 @@ def test_bitsandbytes_linear4bit_cpu_repacking_is_switched_by_the_attribute_poli
            and "self.support_avx512bf16_for_cpu" in inspect.getsource(bnb.nn.Linear4bit.forward),
            "bitsandbytes.nn.Linear4bit.support_avx512bf16_for_cpu", "policy.py (prepare_quantized_base)",
            "Linear4bit.forward no longer reads it")
+
+
+# ----------------------------------------------------------------------------- torch FSDP2
+def test_fsdp2_lazy_init_makes_a_unit_the_root_before_a_child_runs_first():
+    """A child unit's forward first makes it a root; the parent's forward then fails. Lazily
+    initialising the parent's state first (what ``gathered_weights`` does) keeps the parent the root."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for lazy_init_first in (False, True):
+            model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+            fully_shard(model[0], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            if lazy_init_first:
+                model._get_fsdp_state()._lazy_init()
+            model[0](torch.ones(1, 2))
+            if lazy_init_first:
+                model(torch.ones(1, 2))
+            else:
+                with pytest.raises(RuntimeError, match="requires running forward through the root module first"):
+                    model(torch.ones(1, 2))
+    finally:
+        if started:
+            dist.destroy_process_group()

@@ -1,0 +1,116 @@
+"""``FSDP2Strategy``: Lightning's ModelParallelStrategy for fully sharded data parallel, with DDP's checkpoints.
+
+Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` runs torch's FSDP2
+(``fully_shard``) on GPUs and, with gloo, on CPUs (its ``FSDPStrategy``, FSDP1, refuses the CPU).
+This subclass fixes two things for flan-rlhf:
+
+* the mesh is data parallel only (every process a data-parallel rank, tensor-parallel size 1),
+  so ``devices`` and ``num_nodes`` are all a user sets, as with DDP;
+* checkpoints are DDP's: one file, written on process 0 through the trainer's ``CheckpointIO``
+  (flan-rlhf's atomic writer: ``<name>.tmp-<pid>``, fsync, rename), holding the full tensors of what
+  the module keeps (LoRA and the value head). A run saved under DDP resumes under FSDP2 and back,
+  and ``flan-rlhf export --ckpt_path`` reads either. Lightning's sharded checkpoint (a folder of
+  ``.distcp`` shards written in place) has neither property.
+
+Saving gathers each parameter's shards into a full tensor on process 0's host memory (Lightning's
+``save_distributed_checkpoint=False`` path); the module drops the frozen base weights before the
+write. Loading reads the file on every process and each keeps its own shard.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.strategy import Strategy
+
+from flan_rlhf.checkpointing import AtomicCheckpointIO
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel over every process (torch FSDP2), with single-file atomic checkpoints.
+
+    Args:
+        process_group_backend: ``None`` picks NCCL on GPUs and gloo on CPUs.
+        timeout: collective timeout, as for DDP.
+    """
+
+    def __init__(self, process_group_backend: str | None = None, **kwargs: Any) -> None:
+        if kwargs.keys() - {"timeout"}:
+            raise TypeError(f"FSDP2Strategy takes process_group_backend and timeout, not {sorted(kwargs.keys() - {'timeout'})}: "
+                            "its mesh is every process data parallel and its checkpoints are single files")
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
+                         process_group_backend=process_group_backend, **kwargs)
+        self.checkpoint_io = AtomicCheckpointIO()
+
+    def setup_environment(self) -> None:
+        # ModelParallelStrategy's "auto" data-parallel size is the number of nodes; here it is every process
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        # every process has gathered its shards into checkpoint (lightning_module_state_dict, optimizer_state);
+        # process 0 writes the one file through the CheckpointIO, as Strategy does for DDP
+        Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """The whole checkpoint on every process (the module checks and loads its ``state_dict`` as under DDP)."""
+        return self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Each process keeps its shard of every full tensor in ``checkpoint["state_dict"]``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, checkpoint["state_dict"],
+                             options=StateDictOptions(full_state_dict=True, strict=strict))
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """The optimizer's full state as ``optimizer.state_dict()`` keys it (parameter positions), as DDP saves it.
+
+        Collective; process 0 gets the state, the others ``{}``.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        named = get_optimizer_state_dict(self.model, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return by_position(named, optimizer_parameter_names(self.model, optimizer)) if named else {}
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Each optimizer's full state (keyed by position, from DDP or FSDP2) into this process's shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            named = by_name(state, optimizer_parameter_names(self.model, optimizer))
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=named,
+                                     options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_parameter_names(model, optimizer) -> list[str]:
+    """The names (in ``model``) of the optimizer's parameters, in its param-group order."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+
+
+def by_position(named_state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (torch's ``get_optimizer_state_dict``) re-keyed by position
+    in ``names`` (what ``optimizer.state_dict()`` gives: group params ``[0, 1, ...]`` across groups).
+
+    Example: ``by_position({"state": {"b": s}, "param_groups": [{"params": ["a", "b"]}]}, ["a", "b"])``
+    is ``{"state": {1: s}, "param_groups": [{"params": [0, 1]}]}``.
+    """
+    position = {name: index for index, name in enumerate(names)}
+    return {"state": {position[name]: value for name, value in named_state["state"].items()},
+            "param_groups": [{**group, "params": [position[name] for name in group["params"]]}
+                             for group in named_state["param_groups"]]}
+
+
+def by_name(positional_state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of :func:`by_position`."""
+    return {"state": {names[index]: value for index, value in positional_state["state"].items()},
+            "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
+                             for group in positional_state["param_groups"]]}

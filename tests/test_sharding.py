@@ -1,0 +1,114 @@
+"""flan_rlhf.sharding and flan_rlhf.sharded_strategy in one process: FSDP2 over a one-process gloo group.
+
+Two-process runs (real shards, equality with DDP, resume) are in tests/test_fsdp2.py; here the wiring:
+which modules become units, that a sharded actor computes what the plain one does through every path
+a rollout takes, that ``gathered_weights`` is what makes the direct calls work, and the optimizer-state
+re-keying by hand.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flan_rlhf.policy import ActorCritic, LoraSettings, load_policy_model
+from flan_rlhf.rollout import sample_with_statistics
+from flan_rlhf.settings import GenerationSettings
+from flan_rlhf.sharded_strategy import by_name, by_position, optimizer_parameter_names
+from flan_rlhf.sharding import full_state_dict, gathered_weights, is_sharded, shard_actor, sharding_units
+from flan_rlhf.t5_fused import set_fused_kernels
+from tests.conftest import tiny_policy_spec
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """A one-process gloo group and its device mesh (torch's own FileStore-free HashStore)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    if started:
+        dist.destroy_process_group()
+
+
+def actors() -> tuple[ActorCritic, ActorCritic, object]:
+    """A tiny LoRA actor with trained-looking (non-zero) adapters, an identical copy to shard, the tokenizer."""
+    torch.manual_seed(0)
+    model, tokenizer = load_policy_model(tiny_policy_spec())
+    actor = ActorCritic(model, LoraSettings(r=4, alpha=8))
+    for name, parameter in actor.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    set_fused_kernels(actor.base_model, False)  # what OnPolicyModule.configure_model does under sharding
+    return actor, copy.deepcopy(actor), tokenizer
+
+
+def test_units_are_the_models_own_layers():
+    model, _ = load_policy_model(tiny_policy_spec())
+    units = sharding_units(model)
+    assert [type(unit).__name__ for unit in units] == ["T5Block"] * (2 * model.config.num_layers)
+    assert sharding_units(torch.nn.Linear(2, 2)) == []
+
+
+def test_sharded_actor_computes_what_the_plain_one_does_on_every_path(mesh):
+    plain, sharded, tokenizer = actors()
+    shard_actor(sharded, mesh)
+    assert is_sharded(sharded) and not is_sharded(plain)
+    assert all(type(p).__name__ == "DTensor" for p in sharded.parameters())
+    ids = torch.randint(3, 200, (3, 7))
+    mask = torch.ones_like(ids)
+    decoder = torch.randint(3, 200, (3, 5))
+    # teacher-forced policy and value head, with gradients, through the units' own hooks
+    logits, values = plain(ids, mask, decoder)
+    sharded_logits, sharded_values = sharded(ids, mask, decoder)
+    torch.testing.assert_close(sharded_logits, logits)
+    torch.testing.assert_close(sharded_values, values)
+    (sharded_logits.mean() + sharded_values.mean()).backward()
+    (logits.mean() + values.mean()).backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for name, parameter in sharded.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad.full_tensor(), grads[name], msg=name)
+    # the reference (adapters off) and a rollout: the encoder and the value head are called directly
+    settings = GenerationSettings(max_new_tokens=6)
+    with gathered_weights(sharded):
+        torch.manual_seed(1)
+        rollout = sample_with_statistics(sharded, ids, mask, settings, tokenizer)
+        reference = sharded.reference_logits(ids, mask, decoder)
+    torch.manual_seed(1)
+    expected = sample_with_statistics(plain, ids, mask, settings, tokenizer)
+    assert torch.equal(rollout.responses, expected.responses)
+    torch.testing.assert_close(rollout.logprobs, expected.logprobs)
+    torch.testing.assert_close(rollout.values, expected.values)
+    torch.testing.assert_close(reference, plain.reference_logits(ids, mask, decoder))
+    # gathered_weights is what makes it work: without it the encoder's direct call meets sharded weights
+    with pytest.raises(RuntimeError):
+        sample_with_statistics(sharded, ids, mask, settings, tokenizer)
+
+
+def test_full_state_dict_gathers_every_weight(mesh):
+    plain, sharded, _ = actors()
+    shard_actor(sharded, mesh)
+    state = full_state_dict(sharded)
+    own = plain.state_dict()
+    assert sorted(state) == sorted(own)
+    assert all(type(value) is torch.Tensor and torch.equal(value, own[key]) for key, value in state.items())
+
+
+def test_optimizer_state_rekeying_by_hand():
+    named = {"state": {"b": {"step": 1}, "c": {"step": 2}},
+             "param_groups": [{"lr": 0.1, "params": ["a", "b"]}, {"lr": 0.2, "params": ["c"]}]}
+    positional = by_position(named, ["a", "b", "c"])
+    assert positional == {"state": {1: {"step": 1}, 2: {"step": 2}},
+                          "param_groups": [{"lr": 0.1, "params": [0, 1]}, {"lr": 0.2, "params": [2]}]}
+    assert by_name(positional, ["a", "b", "c"]) == named
+    # the positions are the ones optimizer.state_dict() uses
+    layers = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    layers[0].weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in layers.parameters() if p.requires_grad])
+    assert optimizer_parameter_names(layers, optimizer) == ["0.bias", "1.weight", "1.bias"]
+    assert optimizer.state_dict()["param_groups"][0]["params"] == [0, 1, 2]
