@@ -98,6 +98,8 @@ class FlanRLHFCLI(LightningCLI):
     fails before any training.
     """
 
+    BUILDS = True  # instantiates what it parsed and runs the subcommand
+
     def __init__(self, *args: Any, extra_options: type | None = None, **kwargs: Any) -> None:
         """``extra_options``: a dataclass whose fields become root options of the parser (``compare`` uses it)."""
         self.extra_options = extra_options
@@ -125,11 +127,14 @@ class FlanRLHFCLI(LightningCLI):
         )
 
         from flan_rlhf.logger_outputs import check_logger_packages
+        from flan_rlhf.sharded_strategy import check_strategy
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer", {})
         spell_out_default_logger(trainer)
         check_logger_packages(trainer.get("logger"))  # a missing wandb / mlflow is one line, before anything is built
+        if self.BUILDS:
+            check_strategy(trainer.get("strategy"), config.get("model"))  # likewise a strategy this module cannot run under
         logger = run_logger(trainer.get("logger"))  # the first of several: the run's folder is its
         for callback in model_checkpoint_configs(trainer.get("callbacks")):
             callback["init_args"]["enable_version_counter"] = False
@@ -354,27 +359,19 @@ class FlanRLHFCLI(LightningCLI):
             say(difference_line(difference))
 
     def _check_policy_and_strategy(self) -> None:
-        """Before any model loads: the strategy is not Lightning's FSDP1 ``FSDPStrategy`` (flan-rlhf shards
-        through FSDP2, :mod:`flan_rlhf.sharded_strategy`), a quantised base (``policy.quantization``) can
-        load and train here (:func:`flan_rlhf.policy.check_quantization`: bitsandbytes installed, a
-        checkpoint to quantise, LoRA), and the strategy does not shard it (bitsandbytes' packed 4-/8-bit
-        weights are not what FSDP or DeepSpeed ZeRO-3 shard or gather here).
+        """Before any model loads: a quantised base (``policy.quantization``) can load and train here
+        (:func:`flan_rlhf.policy.check_quantization`: bitsandbytes installed, a checkpoint to quantise,
+        LoRA), and the strategy does not shard it (bitsandbytes' packed 4-/8-bit weights are not what
+        FSDP or DeepSpeed ZeRO-3 shard or gather here).
 
         Raises:
             ModelLoadError: one line naming the setting and the fix.
         """
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        from flan_rlhf.on_policy import shards_weights
-        from flan_rlhf.policy import ModelLoadError, check_quantization
-
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            raise ModelLoadError("trainer.strategy FSDPStrategy (FSDP1) is not supported: flan-rlhf shards with torch's "
-                                 "FSDP2 - use --config configs/fsdp.yaml (flan_rlhf.sharded_strategy.FSDP2Strategy), "
-                                 "which also runs on CPUs")
         spec = getattr(self.model, "policy_spec", None)
         if spec is None:
             return
+        from flan_rlhf.on_policy import shards_weights
+        from flan_rlhf.policy import ModelLoadError, check_quantization
 
         check_quantization(spec, getattr(self.model, "lora", None))
         if getattr(spec, "quantization", None) is not None and shards_weights(self.trainer.strategy):
@@ -480,6 +477,8 @@ def build_from_config(config: str, extra_args: list[str] | None = None):
 
 class _ParseOnlyCLI(FlanRLHFCLI):
     """Parses and type-checks a training config (class paths, init_args) without building anything."""
+
+    BUILDS = False  # a strategy this machine cannot run (DeepSpeed without its package) still parses
 
     def instantiate_classes(self) -> None:
         return None

@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.strategy import Strategy
 
 from flan_rlhf.checkpointing import AtomicCheckpointIO
+from flan_rlhf.settings import SettingsError
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -114,3 +115,57 @@ def by_name(positional_state: dict[str, Any], names: list[str]) -> dict[str, Any
     return {"state": {names[index]: value for index, value in positional_state["state"].items()},
             "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
                              for group in positional_state["param_groups"]]}
+
+
+FSDP2_CONFIG = "--config configs/fsdp.yaml (flan_rlhf.sharded_strategy.FSDP2Strategy)"
+
+
+def _class_path(config: Any) -> str:
+    """A ``class_path`` from a parsed ``trainer.strategy`` or ``model`` setting; a string strategy as given."""
+    if config is None or isinstance(config, str):
+        return config or ""
+    getter = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+    return str(getter("class_path", "") or type(config).__module__ + "." + type(config).__qualname__)
+
+
+def check_strategy(strategy: Any, model: Any) -> None:
+    """Refuse, before anything is built, a ``trainer.strategy`` the module cannot train under.
+
+    ``strategy`` and ``model``: the parsed settings (a class_path namespace, a strategy name, or an
+    instance). Refused: Lightning's FSDP1 ``FSDPStrategy`` (GPU only, and its flat parameters need
+    ``use_orig_params`` for LoRA's frozen and trainable weights side by side), a plain
+    ``ModelParallelStrategy`` (its default mesh is tensor parallel), DeepSpeed without the
+    ``deepspeed`` package, and ``FSDP2Strategy`` for a module that does not shard itself (SFT, the
+    reward model: only the RL modules call :func:`flan_rlhf.sharding.shard_actor`).
+
+    Raises:
+        SettingsError: one line naming the strategy and what to use instead.
+    """
+    import importlib
+    import importlib.util
+
+    path = _class_path(strategy)
+    name = path.rsplit(".", 1)[-1].lower()
+    if name in ("fsdpstrategy", "fsdp") or name.startswith("fsdp_"):
+        raise SettingsError(f"trainer.strategy {path}: Lightning's FSDP1 strategy is not supported (GPU only, and LoRA "
+                            f"needs its use_orig_params) - flan-rlhf shards with torch's FSDP2: {FSDP2_CONFIG}, which "
+                            "also runs on CPUs")
+    if name == "modelparallelstrategy":
+        raise SettingsError(f"trainer.strategy {path}: its default mesh is tensor parallel, which flan-rlhf does not "
+                            f"do - shard data parallel with {FSDP2_CONFIG}")
+    if "deepspeed" in name and importlib.util.find_spec("deepspeed") is None:
+        raise SettingsError(f"trainer.strategy {path} needs the deepspeed package and CUDA GPUs: pip install "
+                            "'flan-rlhf[deepspeed]' on a GPU machine (configs/deepspeed_zero2.yaml says how), or shard "
+                            f"on any machine with {FSDP2_CONFIG}")
+    if name == "fsdp2strategy" and model is not None:
+        module_path = _class_path(model)
+        module_name, _, class_name = module_path.rpartition(".")
+        try:
+            module_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError):
+            return  # the model's own error comes when it is built
+        from flan_rlhf.on_policy import OnPolicyModule
+
+        if isinstance(module_class, type) and not issubclass(module_class, OnPolicyModule):
+            raise SettingsError(f"trainer.strategy FSDP2Strategy shards the RL modules (PPO, RLOO, GRPO, DPO), not "
+                                f"{class_name} - train it with strategy ddp (configs/ddp.yaml)")

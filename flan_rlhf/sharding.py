@@ -4,8 +4,8 @@ Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` sets up
 and a device mesh and then calls the module's ``configure_model``, which shards through
 :func:`shard_actor`; the strategy never wraps the model itself. Sharding units follow the model's
 own ``_no_split_modules`` (T5: every ``T5Block``; BART: every encoder and decoder layer), the
-convention accelerate's FSDP auto-wrap uses. What is left outside the blocks (embeddings,
-``lm_head``, final norms) is the base model's own unit, and the value head is a unit of its own.
+convention accelerate's FSDP auto-wrap uses. Everything outside the layers (embeddings, final
+norms, ``lm_head``) is one more unit, and the value head another (:func:`shard_actor`).
 
 Every unit is sharded along dim 0 across the data-parallel mesh: frozen base weights, LoRA
 weights and the value head alike (a LoRA matrix is one more parameter of its block's unit).
@@ -31,15 +31,26 @@ def sharding_units(model: nn.Module) -> list[nn.Module]:
     """The submodules of a Hugging Face model named in its ``_no_split_modules`` (its layers), in
     module order; empty when the model names none."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    return [module for module in model.modules() if type(module).__name__ in names]
+    return [module for module in model.modules() if any(cls.__name__ in names for cls in type(module).__mro__)]
 
 
 def shard_actor(actor: nn.Module, mesh) -> None:
     """Apply FSDP2 ``fully_shard`` to the actor-critic in place, on the data-parallel ``mesh``.
 
-    Units: each layer of the policy's base model (:func:`sharding_units`), then the base model
-    itself (what remains: embeddings, ``lm_head``, norms), the frozen reference copy of full
-    fine-tuning the same way, and the value head. Parameters become ``DTensor`` shards.
+    Units, for the policy's base model and the frozen reference copy of full fine-tuning alike:
+
+    * each layer (:func:`sharding_units`);
+    * every module outside the layers that holds parameters (:func:`outside_layers`: the token
+      embeddings, final norms, ``lm_head``), as one unit, because transformers 5 ties the
+      encoder's, decoder's and model's embedding modules through one shared parameter (and BART
+      ties ``lm_head`` to it too). Leaf modules, not the encoder and decoder: FSDP2 swaps a unit's
+      class, and transformers finds the hidden states a model returns by its class. Kept gathered
+      after a forward (``reshard_after_forward=False``, freed after the backward or the rollout),
+      so the encoder can be called on its own (a rollout, DPO's one encoder pass per prompt);
+    * the model itself, the root (nothing of its own left to shard);
+
+    and the value head. Parameters become ``DTensor`` shards. Each root is initialised here, so the
+    encoder's own forward running first does not make it a root.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -52,9 +63,22 @@ def shard_actor(actor: nn.Module, mesh) -> None:
                              "shard by layer: use strategy ddp for this model")
         for unit in units:
             fully_shard(unit, mesh=mesh)
+            unit.frees_weights_after_forward = True  # fully_shard's default for a unit that is not a root
+        fully_shard(outside_layers(model, units), mesh=mesh, reshard_after_forward=False)
         fully_shard(model, mesh=mesh)
+        model._get_fsdp_state()._lazy_init()  # the root: the first unit to run forward otherwise
     if actor.value_head is not None:
         fully_shard(actor.value_head, mesh=mesh)
+        actor.value_head._get_fsdp_state()._lazy_init()
+
+
+def outside_layers(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
+    """The submodules of ``model`` outside every module in ``layers`` that hold parameters of their own,
+    in module order (FLAN-T5: ``shared``, the encoder's and decoder's ``embed_tokens`` and
+    ``final_layer_norm``, ``lm_head``)."""
+    inside = {id(sub) for layer in layers for sub in layer.modules()}
+    return [module for module in model.modules()
+            if id(module) not in inside and any(True for _ in module.parameters(recurse=False))]
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -75,23 +99,18 @@ def gathered_weights(module: nn.Module) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
 
     units = [sub for sub in module.modules() if isinstance(sub, FSDPModule)]
-    inner = {id(sub) for unit in units for sub in unit.modules() if sub is not unit}
-    roots = [unit for unit in units if id(unit) not in inner]
-    for root in roots:
-        # FSDP2 makes the first unit to run forward the root of everything under it: a rollout
-        # calls the encoder (a block first) directly, so make each top unit the root now
-        root._get_fsdp_state()._lazy_init()
+    layers = [unit for unit in units if getattr(unit, "frees_weights_after_forward", False)]
+    for unit in layers:  # the layers, which free their weights after a forward, keep them inside
+        unit.set_reshard_after_forward(False, recurse=False)
     for unit in units:
-        if id(unit) in inner:  # a root keeps its weights after forward anyway; a layer would free them
-            unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     try:
         yield
     finally:
         for unit in units:
             unit.reshard()
-            if id(unit) in inner:
-                unit.set_reshard_after_forward(True, recurse=False)  # fully_shard's default for a non-root unit
+        for unit in layers:
+            unit.set_reshard_after_forward(True, recurse=False)
 
 
 def full_state_dict(module: nn.Module) -> dict:
@@ -106,5 +125,5 @@ def full_state_dict(module: nn.Module) -> dict:
 
 # Private API (pinned by tests/test_private_apis.py):
 # - ``FSDPModule._get_fsdp_state()._lazy_init()`` (torch 2.13): FSDP2 picks its root lazily, as the first
-#   unit to run forward; ``gathered_weights`` makes each top unit the root before a rollout calls the encoder
-#   (whose first block is a unit) directly. No public call does it.
+#   unit to run forward; ``shard_actor`` makes the model the root before a rollout or DPO calls the encoder
+#   (a unit of its own) directly. No public call does it.

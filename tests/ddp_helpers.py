@@ -1,10 +1,45 @@
-"""Test-only callbacks for the DDP tests: what each process rolled out, and where each one stopped."""
+"""Test-only callbacks and readers for the two-process tests (DDP, FSDP2): what each process rolled out,
+where each one stopped, what a run exported."""
 from __future__ import annotations
 
 import json
 import os
 
 import lightning as L
+import torch
+
+FSDP2 = {"class_path": "flan_rlhf.sharded_strategy.FSDP2Strategy"}
+
+
+def recorder(folder) -> dict:
+    """The config of a :class:`RankRolloutRecorder` writing into ``folder/ranks``."""
+    return {"class_path": "tests.ddp_helpers.RankRolloutRecorder", "init_args": {"out_dir": str(folder / "ranks")}}
+
+
+def ranks(folder) -> list[dict]:
+    """What :class:`RankRolloutRecorder` wrote for processes 0 and 1."""
+    return [json.load(open(folder / "ranks" / f"rank{r}.json")) for r in (0, 1)]
+
+
+def exported(folder) -> dict[str, torch.Tensor]:
+    """The end-of-fit export's adapter and value-head tensors (value head: ``value_head.*``)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    if os.path.exists(folder / "adapter" / "value_head.safetensors"):
+        tensors |= {f"value_head.{k}": v for k, v in load_file(str(folder / "adapter" / "value_head.safetensors")).items()}
+    return tensors
+
+
+def assert_close_exports(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = False) -> None:
+    """The same tensors, equal (``exact``) or within float rounding, and trained (some ``lora_B`` moved from 0)."""
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:  # reduce-scatter and all-reduce sum in different orders: float rounding only
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    assert any(float(a[key].abs().max()) > 1e-3 for key in a if "lora_B" in key)
 
 
 class RankRolloutRecorder(L.Callback):

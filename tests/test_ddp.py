@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import as_critic_free
+from tests.ddp_helpers import FSDP2, assert_close_exports, exported, ranks, recorder
 from tests.test_cli import ROOT, tiny_config
 
 
@@ -80,23 +81,39 @@ def test_critic_free_modules_keep_each_group_on_the_rank_that_drew_its_prompt(tm
     """RLOO / GRPO / online DPO on two DDP processes: each process samples its own prompts' k responses (its
     rollout rows are its batch prompts, each k times in a row), the groups of the two ranks differ, and the
     all-reduced adapters end identical and trained (DPO: every rank makes the same passes although its
-    number of untied groups differs)."""
+    number of untied groups differs).
+
+    GRPO and DPO (whose one encoder pass per prompt calls the encoder on its own, with gradients) then run
+    again under FSDP2 and must sample the same texts and train the same adapter. Both runs go through
+    transformers' forward (sharded weights never take the fused T5 kernels): with the tiny reward most
+    groups have no reward spread, so whole minibatches have gradients of rounding size, which Adam scales
+    up to learning-rate-sized steps, and the fused kernels' other rounding moves the adapter by ~4e-3 in
+    two iterations (measured)."""
     k = 3
     settings = {"learning_rate": 1e-3, "mini_batch_size": 6, "samples_per_prompt": k}
-    config, result = ddp_fit(tmp_path, 2, {"class_path": "tests.ddp_helpers.RankRolloutRecorder",
-                                           "init_args": {"out_dir": str(tmp_path / "ranks")}},
-                             critic_free=(class_name, settings))
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    config, result = ddp_fit(ddp, 2, recorder(ddp), critic_free=(class_name, settings), fused_kernels=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.load(open(tmp_path / "ranks" / f"rank{r}.json")) for r in (0, 1)]
+    rank_files = ranks(ddp)
     batch_size = config["data"]["init_args"]["batch_size"]
-    for rank in ranks:
+    for rank in rank_files:
         assert rank["global_step"] == 2 and len(rank["rollout_rows"]) == 2
         batches = [rank["prompts"][i * batch_size:(i + 1) * batch_size] for i in range(2)]
         for batch, rows in zip(batches, rank["rollout_rows"]):
             assert rows == [prompt for prompt in batch for _ in range(k)]
-    assert ranks[0]["prompts"] != ranks[1]["prompts"]
-    assert ranks[0]["weights"] == ranks[1]["weights"]
-    assert any(value > 0 for name, value in ranks[0]["weights"].items() if "lora_B" in name)
-    assert not any("value_head" in name for name in ranks[0]["weights"])
-    assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert not os.path.exists(tmp_path / "adapter" / "value_head.safetensors")
+    assert rank_files[0]["prompts"] != rank_files[1]["prompts"]
+    assert rank_files[0]["weights"] == rank_files[1]["weights"]
+    assert any(value > 0 for name, value in rank_files[0]["weights"].items() if "lora_B" in name)
+    assert not any("value_head" in name for name in rank_files[0]["weights"])
+    assert os.path.exists(ddp / "adapter" / "adapter_model.safetensors")
+    assert not os.path.exists(ddp / "adapter" / "value_head.safetensors")
+    if class_name == "RLOOModule":  # GRPO's module class with another baseline
+        return
+    fsdp2 = tmp_path / "fsdp2"
+    fsdp2.mkdir()
+    _, result = ddp_fit(fsdp2, 2, recorder(fsdp2), critic_free=(class_name, settings), strategy=FSDP2, fused_kernels=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [rank["texts"] for rank in ranks(fsdp2)] == [rank["texts"] for rank in rank_files]
+    assert_close_exports(exported(fsdp2), exported(ddp))
+    assert not any("value_head" in name for name in ranks(fsdp2)[0]["shards"])

@@ -2,8 +2,8 @@
 
 Two-process runs (real shards, equality with DDP, resume) are in tests/test_fsdp2.py; here the wiring:
 which modules become units, that a sharded actor computes what the plain one does through every path
-a rollout takes, that ``gathered_weights`` is what makes the direct calls work, and the optimizer-state
-re-keying by hand.
+a rollout takes (the encoder and the value head called on their own too), with and without
+``gathered_weights``, and the optimizer-state re-keying by hand.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from flan_rlhf.policy import ActorCritic, LoraSettings, load_policy_model
 from flan_rlhf.rollout import sample_with_statistics
 from flan_rlhf.settings import GenerationSettings
 from flan_rlhf.sharded_strategy import by_name, by_position, optimizer_parameter_names
-from flan_rlhf.sharding import full_state_dict, gathered_weights, is_sharded, shard_actor, sharding_units
+from flan_rlhf.sharding import full_state_dict, gathered_weights, is_sharded, outside_layers, shard_actor, sharding_units
 from flan_rlhf.t5_fused import set_fused_kernels
 from tests.conftest import tiny_policy_spec
 
@@ -35,11 +35,20 @@ def mesh():
         dist.destroy_process_group()
 
 
-def actors() -> tuple[ActorCritic, ActorCritic, object]:
-    """A tiny LoRA actor with trained-looking (non-zero) adapters, an identical copy to shard, the tokenizer."""
+def actors(bart_dir: str | None = None) -> tuple[ActorCritic, ActorCritic, object]:
+    """A tiny LoRA actor (FLAN-T5, or the BART saved in ``bart_dir``) with trained-looking (non-zero)
+    adapters, an identical copy to shard, the tokenizer."""
     torch.manual_seed(0)
-    model, tokenizer = load_policy_model(tiny_policy_spec())
-    actor = ActorCritic(model, LoraSettings(r=4, alpha=8))
+    if bart_dir is None:
+        model, tokenizer = load_policy_model(tiny_policy_spec())
+        actor = ActorCritic(model, LoraSettings(r=4, alpha=8))
+    else:
+        from transformers import BartForConditionalGeneration, ByT5Tokenizer
+
+        from tests.test_other_architectures import BART_LORA
+
+        model, tokenizer = BartForConditionalGeneration.from_pretrained(bart_dir), ByT5Tokenizer()
+        actor = ActorCritic(model, BART_LORA)
     for name, parameter in actor.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.5)
@@ -47,15 +56,21 @@ def actors() -> tuple[ActorCritic, ActorCritic, object]:
     return actor, copy.deepcopy(actor), tokenizer
 
 
-def test_units_are_the_models_own_layers():
+def test_units_are_the_models_own_layers_and_what_lies_outside_them():
     model, _ = load_policy_model(tiny_policy_spec())
     units = sharding_units(model)
     assert [type(unit).__name__ for unit in units] == ["T5Block"] * (2 * model.config.num_layers)
     assert sharding_units(torch.nn.Linear(2, 2)) == []
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    assert [names[id(module)] for module in outside_layers(model, units)] == [
+        "shared", "encoder.embed_tokens", "encoder.final_layer_norm", "decoder.embed_tokens",
+        "decoder.final_layer_norm", "lm_head"]
 
 
-def test_sharded_actor_computes_what_the_plain_one_does_on_every_path(mesh):
-    plain, sharded, tokenizer = actors()
+@pytest.mark.parametrize("architecture", ["flan-t5", "bart"])
+def test_sharded_actor_computes_what_the_plain_one_does_on_every_path(mesh, architecture, request):
+    """BART ties ``lm_head`` to the embedding, FLAN-T5 does not: both through the same units."""
+    plain, sharded, tokenizer = actors(request.getfixturevalue("bart_dir") if architecture == "bart" else None)
     shard_actor(sharded, mesh)
     assert is_sharded(sharded) and not is_sharded(plain)
     assert all(type(p).__name__ == "DTensor" for p in sharded.parameters())
@@ -85,9 +100,11 @@ def test_sharded_actor_computes_what_the_plain_one_does_on_every_path(mesh):
     torch.testing.assert_close(rollout.logprobs, expected.logprobs)
     torch.testing.assert_close(rollout.values, expected.values)
     torch.testing.assert_close(reference, plain.reference_logits(ids, mask, decoder))
-    # gathered_weights is what makes it work: without it the encoder's direct call meets sharded weights
-    with pytest.raises(RuntimeError):
-        sample_with_statistics(sharded, ids, mask, settings, tokenizer)
+    # without gathered_weights each layer gathers its weights at each step: the same draws, more collectives
+    torch.manual_seed(1)
+    per_step = sample_with_statistics(sharded, ids, mask, settings, tokenizer)
+    assert torch.equal(per_step.responses, expected.responses)
+    torch.testing.assert_close(per_step.values, expected.values)
 
 
 def test_full_state_dict_gathers_every_weight(mesh):
@@ -112,3 +129,44 @@ def test_optimizer_state_rekeying_by_hand():
     optimizer = torch.optim.AdamW([p for p in layers.parameters() if p.requires_grad])
     assert optimizer_parameter_names(layers, optimizer) == ["0.bias", "1.weight", "1.bias"]
     assert optimizer.state_dict()["param_groups"][0]["params"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("strategy, model, refusal", [
+    ({"class_path": "lightning.pytorch.strategies.FSDPStrategy"}, "flan_rlhf.module.PPOModule", "FSDP1 strategy is not supported"),
+    ("fsdp", "flan_rlhf.module.PPOModule", "FSDP1 strategy is not supported"),
+    ({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}, "flan_rlhf.module.PPOModule", "tensor parallel"),
+    ({"class_path": "flan_rlhf.sharded_strategy.FSDP2Strategy"}, "flan_rlhf.sft.SFTModule", "not SFTModule - train it with strategy ddp"),
+    ({"class_path": "flan_rlhf.sharded_strategy.FSDP2Strategy"}, "flan_rlhf.reward_model.PreferenceRewardModel", "not PreferenceRewardModel"),
+    ({"class_path": "flan_rlhf.sharded_strategy.FSDP2Strategy"}, "flan_rlhf.dpo_module.DPOModule", None),
+    ({"class_path": "flan_rlhf.sharded_strategy.FSDP2Strategy"}, "flan_rlhf.critic_free.RLOOModule", None),
+    ("ddp", "flan_rlhf.sft.SFTModule", None),
+])
+def test_strategies_a_module_cannot_run_under_are_refused_before_anything_is_built(strategy, model, refusal):
+    from flan_rlhf.settings import SettingsError
+    from flan_rlhf.sharded_strategy import check_strategy
+
+    if refusal is None:
+        check_strategy(strategy, {"class_path": model})
+    else:
+        with pytest.raises(SettingsError, match=refusal):
+            check_strategy(strategy, {"class_path": model})
+
+
+def test_fit_under_deepspeed_without_the_package_is_one_line(tmp_path):
+    import importlib.util
+
+    import yaml
+
+    from tests.conftest import error_lines, run_command
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    overlay = tmp_path / "deepspeed.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"accelerator": "cpu", "devices": 1}}))
+    code, _, err = run_command("fit", "--config", "configs/tiny.yaml", "--config", "configs/deepspeed_zero2.yaml",
+                               "--config", str(overlay))
+    assert code == 2
+    assert error_lines(err) == ["error: trainer.strategy lightning.pytorch.strategies.DeepSpeedStrategy needs the "
+                                "deepspeed package and CUDA GPUs: pip install 'flan-rlhf[deepspeed]' on a GPU machine "
+                                "(configs/deepspeed_zero2.yaml says how), or shard on any machine with --config "
+                                "configs/fsdp.yaml (flan_rlhf.sharded_strategy.FSDP2Strategy)"]
