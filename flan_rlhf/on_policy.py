@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -205,7 +206,9 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         )
         if any(prompt_cut):
             prompts = self._note_prompts_cut(prompts, prompt_cut)
-        with gathered_weights(self.actor):  # sharded: one all-gather per rollout, not per token
+        # FSDP2Strategy(rollout_weights="gathered"): one all-gather per unit per rollout, not per layer per token
+        gather = self._trainer is not None and getattr(self.trainer.strategy, "rollout_weights", "gathered") == "gathered"
+        with gathered_weights(self.actor) if gather else nullcontext():
             responses, logprobs, values, ref_logprobs, entropy = collect_experience(
                 self.actor, input_ids, attention_mask, settings, self.tokenizer, self._decoder_start, with_reference
             )

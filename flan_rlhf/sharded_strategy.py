@@ -31,16 +31,30 @@ class FSDP2Strategy(ModelParallelStrategy):
     """Fully sharded data parallel over every process (torch FSDP2), with single-file atomic checkpoints.
 
     Args:
+        rollout_weights: ``gathered`` (default): a rollout gathers every unit's weights once and frees
+            them after it (:func:`flan_rlhf.sharding.gathered_weights`), so sampling runs as fast as
+            under DDP and holds the whole model meanwhile, as DDP always does. ``sharded``: each layer
+            gathers its weights at each decoding step and frees them after, so sampling never holds
+            more than one layer's whole weights beyond the shards (for a model that does not fit one
+            device), at one all-gather per layer per token (``benchmarks/sharded_throughput.py``).
         process_group_backend: ``None`` picks NCCL on GPUs and gloo on CPUs.
         timeout: collective timeout, as for DDP.
     """
 
-    def __init__(self, process_group_backend: str | None = None, **kwargs: Any) -> None:
+    ROLLOUT_WEIGHTS = ("gathered", "sharded")
+
+    def __init__(self, rollout_weights: str = "gathered", process_group_backend: str | None = None,
+                 **kwargs: Any) -> None:
         if kwargs.keys() - {"timeout"}:
-            raise TypeError(f"FSDP2Strategy takes process_group_backend and timeout, not {sorted(kwargs.keys() - {'timeout'})}: "
-                            "its mesh is every process data parallel and its checkpoints are single files")
+            raise TypeError(f"FSDP2Strategy takes rollout_weights, process_group_backend and timeout, not "
+                            f"{sorted(kwargs.keys() - {'timeout'})}: its mesh is every process data parallel and its "
+                            "checkpoints are single files")
+        if rollout_weights not in self.ROLLOUT_WEIGHTS:
+            raise SettingsError(f"FSDP2Strategy rollout_weights is {rollout_weights!r} - use one of "
+                                f"{', '.join(map(repr, self.ROLLOUT_WEIGHTS))}")
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
                          process_group_backend=process_group_backend, **kwargs)
+        self.rollout_weights = rollout_weights
         self.checkpoint_io = AtomicCheckpointIO()
 
     def setup_environment(self) -> None:

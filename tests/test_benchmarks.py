@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,13 +124,44 @@ def test_reward_limits_prints_each_measured_limit():
     assert float(diluted[-1][1]) < 0.5  # the whole 20,000 characters hide the insult
 
 
-def _time_to_target():
+def _benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("time_to_target", os.path.join(REPO, "benchmarks", "time_to_target.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _time_to_target():
+    return _benchmark("time_to_target")
+
+
+def test_sharded_throughput_runs_each_strategy_on_the_config_fit_parses_and_takes_median_times(tmp_path):
+    """The three runs' configs (the whole benchmark takes ~2 min: docs/scaling.md quotes its output) parse as
+    ``fit`` would parse them, and the medians leave out the warm-up iterations (values by hand)."""
+    import argparse
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from flan_rlhf.lightning_cli import parse_training_config
+
+    bench = _benchmark("sharded_throughput")
+    args = argparse.Namespace(devices=2, steps=3, warmup=1, d_model=128, layers=2, batch_size=4, max_new_tokens=8)
+    for name, strategy in bench.STRATEGIES.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(bench.run_config(args, strategy, str(tmp_path / name))))
+        config = parse_training_config([str(path)])
+        assert config["trainer"]["strategy"] == strategy or config["trainer"]["strategy"]["class_path"] == strategy["class_path"]
+        assert config["trainer"]["max_steps"] == 4 and config["model"]["init_args"]["policy"]["t5_config"]["d_model"] == 128
+        assert config["model"]["init_args"]["generation"]["min_new_tokens"] == 8  # every response the same length
+    writer = SummaryWriter(str(tmp_path / "logs" / "version_0"))
+    for step, (rollout, update) in enumerate([(9.0, 9.0), (1.0, 4.0), (3.0, 2.0), (2.0, 3.0)]):
+        writer.add_scalar("time/rollout_s", rollout, step)
+        writer.add_scalar("time/update_s", update, step)
+    writer.close()
+    assert bench.medians(str(tmp_path / "logs"), warmup=1) == {"rollout_s": 2.0, "update_s": 3.0}
 
 
 def test_time_to_target_math_by_hand():
