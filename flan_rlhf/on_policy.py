@@ -35,7 +35,7 @@ from flan_rlhf.policy import ActorCritic, LoraSettings, PolicySpec, PromptLimitO
 from flan_rlhf.logger_outputs import log_histograms, log_samples, takes_histograms
 from flan_rlhf.rewards.base import Reward, check_monitors
 from flan_rlhf.rollout import Rollout, collect_experience, response_mask, sampling_logits, shift_right, tokenize_prompts
-from flan_rlhf.sharding import full_state_dict, gathered_weights, is_sharded, shard_actor
+from flan_rlhf.sharding import full_state_dict, gathered_weights, is_sharded, load_full_state_dict, shard_actor
 from flan_rlhf.settings import GenerationSettings, UpdateSettings, check_generation_settings, check_update_settings
 from flan_rlhf.step_counting import count_as_one_step
 from flan_rlhf.update_tally import UpdateTally
@@ -552,8 +552,9 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
                 del state[key]
             elif self.actor.uses_lora and not keep_base and key not in trainable:
                 del state[key]
-        if self.actor.frozen_reference is not None and keep_base:
-            checkpoint["flan_rlhf_reference"] = {k: v for k, v in self.actor.frozen_reference.state_dict().items()}
+        if self.actor.frozen_reference is not None and keep_base:  # sharded: every process gathers, process 0 writes
+            checkpoint["flan_rlhf_reference"] = (full_state_dict(self.actor.frozen_reference)
+                                                 if is_sharded(self.actor) else self.actor.frozen_reference.state_dict())
         checkpoint["flan_rlhf"] = {
             "kl_controller": self.kl_controller.state_dict(),
             "shaper": self.shaper.state_dict(),
@@ -577,7 +578,7 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
             raise CheckpointError(f"checkpoint does not fit this model: {problem} - resume with the policy, lora and "
                                   "tokenizer settings it was trained with, or start a fresh run without --ckpt_path")
         if "flan_rlhf_reference" in checkpoint and self.actor.frozen_reference is not None:
-            self.actor.frozen_reference.load_state_dict(checkpoint["flan_rlhf_reference"])
+            load_full_state_dict(self.actor.frozen_reference, checkpoint["flan_rlhf_reference"])
         extra = checkpoint.get("flan_rlhf")
         if extra:
             self.kl_controller.load_state_dict(extra["kl_controller"])

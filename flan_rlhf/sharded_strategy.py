@@ -25,6 +25,7 @@ from lightning.pytorch.strategies.strategy import Strategy
 
 from flan_rlhf.checkpointing import AtomicCheckpointIO
 from flan_rlhf.settings import SettingsError
+from flan_rlhf.sharding import load_full_state_dict
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -77,10 +78,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """Each process keeps its shard of every full tensor in ``checkpoint["state_dict"]``."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(self.model, checkpoint["state_dict"],
-                             options=StateDictOptions(full_state_dict=True, strict=strict))
+        load_full_state_dict(self.model, checkpoint["state_dict"], strict=strict)
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         """The optimizer's full state as ``optimizer.state_dict()`` keys it (parameter positions), as DDP saves it.

@@ -113,6 +113,16 @@ def gathered_weights(module: nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(True, recurse=False)
 
 
+def load_full_state_dict(module: nn.Module, state: dict, strict: bool = True) -> None:
+    """``module.load_state_dict(state)`` of whole tensors (a checkpoint's), into its shards when it is sharded."""
+    if not is_sharded(module):
+        module.load_state_dict(state, strict=strict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
 def full_state_dict(module: nn.Module) -> dict:
     """``module.state_dict()`` with every sharded tensor gathered whole, on process 0's CPU (``{}`` on the others).
 

@@ -170,3 +170,42 @@ def test_fit_under_deepspeed_without_the_package_is_one_line(tmp_path):
                                 "deepspeed package and CUDA GPUs: pip install 'flan-rlhf[deepspeed]' on a GPU machine "
                                 "(configs/deepspeed_zero2.yaml says how), or shard on any machine with --config "
                                 "configs/fsdp.yaml (flan_rlhf.sharded_strategy.FSDP2Strategy)"]
+
+
+def test_full_fine_tuning_checkpoint_holds_the_whole_sharded_reference_and_loads_it_back():
+    """``lora: null`` over a base built from ``t5_config``: the checkpoint keeps the frozen reference, which under
+    FSDP2 is gathered whole (a shard would neither load with ``weights_only`` nor fit the other processes)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from flan_rlhf.module import PPOModule
+    from tests.conftest import TokenFractionReward
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        modules = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            module = PPOModule(policy=tiny_policy_spec(), reward=TokenFractionReward(), lora=None)
+            module._device_mesh = mesh  # what ModelParallelStrategy sets before configure_model
+            module.configure_model()
+            modules.append(module)
+        saved, resumed = modules
+        assert is_sharded(saved.actor.frozen_reference)
+        with torch.no_grad():
+            for parameter in saved.actor.frozen_reference.parameters():
+                parameter.add_(0.5)  # a reference the fresh module does not have
+        checkpoint = {"state_dict": full_state_dict(saved)}
+        saved.on_save_checkpoint(checkpoint)
+        reference = checkpoint["flan_rlhf_reference"]
+        assert reference and all(type(value) is torch.Tensor for value in reference.values())
+        reference = {key: value.clone() for key, value in reference.items()}  # loading distributes the dict's tensors in place
+        resumed.on_load_checkpoint(checkpoint)
+        restored = full_state_dict(resumed.actor.frozen_reference)
+        assert sorted(restored) == sorted(reference)
+        assert all(torch.equal(restored[key], reference[key]) for key in reference)
+    finally:
+        if started:
+            dist.destroy_process_group()
