@@ -18,7 +18,7 @@ write. Loading reads the file on every process and each keeps its own shard.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.strategy import Strategy
@@ -44,7 +44,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     ROLLOUT_WEIGHTS = ("gathered", "sharded")
 
-    def __init__(self, rollout_weights: str = "gathered", process_group_backend: str | None = None,
+    def __init__(self, rollout_weights: Literal["gathered", "sharded"] = "gathered", process_group_backend: str | None = None,
                  **kwargs: Any) -> None:
         if kwargs.keys() - {"timeout"}:
             raise TypeError(f"FSDP2Strategy takes rollout_weights, process_group_backend and timeout, not "

@@ -177,3 +177,19 @@ def bart_dir(tmp_path_factory) -> str:
     BartForConditionalGeneration(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def ppo_runs(tmp_path_factory) -> dict[str, tuple]:
+    """The same PPO fit under DDP and under FSDP2 (tests/test_fsdp2.py compares them), each with a
+    :class:`~tests.ddp_helpers.RankRolloutRecorder`: ``{"ddp" | "fsdp2": (config, process, folder)}``."""
+    from tests.ddp_helpers import FSDP2, recorder
+    from tests.test_ddp import PPO_STEPS, ddp_fit
+
+    runs = {}
+    for name, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2)):
+        folder = tmp_path_factory.mktemp(name)
+        config, result = ddp_fit(folder, PPO_STEPS, recorder(folder), strategy=strategy)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (config, result, folder)
+    return runs

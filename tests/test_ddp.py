@@ -36,36 +36,38 @@ def ddp_fit(tmp_path, max_steps: int, *callbacks: dict, critic_free: tuple[str, 
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_tiny_fit_with_two_ddp_processes(tmp_path):
-    config, result = ddp_fit(tmp_path, 3, {"class_path": "tests.ddp_helpers.RankRolloutRecorder",
-                                           "init_args": {"out_dir": str(tmp_path / "ranks")}})
-    assert result.returncode == 0, result.stderr[-3000:]
+PPO_STEPS = 4  # checkpoints at steps 2 and 4 (tiny_config: every_n_train_steps 2)
 
-    ranks = [json.load(open(tmp_path / "ranks" / f"rank{r}.json")) for r in (0, 1)]
-    assert all(rank["global_step"] == 3 for rank in ranks)  # 3 PPO iterations on each process
+
+def test_tiny_fit_with_two_ddp_processes(ppo_runs):
+    config, result, folder = ppo_runs["ddp"]
+    rank_files = ranks(folder)
+    assert all(rank["global_step"] == PPO_STEPS for rank in rank_files)  # PPO iterations on each process
     batch_size = config["data"]["init_args"]["batch_size"]
-    assert all(len(rank["prompts"]) == 3 * batch_size for rank in ranks)  # both rolled out
-    assert ranks[0]["prompts"] != ranks[1]["prompts"]  # their own (disjoint) slices of each global batch
+    assert all(len(rank["prompts"]) == PPO_STEPS * batch_size for rank in rank_files)  # both rolled out
+    assert rank_files[0]["prompts"] != rank_files[1]["prompts"]  # their own (disjoint) slices of each global batch
     # gradients were all-reduced: the adapters are identical on both processes
-    assert ranks[0]["weights"] == ranks[1]["weights"]
-    assert any(value > 0 for key, value in ranks[0]["weights"].items() if "lora_B" in key)
+    assert rank_files[0]["weights"] == rank_files[1]["weights"]
+    assert any(value > 0 for key, value in rank_files[0]["weights"].items() if "lora_B" in key)
 
     # only rank 0 writes: one TensorBoard run, one set of checkpoints, one adapter export
-    event_files = glob.glob(str(tmp_path / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
+    event_files = glob.glob(str(folder / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
     assert len(event_files) == 1
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch=0-step=2.ckpt", "last.ckpt"]
-    assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert sorted(os.listdir(folder / "ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
+    assert os.path.exists(folder / "adapter" / "adapter_model.safetensors")
     # one closing summary, from process 0
-    assert result.stdout.count("fit: 3/3 steps in ") == 1, result.stdout[-2000:]
-    assert f"  checkpoints: {tmp_path / 'ckpt'} (newest: {tmp_path / 'ckpt' / 'last.ckpt'})" in result.stdout
+    assert result.stdout.count(f"fit: {PPO_STEPS}/{PPO_STEPS} steps in ") == 1, result.stdout[-2000:]
+    assert f"  checkpoints: {folder / 'ckpt'} (newest: {folder / 'ckpt' / 'last.ckpt'})" in result.stdout
 
 
-def test_sigterm_on_one_ddp_process_stops_every_rank_at_the_same_iteration(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+def test_sigterm_on_one_ddp_process_stops_every_rank_at_the_same_iteration(tmp_path, strategy):
     """Rank 1 alone receives SIGTERM during iteration 2: both ranks finish it, write one checkpoint
-    together, and exit 143; process 0 prints the one line."""
+    together (under FSDP2 too: its save gathers on every rank), and exit 143; process 0 prints the one line."""
     _, result = ddp_fit(
         tmp_path, 6, {"class_path": "tests.resume_helpers.SignalAt", "init_args": {"step": 1, "signum": 15, "rank": 1}},
-        {"class_path": "tests.ddp_helpers.RankStopRecorder", "init_args": {"out_dir": str(tmp_path / "ranks")}})
+        {"class_path": "tests.ddp_helpers.RankStopRecorder", "init_args": {"out_dir": str(tmp_path / "ranks")}},
+        strategy=strategy)
     config_path = tmp_path / "ddp.yaml"
     assert result.returncode == 143, result.stderr[-3000:]
     ranks = [json.load(open(tmp_path / "ranks" / f"rank{r}.json")) for r in (0, 1)]

@@ -11,36 +11,22 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
 import torch
 
-from tests.ddp_helpers import FSDP2, assert_close_exports, exported, ranks, recorder
-from tests.test_ddp import ddp_fit
-
-STEPS = 4  # checkpoints at steps 2 and 4 (tiny_config: every_n_train_steps 2)
-
-
-@pytest.fixture(scope="module")
-def ppo_runs(tmp_path_factory):
-    """The same PPO run under DDP and under FSDP2: ``{"ddp": folder, "fsdp2": folder}``."""
-    folders = {}
-    for name, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2)):
-        folder = tmp_path_factory.mktemp(name)
-        _, result = ddp_fit(folder, STEPS, recorder(folder), strategy=strategy)
-        assert result.returncode == 0, result.stderr[-3000:]
-        folders[name] = folder
-    return folders
+from tests.ddp_helpers import FSDP2, assert_close_exports, exported, ranks
+from tests.test_ddp import PPO_STEPS, ddp_fit
 
 
 def test_fsdp2_trains_the_adapter_ddp_trains_with_half_of_each_weight_per_process(ppo_runs):
-    ddp, fsdp2 = ranks(ppo_runs["ddp"]), ranks(ppo_runs["fsdp2"])
+    folders = {name: folder for name, (_, _, folder) in ppo_runs.items()}
+    ddp, fsdp2 = ranks(folders["ddp"]), ranks(folders["fsdp2"])
     # the sharded run sampled what DDP sampled, rollout by rollout (training and validation), on each rank:
     # generation under sharding used the whole weights
     for rank in (0, 1):
         assert fsdp2[rank]["prompts"] == ddp[rank]["prompts"]
-        assert fsdp2[rank]["texts"] == ddp[rank]["texts"] and len(ddp[rank]["texts"]) > STEPS
+        assert fsdp2[rank]["texts"] == ddp[rank]["texts"] and len(ddp[rank]["texts"]) > PPO_STEPS
     assert fsdp2[0]["texts"] != fsdp2[1]["texts"]  # each process its own prompts
-    assert_close_exports(exported(ppo_runs["fsdp2"]), exported(ppo_runs["ddp"]))
+    assert_close_exports(exported(folders["fsdp2"]), exported(folders["ddp"]))
     assert fsdp2[0]["weights"] == fsdp2[1]["weights"]  # the gathered adapters agree across processes
     # every parameter - frozen base, LoRA, value head - is split between the two along dim 0
     for name, (local, whole) in fsdp2[0]["shards"].items():
@@ -50,12 +36,13 @@ def test_fsdp2_trains_the_adapter_ddp_trains_with_half_of_each_weight_per_proces
     assert any("value_head" in name for name in fsdp2[0]["shards"])
     assert all(local == whole for local, whole in ddp[0]["shards"].values())  # DDP: every process holds it all
     # DDP's outputs: one file per checkpoint, written once; the export from process 0
-    assert sorted(os.listdir(ppo_runs["fsdp2"] / "ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
-    assert all(os.path.isfile(ppo_runs["fsdp2"] / "ckpt" / name) for name in os.listdir(ppo_runs["fsdp2"] / "ckpt"))
+    assert sorted(os.listdir(folders["fsdp2"] / "ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
+    assert all(os.path.isfile(folders["fsdp2"] / "ckpt" / name) for name in os.listdir(folders["fsdp2"] / "ckpt"))
 
 
 def test_fsdp2_checkpoint_is_ddps_format_and_resumes_exactly(ppo_runs, tmp_path):
-    sharded, plain = (torch.load(ppo_runs[name] / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
+    folders = {name: folder for name, (_, _, folder) in ppo_runs.items()}
+    sharded, plain = (torch.load(folders[name] / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
                       for name in ("fsdp2", "ddp"))
     # the same tensors under the same names and shapes, the optimizer state keyed by the same positions
     assert {k: v.shape for k, v in sharded["state_dict"].items()} == {k: v.shape for k, v in plain["state_dict"].items()}
@@ -68,8 +55,8 @@ def test_fsdp2_checkpoint_is_ddps_format_and_resumes_exactly(ppo_runs, tmp_path)
     torch.testing.assert_close(optimizers[0]["state"][0]["exp_avg"], optimizers[1]["state"][0]["exp_avg"],
                                rtol=1e-3, atol=1e-6)
     # resumed FSDP2 == uninterrupted FSDP2, bit for bit
-    ckpt = shutil.copy(ppo_runs["fsdp2"] / "ckpt" / "epoch=0-step=2.ckpt", tmp_path / "step2.ckpt")
-    _, result = ddp_fit(tmp_path, STEPS, strategy=FSDP2, ckpt_path=str(ckpt))
+    ckpt = shutil.copy(folders["fsdp2"] / "ckpt" / "epoch=0-step=2.ckpt", tmp_path / "step2.ckpt")
+    _, result = ddp_fit(tmp_path, PPO_STEPS, strategy=FSDP2, ckpt_path=str(ckpt))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Restored all states from the checkpoint" in result.stdout + result.stderr
-    assert_close_exports(exported(tmp_path), exported(ppo_runs["fsdp2"]), exact=True)
+    assert_close_exports(exported(tmp_path), exported(folders["fsdp2"]), exact=True)

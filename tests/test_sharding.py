@@ -209,3 +209,12 @@ def test_full_fine_tuning_checkpoint_holds_the_whole_sharded_reference_and_loads
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_an_unknown_rollout_weights_is_one_line():
+    from tests.conftest import error_lines, run_command
+
+    code, _, err = run_command("fit", "--config", "configs/tiny.yaml", "--config", "configs/fsdp.yaml",
+                               "--trainer.strategy.init_args.rollout_weights", "fast")
+    assert code == 2
+    assert len(error_lines(err)) == 1 and "rollout_weights" in error_lines(err)[0] and "'gathered', 'sharded'" in err
