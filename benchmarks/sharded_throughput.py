@@ -10,11 +10,15 @@ that compute, not process start-up, dominates; no checkpoints, validation or exp
 
 Each run logs ``time/rollout_s`` (sampling, reference pass, scoring) and ``time/update_s`` (the
 PPO epochs) per iteration to TensorBoard; the medians over the iterations after ``--warmup`` are
-compared. Prints a table on stderr and ONE JSON line on stdout:
-``{"config": ..., "runs": {name: {"rollout_s", "update_s", "iteration_s", "samples_per_s"}},
-"fsdp2_over_ddp": samples/s ratio, "sharded_rollout_over_gathered": rollout time ratio}``.
+compared. ``peak_rss_mib`` is the largest peak resident memory (``VmHWM``) of the run's training
+processes, read from ``/proc`` every 0.1 s while they run. ``--full-finetune`` trains every weight
+(``lora: null``), whose gradients and Adam moments FSDP2 shards too. Prints a table on stderr and
+ONE JSON line on stdout: ``{"config": ..., "runs": {name: {"rollout_s", "update_s", "iteration_s",
+"samples_per_s", "peak_rss_mib"}}, "fsdp2_over_ddp": samples/s ratio,
+"sharded_rollout_over_gathered": rollout time ratio}``.
 
     python benchmarks/sharded_throughput.py --steps 6
+    python benchmarks/sharded_throughput.py --steps 2 --full-finetune --d-model 512 --layers 6
 """
 from __future__ import annotations
 
@@ -51,8 +55,57 @@ def run_config(args: argparse.Namespace, strategy, folder: str) -> dict:
     init["generation"].update(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
     init["fused_kernels"] = False  # sharded weights never take them: compare the same arithmetic
     init.update(export_dir=None, monitors=None)
+    if args.full_finetune:
+        init["lora"] = None
     config["data"]["init_args"]["batch_size"] = args.batch_size
     return config
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from ``/proc/<pid>/stat``'s parent ids)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def peak_rss_kib(pid: int) -> int:
+    """``VmHWM`` (peak resident set) of a live process in KiB, 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def run_watched(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``command`` and return it with the largest peak RSS (KiB) any of its processes reached."""
+    import threading
+
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            for pid in descendants(process.pid):
+                peaks[pid] = max(peaks.get(pid, 0), peak_rss_kib(pid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout, stderr = process.communicate()
+    done.set()
+    watcher.join()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), max(peaks.values(), default=0)
 
 
 def medians(logdir: str, warmup: int) -> dict[str, float]:
@@ -78,6 +131,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4, help="encoder and decoder layers each")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per iteration per process")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="every response this long (min = max)")
+    parser.add_argument("--full-finetune", action="store_true", help="lora: null (every weight trains)")
     args = parser.parse_args()
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -91,8 +145,7 @@ def main() -> int:
             with open(path, "w") as handle:
                 yaml.safe_dump(run_config(args, strategy, folder), handle)
             started = time.perf_counter()
-            result = subprocess.run([sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", path], cwd=ROOT, env=env,
-                                    capture_output=True, text=True)
+            result, peak = run_watched([sys.executable, "-m", "flan_rlhf.cli", "fit", "--config", path], env)
             if result.returncode != 0:
                 print(result.stderr[-3000:], file=sys.stderr)
                 print(f"error: the {name} run failed (exit {result.returncode})", file=sys.stderr)
@@ -100,9 +153,10 @@ def main() -> int:
             timed = medians(os.path.join(folder, "logs"), args.warmup)
             iteration = timed["rollout_s"] + timed["update_s"]
             runs[name] = {**timed, "iteration_s": iteration, "samples_per_s": args.devices * args.batch_size / iteration,
-                          "wall_s": time.perf_counter() - started}
+                          "peak_rss_mib": peak / 1024, "wall_s": time.perf_counter() - started}
             print(f"{name:>15}: rollout {timed['rollout_s']:.3f} s, update {timed['update_s']:.3f} s, "
-                  f"{runs[name]['samples_per_s']:.1f} samples/s (median of {args.steps} iterations)", file=sys.stderr)
+                  f"{runs[name]['samples_per_s']:.1f} samples/s (median of {args.steps} iterations), "
+                  f"peak RSS {peak / 1024:.0f} MiB", file=sys.stderr)
     report = {
         "config": vars(args),
         "runs": runs,

@@ -148,7 +148,8 @@ def test_sharded_throughput_runs_each_strategy_on_the_config_fit_parses_and_take
     from flan_rlhf.lightning_cli import parse_training_config
 
     bench = _benchmark("sharded_throughput")
-    args = argparse.Namespace(devices=2, steps=3, warmup=1, d_model=128, layers=2, batch_size=4, max_new_tokens=8)
+    args = argparse.Namespace(devices=2, steps=3, warmup=1, d_model=128, layers=2, batch_size=4, max_new_tokens=8,
+                              full_finetune=False)
     for name, strategy in bench.STRATEGIES.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(bench.run_config(args, strategy, str(tmp_path / name))))
