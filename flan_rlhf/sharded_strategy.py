@@ -14,7 +14,7 @@ This subclass fixes two things for flan-rlhf:
 
 Saving gathers each parameter's shards into a full tensor on process 0's host memory (Lightning's
 ``save_distributed_checkpoint=False`` path); the module drops the frozen base weights before the
-write. Loading reads the file on every process and each keeps its own shard.
+write. Loading maps the file on every process and each copies out its own shard.
 """
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         rollout_weights: ``gathered`` (default): a rollout gathers every unit's weights once and frees
             them after it (:func:`flan_rlhf.sharding.gathered_weights`), so sampling runs as fast as
             under DDP and holds the whole model meanwhile, as DDP always does. ``sharded``: each layer
-            gathers its weights at each decoding step and frees them after, so sampling never holds
-            more than one layer's whole weights beyond the shards (for a model that does not fit one
-            device), at one all-gather per layer per token (``benchmarks/sharded_throughput.py``).
+            gathers its weights at each decoding step and frees them after, so sampling holds no more
+            than one layer, the embeddings and ``lm_head`` whole beyond the shards (for a model that
+            does not fit one device), at one all-gather per layer per token
+            (``benchmarks/sharded_throughput.py``).
         process_group_backend: ``None`` picks NCCL on GPUs and gloo on CPUs.
         timeout: collective timeout, as for DDP.
     """
@@ -73,8 +74,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        """The whole checkpoint on every process (the module checks and loads its ``state_dict`` as under DDP)."""
-        return self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=weights_only)
+        """The whole checkpoint on every process (the module checks and loads its ``state_dict`` as under DDP),
+        memory-mapped: the processes of a node share one copy of the file's tensors in the page cache, and
+        each copies only its shards out of it."""
+        from flan_rlhf.checkpointing import read_checkpoint_file
+
+        return read_checkpoint_file(str(checkpoint_path), trusted=weights_only is False, mmap=True)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """Each process keeps its shard of every full tensor in ``checkpoint["state_dict"]``."""
