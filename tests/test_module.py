@@ -295,6 +295,25 @@ def test_optimizer_uses_the_fused_adamw_kernel_and_falls_back_without_it():
     assert not adamw([torch.nn.Parameter(torch.empty(2, device="meta"))], 1e-3, 0.0).defaults.get("fused")
 
 
+def test_a_saved_optimizer_state_loads_without_changing_the_implementation():
+    """An FSDP2 checkpoint's AdamW ran unfused (DTensor parameters): a DDP resume keeps its fused kernel, and the
+    saved moments and step still load."""
+    from flan_rlhf.optim import adamw
+
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    unfused = torch.optim.AdamW([torch.nn.Parameter(params[0].detach().clone())], lr=1e-3)
+    unfused.param_groups[0]["params"][0].grad = torch.ones(4, 3)
+    unfused.step()
+    saved = unfused.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+    optimizer = adamw(params, 1e-3, 0.0)
+    optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["fused"] is True
+    assert torch.equal(optimizer.state[params[0]]["exp_avg"], saved["state"][0]["exp_avg"])
+    params[0].grad = torch.ones(4, 3)
+    optimizer.step()  # the fused step runs on the loaded state
+
+
 def test_sharding_strategies_turn_the_fused_t5_paths_off():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
