@@ -320,6 +320,9 @@ def test_sharding_strategies_turn_the_fused_t5_paths_off():
     from flan_rlhf.module import shards_weights
 
     assert shards_weights(FSDPStrategy())
+    from flan_rlhf.sharded_strategy import FSDP2Strategy
+
+    assert shards_weights(FSDP2Strategy())
     assert not shards_weights(DDPStrategy()) and not shards_weights(SingleDeviceStrategy("cpu"))
 
     class DeepSpeedStrategy(DDPStrategy):  # Lightning's subclasses DDPStrategy; deepspeed is not installed here
