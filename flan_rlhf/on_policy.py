@@ -546,11 +546,9 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         keep_base = self.policy_spec.name_or_path is None  # built from config: the base is part of the run
-        trainable = {f"actor.{k}" for k in self.actor.trainable_state_dict()}
+        kept = self.checkpointed_keys(state)
         for key in list(state):
-            if key.startswith("actor.frozen_reference."):
-                del state[key]
-            elif self.actor.uses_lora and not keep_base and key not in trainable:
+            if key not in kept:
                 del state[key]
         if self.actor.frozen_reference is not None and keep_base:  # sharded: every process gathers, process 0 writes
             checkpoint["flan_rlhf_reference"] = (full_state_dict(self.actor.frozen_reference)
@@ -564,6 +562,15 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
             # tensors, strings and plain numbers only: the checkpoint loads with torch.load(weights_only=True)
             "rng": capture_rng_states(),
         }
+
+    def checkpointed_keys(self, keys) -> set[str]:
+        """Which of the module's ``state_dict`` keys a checkpoint keeps: not the full fine-tuning reference
+        (saved apart, whole, when the base was built from ``t5_config``), and with LoRA over a base that
+        loads again from its name, only the trainable tensors (LoRA, value head)."""
+        keep_base = self.policy_spec.name_or_path is None  # built from config: the base is part of the run
+        trainable = {f"actor.{k}" for k, p in self.actor.named_parameters() if p.requires_grad}
+        return {key for key in keys if not key.startswith("actor.frozen_reference.")
+                and (not self.actor.uses_lora or keep_base or key in trainable)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

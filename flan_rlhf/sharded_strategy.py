@@ -12,9 +12,9 @@ This subclass fixes two things for flan-rlhf:
   and ``flan-rlhf export --ckpt_path`` reads either. Lightning's sharded checkpoint (a folder of
   ``.distcp`` shards written in place) has neither property.
 
-Saving gathers each parameter's shards into a full tensor on process 0's host memory (Lightning's
-``save_distributed_checkpoint=False`` path); the module drops the frozen base weights before the
-write. Loading maps the file on every process and each copies out its own shard.
+Saving gathers the tensors the module keeps (its ``checkpointed_keys``: with LoRA over a named base,
+LoRA and the value head only) into whole ones on process 0's host memory; loading maps the file on
+every process and each copies out its own shard.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from lightning.pytorch.strategies.strategy import Strategy
 
 from flan_rlhf.checkpointing import AtomicCheckpointIO
 from flan_rlhf.settings import SettingsError
-from flan_rlhf.sharding import load_full_state_dict
+from flan_rlhf.sharding import gather_whole, load_full_state_dict
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -67,6 +67,17 @@ class FSDP2Strategy(ModelParallelStrategy):
     @property
     def lightning_restore_optimizer(self) -> bool:
         return True
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The module's state with each kept tensor gathered whole, on process 0's CPU (``{}`` elsewhere).
+
+        Only the keys the module keeps (``checkpointed_keys``: with LoRA over a named base, LoRA and the
+        value head) are gathered, not the frozen base weights it would drop. Collective.
+        """
+        module = self.lightning_module
+        state = module.state_dict()
+        keep = module.checkpointed_keys(state) if hasattr(module, "checkpointed_keys") else set(state)
+        return gather_whole({key: value for key, value in state.items() if key in keep}, self.global_rank == 0)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         # every process has gathered its shards into checkpoint (lightning_module_state_dict, optimizer_state);

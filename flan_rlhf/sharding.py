@@ -123,6 +123,17 @@ def load_full_state_dict(module: nn.Module, state: dict, strict: bool = True) ->
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
+def gather_whole(state: dict, keep: bool) -> dict:
+    """Each (sharded ``DTensor``) tensor of ``state`` gathered whole, in order; the CPU copies when ``keep``
+    (process 0), else ``{}``. Collective: every process passes the same keys in the same order."""
+    whole = {}
+    for key, value in state.items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if keep:
+            whole[key] = value.detach().cpu()
+    return whole
+
+
 def full_state_dict(module: nn.Module) -> dict:
     """``module.state_dict()`` with every sharded tensor gathered whole, on process 0's CPU (``{}`` on the others).
 

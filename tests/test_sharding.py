@@ -218,3 +218,30 @@ def test_an_unknown_rollout_weights_is_one_line():
                                "--trainer.strategy.init_args.rollout_weights", "fast")
     assert code == 2
     assert len(error_lines(err)) == 1 and "rollout_weights" in error_lines(err)[0] and "'gathered', 'sharded'" in err
+
+
+def test_a_lora_checkpoint_over_a_named_base_gathers_only_what_it_keeps(mesh, tmp_path):
+    """With a base that loads again from its name, the strategy gathers the LoRA and value-head tensors for a
+    checkpoint, not the frozen base weights the module would drop anyway."""
+    from flan_rlhf.module import PPOModule
+    from flan_rlhf.policy import PolicySpec
+    from flan_rlhf.sharding import gather_whole
+    from tests.conftest import TokenFractionReward
+
+    base, _ = load_policy_model(tiny_policy_spec())
+    base.save_pretrained(tmp_path / "base")
+    module = PPOModule(policy=PolicySpec(name_or_path=str(tmp_path / "base"), tokenizer="byt5"),
+                       reward=TokenFractionReward(), lora=LoraSettings(r=4, alpha=8))
+    module.configure_model()
+    shard_actor(module.actor, mesh)
+    state = module.state_dict()
+    kept = module.checkpointed_keys(state)
+    trainable = {f"actor.{name}" for name, p in module.actor.named_parameters() if p.requires_grad}
+    assert kept == trainable and any("lora_A" in key for key in kept) and any("value_head" in key for key in kept)
+    whole = gather_whole({key: state[key] for key in sorted(kept)}, keep=True)
+    assert all(type(value) is torch.Tensor for value in whole.values())
+    assert gather_whole({key: state[key] for key in sorted(kept)}, keep=False) == {}
+    # the module's own filter keeps the same keys from a full state (what DDP hands it)
+    checkpoint = {"state_dict": full_state_dict(module)}
+    module.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == kept
