@@ -568,7 +568,7 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         (saved apart, whole, when the base was built from ``t5_config``), and with LoRA over a base that
         loads again from its name, only the trainable tensors (LoRA, value head)."""
         keep_base = self.policy_spec.name_or_path is None  # built from config: the base is part of the run
-        trainable = {f"actor.{k}" for k, p in self.actor.named_parameters() if p.requires_grad}
+        trainable = {f"actor.{k}" for k in self.actor.trainable_state_dict()}
         return {key for key in keys if not key.startswith("actor.frozen_reference.")
                 and (not self.actor.uses_lora or keep_base or key in trainable)}
 

@@ -137,11 +137,11 @@ def gather_whole(state: dict, keep: bool) -> dict:
 def full_state_dict(module: nn.Module) -> dict:
     """``module.state_dict()`` with every sharded tensor gathered whole, on process 0's CPU (``{}`` on the others).
 
-    Collective: every process must call it (torch's ``get_model_state_dict`` with ``full_state_dict``).
+    Collective: every process must call it.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    import torch.distributed as dist
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return gather_whole(module.state_dict(), keep=dist.get_rank() == 0)
 
 
 # Private API (pinned by tests/test_private_apis.py):
