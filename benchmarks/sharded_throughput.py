@@ -23,7 +23,6 @@ ONE JSON line on stdout: ``{"config": ..., "runs": {name: {"rollout_s", "update_
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -109,17 +108,13 @@ def run_watched(command: list[str], env: dict) -> tuple[subprocess.CompletedProc
 
 
 def medians(logdir: str, warmup: int) -> dict[str, float]:
-    """Median ``time/rollout_s`` and ``time/update_s`` over the iterations after ``warmup`` (process 0's log)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Median ``time/rollout_s`` and ``time/update_s`` over the iterations after ``warmup`` (process 0's log,
+    read by the report's own reader, :func:`flan_rlhf.eval.report.read_scalar_curves`)."""
+    from flan_rlhf.eval.report import read_scalar_curves
 
-    values: dict[str, list[float]] = {}
-    for events in glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True):
-        accumulator = EventAccumulator(events)
-        accumulator.Reload()
-        for tag in ("time/rollout_s", "time/update_s"):
-            if tag in accumulator.Tags()["scalars"]:
-                values.setdefault(tag, []).extend(e.value for e in sorted(accumulator.Scalars(tag), key=lambda e: e.step))
-    return {tag.split("/")[1]: statistics.median(series[warmup:]) for tag, series in values.items()}
+    (curves,) = read_scalar_curves(logdir).values()  # one run
+    return {tag.split("/")[1]: statistics.median(curves[tag][1][warmup:].tolist())
+            for tag in ("time/rollout_s", "time/update_s")}
 
 
 def main() -> int:
