@@ -55,6 +55,8 @@ COMMANDS: dict[str, Command] = {
                         "flan_rlhf.tools.generate:main"),
     "export": Command("turn a checkpoint or adapter into a merged, int8 or adapter-only model folder",
                       "flan_rlhf.tools.export:main"),
+    "label": Command("sample pairs of responses, serve a page to judge them, export the judgements (human feedback)",
+                     "flan_rlhf.labelling.command:main"),
     "demo": Command("the whole pipeline offline: corpus, tokenizer, SFT, PPO (or RLOO, GRPO), before/after report",
                     "flan_rlhf.demo.pipeline:main"),
 }
