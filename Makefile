@@ -1,6 +1,6 @@
 # Two commands for a fresh machine:
 #   make demo   - create .venv, install, run the offline RLHF demo (corpus -> tokenizer -> SFT -> RLOO -> before/after report)
-#   make test   - create .venv if missing, install with test extras, run the test suite
+#   make test   - create .venv if missing, install with test extras (and Debian's chromium for the browser test), run the test suite
 # On a GPU machine pass the torch you want, e.g. `make demo TORCH_SPEC="torch==2.13.0"` (PyPI's Linux wheel is CUDA).
 # Another RL method for the demo: `make demo METHOD=ppo` (or grpo; RLOO is the default: docs/time-to-detox.md);
 # other demo options: DEMO_ARGS="--seed 1".
@@ -18,7 +18,7 @@ DEMO_ARGS ?=
 METHOD ?= rloo
 TASK ?= tail
 
-.PHONY: install demo demo-rebuild test tiny bench clean
+.PHONY: install demo demo-rebuild test tiny bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,16 @@ demo-rebuild: install
 tiny: install
 	$(OFFLINE) $(BIN)/flan-rlhf fit --config configs/tiny.yaml
 
-test: install $(VENV)/.installed-loggers $(VENV)/.installed-qlora
+# Debian's chromium and chromium-driver, for the labelling page's browser test (tests/labelling/test_browser.py,
+# driven by Selenium; no browser download). Needs root or sudo; without them those tests skip, except in CI.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	else $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+	  || echo "make browser: could not install chromium + chromium-driver (apt-get); the browser tests will skip"; fi
+
+test: install $(VENV)/.installed-loggers $(VENV)/.installed-qlora browser
 	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
