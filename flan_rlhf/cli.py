@@ -97,6 +97,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flan_rlhf.checkpointing import CheckpointError
     from flan_rlhf.data import DataConfigError
     from flan_rlhf.guards import NonFiniteError
+    from flan_rlhf.labelling.store import LabelStoreError
     from flan_rlhf.logger_outputs import LoggerError
     from flan_rlhf.output_dirs import OutputDirError
     from flan_rlhf.policy import ModelLoadError
@@ -104,8 +105,9 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flan_rlhf.run_lock import RunLockedError
     from flan_rlhf.settings import SettingsError
 
-    return (CheckpointError, DataConfigError, LoggerError, ModelLoadError, OutputDirError, RewardOptionError, RewardOutputError,
-            RewardReferencesError, RewardSetupError, NonFiniteError, RunLockedError, SettingsError)
+    return (CheckpointError, DataConfigError, LabelStoreError, LoggerError, ModelLoadError, OutputDirError,
+            RewardOptionError, RewardOutputError, RewardReferencesError, RewardSetupError, NonFiniteError,
+            RunLockedError, SettingsError)
 
 
 def main(argv: list[str] | None = None) -> int:

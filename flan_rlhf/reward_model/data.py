@@ -1,8 +1,9 @@
 """Preference pairs ``(prompt, chosen, rejected)`` for the reward model, from ``datasets``.
 
 :class:`PreferenceDataModule` reads a hub name (the Anthropic/hh-rlhf format: ``chosen`` and
-``rejected`` columns holding whole conversations) or local json/jsonl/csv/parquet files; column
-names are configurable. Batches are lists of strings: the model tokenizes them.
+``rejected`` columns holding whole conversations), local json/jsonl/csv/parquet files (column
+names are configurable) or a label store written by ``flan-rlhf label``. Batches are lists of
+strings: the model tokenizes them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from flan_rlhf.errors import first_line
 from flan_rlhf.io import table_format
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # the flan_rlhf.io.FORMATS read as preference files
+#: the columns of the pairs a label store gives (:func:`flan_rlhf.labelling.store.preference_pairs`, TRL's names)
+STORE_COLUMNS = {"prompt_column": "prompt", "chosen_column": "chosen", "rejected_column": "rejected"}
 #: where a conversation's last turn to answer begins, in Anthropic/hh-rlhf's format
 ASSISTANT_TURN = "\n\nAssistant:"
 
@@ -51,7 +54,7 @@ def split_shared_prompt(chosen: str, rejected: str, turn_marker: str = ASSISTANT
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    """Preference pairs from a ``datasets`` hub name or local files.
+    """Preference pairs from a ``datasets`` hub name, local files or a label store.
 
     Args:
         dataset: hub name (e.g. ``Anthropic/hh-rlhf``), a local json/jsonl/csv/parquet file, or a
@@ -63,7 +66,8 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: share of training pairs held out when there is no ``val_split``.
         chosen_column: column with the preferred response (hh-rlhf: the whole conversation).
         rejected_column: column with the dispreferred response.
-        prompt_column: column with the prompt, or ``None`` when chosen/rejected already hold it.
+        prompt_column: column with the prompt, or ``None`` when chosen/rejected already hold it
+            (with ``store``: ``prompt``, the store's column, without being set).
         split_prompt: with no ``prompt_column``, give batches a ``prompt``: the start chosen and
             rejected share (hh-rlhf: the conversation up to the last ``Assistant:``), their rest as
             the responses (:func:`split_shared_prompt`). DPO needs a prompt; the reward model does not.
@@ -76,6 +80,11 @@ class PreferenceDataModule(L.LightningDataModule):
             starting at batch ``trainer.global_step``, so a resumed run sees exactly the batches an
             uninterrupted one would (:mod:`flan_rlhf.data.stream`); for modules that make one step per
             batch (DPO), with ``trainer.max_steps``. ``false``: one shuffled pass per epoch (the reward model).
+        store: a label store written by ``flan-rlhf label`` (a SQLAlchemy URL, e.g.
+            ``sqlite:///labels.db``): its labels that prefer one response are the pairs, with their
+            prompt; ties and 'both unacceptable' carry no preference and are left out (counted in the
+            log). Replaces ``dataset``. A store has no test split: ``val_fraction`` of its pairs are
+            held out for validation; the columns are ``prompt``/``chosen``/``rejected``.
 
     Rows whose chosen or rejected text is missing/empty, or where both are identical, carry no
     preference and are dropped; the counts are printed and kept in ``self.dropped``.
@@ -98,10 +107,13 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 0,
         stream: bool = False,
         split_prompt: bool = False,
+        store: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if store is not None:
+            prompt_column = _store_prompt_column(chosen_column, rejected_column, prompt_column)
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.train_split = train_split
@@ -117,6 +129,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.seed = seed
         self.stream = stream
         self.split_prompt = split_prompt
+        self.store = store
         self.train_data = None
         self.val_data = None
         self.dropped: dict[str, int] = {}
@@ -128,6 +141,8 @@ class PreferenceDataModule(L.LightningDataModule):
         with a local file as split ``train_split`` and one-line errors."""
         from datasets import DatasetDict
 
+        if self.store is not None:
+            return DatasetDict({self.train_split: self._store_pairs()})
         path = Path(self.dataset)
         if path.is_file():
             table_format(path, LOCAL_SUFFIXES, what=f"preference file {path}")  # names the accepted suffixes
@@ -143,6 +158,29 @@ class PreferenceDataModule(L.LightningDataModule):
                 "columns as `dataset`"
             ) from err
 
+    def _store_pairs(self):
+        """The pairs of the label store as a ``Dataset`` of prompt/chosen/rejected rows; the counts of
+        ties and 'both unacceptable' labels left out are logged."""
+        from datasets import Dataset
+
+        from flan_rlhf.labelling.store import LabelStore, preference_pairs  # sqlalchemy only, not the web server
+
+        labels = LabelStore(self.store)
+        try:
+            rows, skipped = preference_pairs(labels.judgements())
+        finally:
+            labels.close()
+        left_out = f"{skipped['tie']} ties, {skipped['both_unacceptable']} both unacceptable"
+        if not rows:
+            raise DataConfigError(f"the label store {self.store} holds no label that prefers one response "
+                                  f"({left_out}) - label more pairs with `flan-rlhf label`")
+        rank_zero_info(f"label store {self.store}: {len(rows)} preference pairs (left out: {left_out})")
+        return Dataset.from_list(rows)
+
+    def _source(self) -> str:
+        """The source as error messages name it."""
+        return f"label store {self.store!r}" if self.store is not None else repr(self.dataset)
+
     def _load_splits(self):
         """``(train, val)`` datasets before column checks and cleaning."""
         splits = self._load_dataset_dict()
@@ -156,10 +194,10 @@ class PreferenceDataModule(L.LightningDataModule):
             return splits[self.train_split], splits[self.val_split]
         train = splits[self.train_split]
         if round(len(train) * self.val_fraction) < 1 or len(train) < 2:
-            raise ValueError(
-                f"cannot hold out {self.val_fraction:.0%} of {len(train)} pairs of {self.dataset!r} "
-                "for validation: add pairs, raise val_fraction, or provide a val_split"
-            )
+            fix = ("label more pairs, or raise val_fraction" if self.store is not None
+                   else "add pairs, raise val_fraction, or provide a val_split")
+            raise DataConfigError(f"cannot hold out {self.val_fraction:.0%} of {len(train)} pairs of {self._source()} "
+                                  f"for validation: {fix}")
         held_out = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
         return held_out["train"], held_out["test"]
 
@@ -167,7 +205,7 @@ class PreferenceDataModule(L.LightningDataModule):
         missing = [column for column in self._columns() if column not in data.column_names]
         if missing:
             raise ValueError(
-                f"{split} data of {self.dataset!r} lacks column(s) {missing}; it has {data.column_names}: "
+                f"{split} data of {self._source()} lacks column(s) {missing}; it has {data.column_names}: "
                 f"set chosen_column/rejected_column/prompt_column"
             )
 
@@ -195,12 +233,13 @@ class PreferenceDataModule(L.LightningDataModule):
                 f"{split}: dropped {self.dropped[split]} of {before} pairs with empty or identical texts"
             )
         if len(data) == 0:
-            raise ValueError(f"no usable preference pairs in the {split} data of {self.dataset!r}")
+            raise ValueError(f"no usable preference pairs in the {split} data of {self._source()}")
         return data
 
     def prepare_data(self) -> None:
-        """Download/cache the source once (rank 0)."""
-        self._load_splits()
+        """Download/cache the source once (rank 0); a label store needs no download (``setup`` reads it)."""
+        if self.store is None:
+            self._load_splits()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None:
@@ -257,3 +296,15 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_data, shuffle=False)
+
+
+def _store_prompt_column(chosen_column: str, rejected_column: str, prompt_column: str | None) -> str:
+    """The prompt column of a module reading a label store: ``prompt``, the store's. Column options
+    naming other columns are refused: a store's pairs have no such columns."""
+    given = {"chosen_column": chosen_column, "rejected_column": rejected_column, "prompt_column": prompt_column}
+    clashes = [f"{key}={value!r}" for key, value in given.items()
+               if value is not None and value != STORE_COLUMNS[key]]
+    if clashes:
+        raise DataConfigError(f"a label store's pairs have the columns prompt/chosen/rejected: drop "
+                              f"{', '.join(clashes)} (they name a dataset's columns), or drop store")
+    return STORE_COLUMNS["prompt_column"]
