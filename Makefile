@@ -49,7 +49,7 @@ demo-rebuild: install
 tiny: install
 	$(OFFLINE) $(BIN)/flan-rlhf fit --config configs/tiny.yaml
 
-# Debian's chromium and chromium-driver, for the labelling page's browser test (tests/labelling/test_browser.py,
+# Debian's chromium and chromium-driver, for the labelling page's browser test (tests/tools/test_label_browser.py,
 # driven by Selenium; no browser download). Needs root or sudo; without them those tests skip, except in CI.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:

@@ -56,7 +56,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command("turn a checkpoint or adapter into a merged, int8 or adapter-only model folder",
                       "flan_rlhf.tools.export:main"),
     "label": Command("sample pairs of responses, serve a page to judge them, export the judgements (human feedback)",
-                     "flan_rlhf.labelling.command:main"),
+                     "flan_rlhf.tools.label:main"),
     "demo": Command("the whole pipeline offline: corpus, tokenizer, SFT, PPO (or RLOO, GRPO), before/after report",
                     "flan_rlhf.demo.pipeline:main"),
 }
@@ -97,7 +97,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from flan_rlhf.checkpointing import CheckpointError
     from flan_rlhf.data import DataConfigError
     from flan_rlhf.guards import NonFiniteError
-    from flan_rlhf.labelling.store import LabelStoreError
+    from flan_rlhf.label_store import LabelStoreError
     from flan_rlhf.logger_outputs import LoggerError
     from flan_rlhf.output_dirs import OutputDirError
     from flan_rlhf.policy import ModelLoadError

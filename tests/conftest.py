@@ -193,3 +193,17 @@ def ppo_runs(tmp_path_factory) -> dict[str, tuple]:
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = (config, result, folder)
     return runs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random FLAN-T5-architecture model with the ByT5 tokenizer, saved as a Hugging Face folder."""
+    from transformers import ByT5Tokenizer
+
+    from flan_rlhf.policy import build_t5_from_config
+
+    folder = tmp_path_factory.mktemp("tiny_policy")
+    tokenizer = ByT5Tokenizer()
+    build_t5_from_config(len(tokenizer), **TINY_T5).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

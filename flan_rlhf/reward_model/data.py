@@ -20,7 +20,7 @@ from flan_rlhf.errors import first_line
 from flan_rlhf.io import table_format
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # the flan_rlhf.io.FORMATS read as preference files
-#: the columns of the pairs a label store gives (:func:`flan_rlhf.labelling.store.preference_pairs`, TRL's names)
+#: the columns of the pairs a label store gives (:func:`flan_rlhf.label_store.preference_pairs`, TRL's names)
 STORE_COLUMNS = {"prompt_column": "prompt", "chosen_column": "chosen", "rejected_column": "rejected"}
 #: where a conversation's last turn to answer begins, in Anthropic/hh-rlhf's format
 ASSISTANT_TURN = "\n\nAssistant:"
@@ -163,7 +163,7 @@ class PreferenceDataModule(L.LightningDataModule):
         ties and 'both unacceptable' labels left out are logged."""
         from datasets import Dataset
 
-        from flan_rlhf.labelling.store import LabelStore, preference_pairs  # sqlalchemy only, not the web server
+        from flan_rlhf.label_store import LabelStore, preference_pairs  # sqlalchemy only, not the web server
 
         labels = LabelStore(self.store)
         try:

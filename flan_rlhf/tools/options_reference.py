@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-TOOL_COMMANDS = ("compare", "score", "generate", "export", "demo")
+TOOL_COMMANDS = ("compare", "score", "generate", "export", "label", "demo")
 
 #: The classes a training YAML selects, whose options follow ``--model.`` / ``--data.``.
 MODEL_CLASSES = ("flan_rlhf.module.PPOModule", "flan_rlhf.critic_free.RLOOModule", "flan_rlhf.critic_free.GRPOModule",

@@ -15,6 +15,7 @@ two responses are the same text are not stored (nothing to choose between).
 from __future__ import annotations
 
 import getpass
+import os
 import secrets
 import socket
 import sys
@@ -24,11 +25,14 @@ from typing import Any
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 
-from flan_rlhf.labelling.store import LabelStore, LabelStoreError, preference_pairs
+from flan_rlhf.label_store import LabelStore, LabelStoreError, preference_pairs
 from flan_rlhf.progress import RowProgress, seconds
 from flan_rlhf.settings import GenerationSettings, SettingsError, check_generation_settings
 from flan_rlhf.tools.command import UsageError, run_tool
 from flan_rlhf.tools.generate import decode, generate_ids, load_generation_model, read_prompts, write_jsonl
+
+#: where ``--token`` is read from when not given (a command line is visible to other users in ``ps``)
+TOKEN_VARIABLE = "FLAN_RLHF_LABEL_TOKEN"
 
 
 def source_of(model: str, adapter: str | None, generation: GenerationSettings, seed: int, draw: int) -> dict[str, Any]:
@@ -101,7 +105,8 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
         host: the address to serve on. 127.0.0.1 (default) is this machine only; any other address
             needs a ``token`` (one is made and printed if none is given).
         port: the port to serve on.
-        token: the token every labeller types into the page (needed off 127.0.0.1).
+        token: the token every labeller types into the page (needed off 127.0.0.1); default: the
+            ``FLAN_RLHF_LABEL_TOKEN`` environment variable (other users can read a command line, not it).
         labeller: the name stored with each label unless the page sets one (default: your user name).
         lease_seconds: how long a served pair stays with its page before another page may get it.
         export: write the store's prompt/chosen/rejected pairs to this .jsonl file and stop.
@@ -111,10 +116,11 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
     Returns:
         the closing summary.
     """
-    from flan_rlhf.labelling.server import is_loopback
+    from flan_rlhf.tools.label_page import is_loopback
 
     if not serve and data is None and export is None:
         raise UsageError("nothing to do: pass --data to sample pairs, --serve true to label, or --export FILE")
+    token = token or os.environ.get(TOKEN_VARIABLE) or None
     if serve and not is_loopback(host) and token is None:
         token = secrets.token_urlsafe(16)
         print(f"label: serving on {host} needs a token; labellers type this one into the page: {token}", flush=True)
@@ -181,7 +187,7 @@ def serve_page(labels: LabelStore, host: str, port: int, token: str | None, labe
     """Serve the labelling page until Ctrl+C (uvicorn; one process, requests on its thread pool)."""
     import uvicorn
 
-    from flan_rlhf.labelling.server import create_app
+    from flan_rlhf.tools.label_page import create_app
 
     app = create_app(labels, default_labeller=labeller, token=token)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -5,14 +5,23 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from flan_rlhf.labelling.store import LabelStore
-from tests.conftest import error_lines, run_command
-from tests.labelling.conftest import LABEL_PROMPTS, LabelServer, api
+from flan_rlhf.label_store import LabelStore
+from tests.conftest import PROMPTS, error_lines, run_command
+from tests.label_helpers import LabelServer, api
 
+LABEL_PROMPTS = PROMPTS[:8]
 SAMPLE = ("--max_new_tokens", "12", "--serve", "false")
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in LABEL_PROMPTS))
+    return path
 
 
 def test_sampling_fills_the_store_once_and_a_restart_samples_nothing(tmp_path, tiny_model_dir, prompts_file):
@@ -180,3 +189,17 @@ def test_a_killed_server_keeps_every_acknowledged_label_and_restarts_where_it_wa
         assert served["pair"]["pair_id"] not in stored
     finally:
         restarted.stop()
+
+
+def test_the_token_can_come_from_the_environment(tmp_path):
+    url = f"sqlite:///{tmp_path}/labels.db"
+    LabelStore(url, create=True).add_pairs([{"prompt": "p", "response_a": "a", "response_b": "b",
+                                             "source_a": {}, "source_b": {}}])
+    server = LabelServer(["--store", url], tmp_path / "server.log", env={"FLAN_RLHF_LABEL_TOKEN": "from-env-token"})
+    try:
+        assert api(f"{server.url}/api/next?client=clientAAAA")[0] == 401
+        status, served = api(f"{server.url}/api/next?client=clientAAAA", headers={"X-Label-Token": "from-env-token"})
+        assert status == 200 and served["pair"]["prompt"] == "p"
+    finally:
+        server.stop()
+    assert "from-env-token" not in (tmp_path / "server.log").read_text()  # not printed: its owner set it

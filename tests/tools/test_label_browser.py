@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from flan_rlhf.labelling.store import LabelStore
-from tests.labelling.conftest import LabelServer
+from flan_rlhf.label_store import LabelStore
+from tests.label_helpers import LabelServer
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):

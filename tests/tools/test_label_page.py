@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from flan_rlhf.labelling.server import TOKEN_HEADER, create_app, is_loopback
-from flan_rlhf.labelling.store import LabelStore
-from tests.labelling.test_store import A, B, pair_rows
+from flan_rlhf.tools.label_page import TOKEN_HEADER, create_app, is_loopback
+from flan_rlhf.label_store import LabelStore
+from tests.test_label_store import A, B, pair_rows
 
 
 @pytest.fixture

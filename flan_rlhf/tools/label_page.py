@@ -1,4 +1,4 @@
-"""The labelling page's web app: FastAPI over a :class:`~flan_rlhf.labelling.store.LabelStore`.
+"""The labelling page's web app: FastAPI over a :class:`~flan_rlhf.label_store.LabelStore`.
 
 FastAPI rather than Gradio: the page needs keyboard shortcuts, undo and a per-tab lease, which in
 Gradio would be custom JavaScript anyway, and every request body is validated by a pydantic model
@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from flan_rlhf.labelling.store import LabelRefused, LabelStore
+from flan_rlhf.label_store import LabelRefused, LabelStore
 
 #: a page's client id: random letters and digits the page draws once per tab
 CLIENT_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"

@@ -1,4 +1,4 @@
-"""A tiny saved policy, a prompts file, and a ``flan-rlhf label`` server in a subprocess, for the labelling tests."""
+"""A ``flan-rlhf label`` server in a subprocess and requests to its API, for the labelling tests."""
 from __future__ import annotations
 
 import json
@@ -10,32 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import CHECKOUT, PROMPTS, TINY_T5
-
-LABEL_PROMPTS = PROMPTS[:8]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """A random FLAN-T5-architecture model with the ByT5 tokenizer, saved as a Hugging Face folder."""
-    from transformers import ByT5Tokenizer
-
-    from flan_rlhf.policy import build_t5_from_config
-
-    folder = tmp_path_factory.mktemp("tiny_policy")
-    tokenizer = ByT5Tokenizer()
-    build_t5_from_config(len(tokenizer), **TINY_T5).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture
-def prompts_file(tmp_path) -> Path:
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in LABEL_PROMPTS))
-    return path
+from tests.conftest import CHECKOUT
 
 
 def free_port() -> int:
@@ -47,11 +22,11 @@ def free_port() -> int:
 class LabelServer:
     """``flan-rlhf label ... --port P`` in a subprocess; ``url`` once it answers."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log, "ab") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "flan_rlhf.cli", "label", *args,
                                              "--port", str(self.port)], stdout=out, stderr=subprocess.STDOUT,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from flan_rlhf.labelling.store import (LabelRefused, LabelStore, LabelStoreError, preference_pairs,
+from flan_rlhf.label_store import (LabelRefused, LabelStore, LabelStoreError, preference_pairs,
                                        winning_response)
 
 A, B = "clientAAAA", "clientBBBB"

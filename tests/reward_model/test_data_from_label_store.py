@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flan_rlhf.labelling.store import LabelStore, preference_pairs
+from flan_rlhf.label_store import LabelStore, preference_pairs
 from flan_rlhf.reward_model import PreferenceDataModule
 from tests.conftest import CHECKOUT, error_lines, run_command
 
