@@ -91,9 +91,20 @@ class Pair:
         return {"pair_id": self.id, "prompt": self.prompt, "left": self.left, "right": self.right}
 
 
+def parse_store_url(url: str) -> sa.URL:
+    """``url`` parsed, or :class:`LabelStoreError` naming the fix (``labels.db`` -> ``sqlite:///labels.db``)."""
+    if "://" not in url:
+        raise LabelStoreError(f"label store {url!r} is not a database URL - pass sqlite:///{url} for a file")
+    try:
+        return sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise LabelStoreError(f"label store {url!r} is not a database URL - pass e.g. sqlite:///labels.db "
+                              "(a file next to you) or postgresql://user@host/labels") from None
+
+
 def sqlite_path(url: str) -> str | None:
     """The file of a ``sqlite:///FILE`` URL (``None`` for an in-memory or non-SQLite database)."""
-    parsed = sa.engine.make_url(url)
+    parsed = parse_store_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return parsed.database
@@ -101,11 +112,7 @@ def sqlite_path(url: str) -> str | None:
 
 def _engine(url: str) -> sa.Engine:
     """An engine for ``url``; SQLite gets ``BEGIN IMMEDIATE`` transactions, WAL and a 30 s busy timeout."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise LabelStoreError(f"label store {url!r} is not a database URL - pass e.g. sqlite:///labels.db "
-                              "(a file next to you) or postgresql://user@host/labels") from None
+    parsed = parse_store_url(url)
     try:
         engine = sa.create_engine(parsed)
     except (ImportError, sa.exc.NoSuchModuleError) as err:
@@ -141,9 +148,7 @@ class LabelStore:
     def __init__(self, url: str, create: bool = False, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.url = url
         self.lease_seconds = lease_seconds
-        path = sqlite_path(url) if "://" in url else None
-        if "://" not in url:
-            raise LabelStoreError(f"label store {url!r} is not a database URL - pass sqlite:///{url} for a file")
+        path = sqlite_path(url)
         if path is not None and not create and not os.path.isfile(path):
             raise LabelStoreError(f"no label store at {path} ({url}) - label pairs first with "
                                   f"`flan-rlhf label --store {url} ...`, or fix the path")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 
-from flan_rlhf.label_store import LabelStore, LabelStoreError, preference_pairs
+from flan_rlhf.label_store import LabelStore, LabelStoreError, preference_pairs, sqlite_path
 from flan_rlhf.progress import RowProgress, seconds
 from flan_rlhf.settings import GenerationSettings, SettingsError, check_generation_settings
 from flan_rlhf.tools.command import UsageError, run_tool
@@ -116,25 +116,24 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
     Returns:
         the closing summary.
     """
-    from flan_rlhf.tools.label_page import is_loopback
-
     if not serve and data is None and export is None:
         raise UsageError("nothing to do: pass --data to sample pairs, --serve true to label, or --export FILE")
-    token = token or os.environ.get(TOKEN_VARIABLE) or None
-    if serve and not is_loopback(host) and token is None:
-        token = secrets.token_urlsafe(16)
-        print(f"label: serving on {host} needs a token; labellers type this one into the page: {token}", flush=True)
     if export is not None and data is not None:
         raise UsageError("--export writes the labels already in the store; drop --data (sample and serve first)")
-    labels = LabelStore(store, create=export is None, lease_seconds=lease_seconds)
+    path = sqlite_path(store)  # a bad URL is refused first
+    if data is None and export is None and path is not None and not os.path.isfile(path):
+        raise UsageError(f"no label store at {path} - pass --data prompts.jsonl and --model to sample pairs into it")
+    if data is not None:  # checked before the store is made
+        prompts, generation = prompts_to_sample(data, model, prompt_column, template, max_prompts, max_new_tokens,
+                                                temperature, top_k, top_p)
+    labels = LabelStore(store, create=data is not None, lease_seconds=lease_seconds)
     try:
         if export is not None:
             return export_pairs(labels, export, overwrite)
         added = 0
         if data is not None:
-            added = add_sampled_pairs(labels, data, model, adapter, model_b, adapter_b, tokenizer, prompt_column,
-                                      template, max_prompts, max_new_tokens, temperature, top_k, top_p, batch_size,
-                                      max_prompt_tokens, seed, trust_remote_code)
+            added = add_sampled_pairs(labels, prompts, generation, model, adapter, model_b, adapter_b, tokenizer,
+                                      batch_size, max_prompt_tokens, seed, trust_remote_code)
         progress = labels.progress()
         summary = f"label: {added} new pairs; {progress['labelled']} of {progress['total']} labelled in {store}"
         if serve:
@@ -148,17 +147,22 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
         labels.close()
 
 
-def add_sampled_pairs(labels: LabelStore, data: str, model: str | None, adapter: str | None, model_b: str | None,
-                      adapter_b: str | None, tokenizer: str | None, prompt_column: str, template: str,
-                      max_prompts: int | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                      batch_size: int, max_prompt_tokens: int, seed: int, trust_remote_code: bool) -> int:
-    """Sample and store a pair for each prompt of ``data`` the store lacks; returns how many were added."""
+def prompts_to_sample(data: str, model: str | None, prompt_column: str, template: str, max_prompts: int | None,
+                      max_new_tokens: int, temperature: float, top_k: int, top_p: float
+                      ) -> tuple[list[str], GenerationSettings]:
+    """``(prompts, decoding settings)`` of ``--data``, checked before anything is opened or made."""
     if model is None:
         raise UsageError("--data needs --model: the policy to sample the responses from")
     generation = check_generation_settings(GenerationSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p), "--", training=False)
     rows = read_prompts(data, prompt_column, template)[:max_prompts]
-    prompts = list(dict.fromkeys(row["prompt"] for row in rows))  # a prompt repeated in the file is one pair
+    return list(dict.fromkeys(row["prompt"] for row in rows)), generation  # a repeated prompt is one pair
+
+
+def add_sampled_pairs(labels: LabelStore, prompts: list[str], generation: GenerationSettings, model: str,
+                      adapter: str | None, model_b: str | None, adapter_b: str | None, tokenizer: str | None,
+                      batch_size: int, max_prompt_tokens: int, seed: int, trust_remote_code: bool) -> int:
+    """Sample and store a pair for each of ``prompts`` the store lacks; returns how many were added."""
     two_policies = model_b is not None or adapter_b is not None
     name_b = model_b or model
     source_a = source_of(model, adapter, generation, seed, 1)
@@ -184,12 +188,18 @@ def add_sampled_pairs(labels: LabelStore, data: str, model: str | None, adapter:
 
 
 def serve_page(labels: LabelStore, host: str, port: int, token: str | None, labeller: str) -> None:
-    """Serve the labelling page until Ctrl+C (uvicorn; one process, requests on its thread pool)."""
+    """Serve the labelling page until Ctrl+C (uvicorn; one process, requests on its thread pool); off loopback
+    with ``token`` (else ``FLAN_RLHF_LABEL_TOKEN``, else one made and printed)."""
     import uvicorn
 
-    from flan_rlhf.tools.label_page import create_app
+    from flan_rlhf.tools.label_page import LOOPBACK_NAMES, create_app, is_loopback
 
-    app = create_app(labels, default_labeller=labeller, token=token)
+    token = token or os.environ.get(TOKEN_VARIABLE) or None
+    if not is_loopback(host) and token is None:
+        token = secrets.token_urlsafe(16)
+        print(f"label: serving on {host} needs a token; labellers type this one into the page: {token}", flush=True)
+    app = create_app(labels, default_labeller=labeller, token=token,
+                     allowed_hosts=LOOPBACK_NAMES if is_loopback(host) else None)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:  # bound here, not by uvicorn, so a taken port is one line (uvicorn logs it and exits 1)
         listener = socket.create_server((host, port), family=family)

@@ -11,8 +11,9 @@ Routes: ``GET /`` the page (it holds no data); ``GET /api/next?client=ID`` the p
 should judge (leased to it) and the progress; ``POST /api/label`` one judgement; ``POST /api/undo``
 the page's latest judgement taken back. Errors are ``{"error": "<one line>"}`` with 401 (token),
 404 (unknown pair), 409 (a replayed label, a pair another page holds, nothing to undo) or 422
-(a malformed body). With a token set, every ``/api`` request must carry it in ``X-Label-Token``;
-the page asks for it.
+(a malformed body, or a body not sent as ``application/json``, which a cross-site form cannot send).
+With a token set, every ``/api`` request must carry it in ``X-Label-Token``; the page asks for it.
+Served on loopback, only requests naming a loopback host are answered (400 otherwise).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from flan_rlhf.label_store import LabelRefused, LabelStore
 #: a page's client id: random letters and digits the page draws once per tab
 CLIENT_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 TOKEN_HEADER = "X-Label-Token"
+#: the names a page served on loopback may be opened by
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class LabelBody(BaseModel):
@@ -71,13 +74,31 @@ def page_html(default_labeller: str) -> str:
     return page.replace("__DEFAULT_LABELLER__", name)
 
 
-def create_app(store: LabelStore, default_labeller: str = "labeller", token: str | None = None) -> FastAPI:
-    """The labelling app over ``store``; ``token``: required in ``X-Label-Token`` on every ``/api`` request."""
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, without its port: ``127.0.0.1:8765`` -> ``127.0.0.1``, ``[::1]:80`` -> ``::1``."""
+    if header.startswith("["):
+        return header[1:header.find("]")]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def create_app(store: LabelStore, default_labeller: str = "labeller", token: str | None = None,
+               allowed_hosts: frozenset[str] | None = None) -> FastAPI:
+    """The labelling app over ``store``.
+
+    Args:
+        token: required in ``X-Label-Token`` on every ``/api`` request.
+        allowed_hosts: the only ``Host`` names answered (``None``: any). Served on loopback these are
+            ``LOOPBACK_NAMES``, so a web page that rebinds its own domain to 127.0.0.1 (DNS rebinding)
+            cannot read or write labels through the visitor's browser.
+    """
     app = FastAPI(title="flan-rlhf labelling", docs_url=None, redoc_url=None, openapi_url=None)
     page = page_html(default_labeller)
 
     @app.middleware("http")
-    async def require_token(request: Request, call_next):
+    async def require_host_and_token(request: Request, call_next):
+        if allowed_hosts is not None and host_name(request.headers.get("host", "")) not in allowed_hosts:
+            return JSONResponse({"error": f"this labelling server answers only to {', '.join(sorted(allowed_hosts))} "
+                                          "- open it by that name"}, status_code=400)
         if token is not None and request.url.path.startswith("/api/"):
             given = request.headers.get(TOKEN_HEADER, "")
             if not hmac.compare_digest(given.encode(), token.encode()):

@@ -86,15 +86,18 @@ def test_export_round_trips_the_preferences(tmp_path):
     (["--store", "sqlite:///{tmp}/l.db", "--serve", "false", "--data", "{tmp}/missing.jsonl", "--model", "m"],
      "does not exist"),
     (["--store", "sqlite:///{tmp}/l.db", "--serve", "false", "--data", "{prompts}"], "--data needs --model"),
-    (["--store", "sqlite:///{tmp}/l.db"], "holds no pairs to label"),
+    (["--store", "sqlite:///{tmp}/l.db"], "no label store at"),
+    (["--store", "sqlite:///{tmp}/empty.db"], "holds no pairs to label"),
     (["--store", "sqlite:///{tmp}/l.db", "--serve", "false", "--data", "{prompts}", "--model", "m", "--top_p", "2"],
      "top_p"),
 ])
 def test_bad_input_is_one_line_with_status_2(tmp_path, prompts_file, args, message):
+    LabelStore(f"sqlite:///{tmp_path}/empty.db", create=True).close()
     args = [arg.format(tmp=tmp_path, prompts=prompts_file) for arg in args]
     code, _, err = run_command("label", *args)
     lines = error_lines(err)
     assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
+    assert not (tmp_path / "l.db").exists() and not (tmp_path / "none.db").exists()  # nothing made for nothing
 
 
 def test_a_taken_port_is_one_line(tmp_path):

@@ -186,3 +186,28 @@ def _alert(driver) -> bool:
     except Exception:  # noqa: BLE001 - NoAlertPresentException until the page asks
         time.sleep(0.1)
         return False
+
+
+def test_a_pair_lost_to_another_labeller_is_refused_and_the_page_moves_on(tmp_path, browser):
+    from tests.label_helpers import api
+
+    url = f"sqlite:///{tmp_path}/labels.db"
+    store = store_with_pairs(url)
+    server = LabelServer(["--store", url, "--lease_seconds", "1"], tmp_path / "server.log")
+    try:
+        browser.get(server.url + "/")
+        wait_for_progress(browser, 0)
+        held = shown(browser)
+        time.sleep(1.5)  # the page's lease runs out; another labeller is given the pair and judges it
+        status, served = api(f"{server.url}/api/next?client=otherlabeller")
+        assert status == 200 and served["pair"]["pair_id"] == held[0]
+        assert api(f"{server.url}/api/label", "POST", {"pair_id": held[0], "client": "otherlabeller",
+                                                       "choice": "right", "labeller": "bob"})[0] == 200
+        press(browser, "1")
+        WebDriverWait(browser, 30).until(lambda d: "not held by this page" in d.find_element(By.ID, "status").text
+                                         or "already labelled" in d.find_element(By.ID, "status").text)
+        WebDriverWait(browser, 30).until(lambda d: shown(d)[0] != held[0])  # the next pair, without a reload
+        assert browser.find_element(By.ID, "progress").text == "1 / 6 labelled"
+    finally:
+        server.stop()
+    assert [(j["id"], j["choice"], j["labeller"]) for j in store.judgements()] == [(held[0], "right", "bob")]

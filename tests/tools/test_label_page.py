@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from flan_rlhf.tools.label_page import TOKEN_HEADER, create_app, is_loopback
+from flan_rlhf.tools.label_page import LOOPBACK_NAMES, TOKEN_HEADER, create_app, host_name, is_loopback
 from flan_rlhf.label_store import LabelStore
 from tests.test_label_store import A, B, pair_rows
 
@@ -84,3 +84,32 @@ def test_the_page_carries_the_default_labeller_escaped(store):
                                             ("0.0.0.0", False), ("192.168.1.5", False), ("example.org", False)])
 def test_loopback_hosts(host, loopback):
     assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("header, name", [("127.0.0.1:8765", "127.0.0.1"), ("localhost", "localhost"),
+                                          ("[::1]:8765", "::1"), ("evil.example:80", "evil.example")])
+def test_host_name_by_hand(header, name):
+    assert host_name(header) == name
+
+
+def test_on_loopback_only_loopback_names_are_answered(store):
+    """A page whose domain an attacker rebinds to 127.0.0.1 (DNS rebinding) names its own host: refused."""
+    client = TestClient(create_app(store, allowed_hosts=LOOPBACK_NAMES))
+    for host in ("127.0.0.1:8765", "localhost:8765", "[::1]:8765"):
+        assert client.get("/api/next", params={"client": A}, headers={"Host": host}).status_code == 200
+    refused = client.get("/api/next", params={"client": A}, headers={"Host": "evil.example:8765"})
+    assert refused.status_code == 400 and "answers only to" in refused.json()["error"]
+    body = {"pair_id": 1, "client": A, "choice": "left", "labeller": "ann"}
+    assert client.post("/api/label", json=body, headers={"Host": "evil.example"}).status_code == 400
+    assert store.judgements() == []
+
+
+def test_a_body_not_sent_as_json_is_refused(store):
+    """A cross-site HTML form can post text/plain but not application/json: such a body writes nothing."""
+    import json
+
+    client = TestClient(create_app(store))
+    pair = client.get("/api/next", params={"client": A}).json()["pair"]
+    body = json.dumps({"pair_id": pair["pair_id"], "client": A, "choice": "left", "labeller": "ann"})
+    response = client.post("/api/label", content=body, headers={"Content-Type": "text/plain"})
+    assert response.status_code == 422 and store.judgements() == []
