@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -49,11 +50,18 @@ PAIRS = [
 ]
 
 
-def store_with_pairs(url: str) -> LabelStore:
+@contextmanager
+def serving(folder, *args: str):
+    """A store of :data:`PAIRS` in ``folder`` and ``flan-rlhf label --store it *args`` serving it: ``(store, server)``."""
+    url = f"sqlite:///{folder}/labels.db"
     store = LabelStore(url, create=True)
     store.add_pairs([{"prompt": prompt, "response_a": a, "response_b": b, "source_a": {"model": "demo", "draw": 1},
                       "source_b": {"model": "demo", "draw": 2}} for prompt, a, b in PAIRS], seed=0)
-    return store
+    server = LabelServer(["--store", url, *args], folder / "server.log")
+    try:
+        yield store, server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -92,11 +100,8 @@ def press(driver, key: str) -> None:
 
 
 def test_label_by_clicks_and_keys_undo_reload_and_the_store_is_exact(tmp_path, browser):
-    url = f"sqlite:///{tmp_path}/labels.db"
-    store = store_with_pairs(url)
-    server = LabelServer(["--store", url, "--labeller", "ann"], tmp_path / "server.log")
     given: list[tuple[int, str, str, str]] = []  # (pair id, choice, note, labeller) the store must hold
-    try:
+    with serving(tmp_path, "--labeller", "ann") as (store, server):
         browser.get(server.url + "/")
         wait_for_progress(browser, 0)
         first = shown(browser)
@@ -145,8 +150,6 @@ def test_label_by_clicks_and_keys_undo_reload_and_the_store_is_exact(tmp_path, b
         WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "done").is_displayed())
         assert browser.find_element(By.ID, "progress").text == "6 / 6 labelled"
         assert browser.find_element(By.ID, "status").text == ""  # no error was shown
-    finally:
-        server.stop()
     assert len({pair_id for pair_id, *_ in given}) == len(PAIRS)
     judgements = store.judgements()
     assert [(j["id"], j["choice"], j["note"], j["labeller"]) for j in judgements] == given
@@ -160,11 +163,8 @@ def test_label_by_clicks_and_keys_undo_reload_and_the_store_is_exact(tmp_path, b
 
 
 def test_off_loopback_the_page_asks_for_the_token(tmp_path, browser):
-    url = f"sqlite:///{tmp_path}/labels.db"
-    store = store_with_pairs(url)
     # a token set explicitly; the page is still reached over loopback, where the token is checked all the same
-    server = LabelServer(["--store", url, "--token", "tok-123456"], tmp_path / "server.log")
-    try:
+    with serving(tmp_path, "--token", "tok-123456") as (store, server):
         browser.get(server.url + "/")
         WebDriverWait(browser, 30).until(lambda d: _alert(d))
         alert = browser.switch_to.alert
@@ -174,8 +174,6 @@ def test_off_loopback_the_page_asks_for_the_token(tmp_path, browser):
         wait_for_progress(browser, 0)
         press(browser, "1")
         wait_for_progress(browser, 1)
-    finally:
-        server.stop()
     assert [j["choice"] for j in store.judgements()] == ["left"]
 
 
@@ -191,10 +189,7 @@ def _alert(driver) -> bool:
 def test_a_pair_lost_to_another_labeller_is_refused_and_the_page_moves_on(tmp_path, browser):
     from tests.label_helpers import api
 
-    url = f"sqlite:///{tmp_path}/labels.db"
-    store = store_with_pairs(url)
-    server = LabelServer(["--store", url, "--lease_seconds", "1"], tmp_path / "server.log")
-    try:
+    with serving(tmp_path, "--lease_seconds", "1") as (store, server):
         browser.get(server.url + "/")
         wait_for_progress(browser, 0)
         held = shown(browser)
@@ -208,6 +203,4 @@ def test_a_pair_lost_to_another_labeller_is_refused_and_the_page_moves_on(tmp_pa
                                          or "already labelled" in d.find_element(By.ID, "status").text)
         WebDriverWait(browser, 30).until(lambda d: shown(d)[0] != held[0])  # the next pair, without a reload
         assert browser.find_element(By.ID, "progress").text == "1 / 6 labelled"
-    finally:
-        server.stop()
     assert [(j["id"], j["choice"], j["labeller"]) for j in store.judgements()] == [(held[0], "right", "bob")]
