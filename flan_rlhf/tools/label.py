@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 
+from flan_rlhf.interrupts import set_activity
 from flan_rlhf.label_store import LabelStore, LabelStoreError, preference_pairs, sqlite_path
 from flan_rlhf.progress import RowProgress, seconds
 from flan_rlhf.settings import GenerationSettings, SettingsError, check_generation_settings
@@ -208,6 +209,7 @@ def serve_page(labels: LabelStore, host: str, port: int, token: str | None, labe
     shown = f"[{host}]" if ":" in host else host
     print(f"label: open http://{shown}:{port}/ to label (keys 1 left, 2 right, 3 tie, 4 both unacceptable, "
           "U undo); Ctrl+C stops, every label is already saved", flush=True)
+    set_activity("serving the labelling page", "every label given is saved; the same command serves the rest")
     with listener:
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
