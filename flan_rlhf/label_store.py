@@ -159,7 +159,11 @@ class LabelStore:
         try:
             self._open(create)
         except sa.exc.DatabaseError as err:
-            raise LabelStoreError(f"label store {url!r} cannot be opened ({str(err.orig or err).splitlines()[0]}) - "
+            reason = str(err.orig or err).splitlines()[0]
+            if path is None and isinstance(err, sa.exc.OperationalError):
+                raise LabelStoreError(f"label store {url!r} cannot be reached ({reason}) - check that the database "
+                                      "server runs and the URL's user, host, port and database name") from None
+            raise LabelStoreError(f"label store {url!r} cannot be opened ({reason}) - "
                                   "pass a label store written by `flan-rlhf label`, or a new file") from None
 
     def _open(self, create: bool) -> None:

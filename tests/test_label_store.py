@@ -1,6 +1,7 @@
 """The label store: leases, labels, undo, refusals, and two clients at once."""
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -18,9 +19,31 @@ def pair_rows(n: int) -> list[dict]:
              "source_a": {"model": "m", "draw": 1}, "source_b": {"model": "m", "draw": 2}} for i in range(n)]
 
 
+#: a server database to run the store's tests on too (its label tables are dropped first), e.g.
+#: postgresql+psycopg://postgres@127.0.0.1:5439/labels (docs/development.md#the-label-store-on-a-server-database)
+SERVER_URL = os.environ.get("FLAN_RLHF_TEST_DATABASE_URL")
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def store_url(request, tmp_path) -> str:
+    """A new, empty store's URL: a SQLite file, and the server database when ``FLAN_RLHF_TEST_DATABASE_URL`` names one."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/labels.db"
+    if not SERVER_URL:
+        pytest.skip("FLAN_RLHF_TEST_DATABASE_URL names no server database")
+    import sqlalchemy as sa
+
+    from flan_rlhf.label_store import metadata
+
+    engine = sa.create_engine(SERVER_URL)
+    metadata.drop_all(engine)
+    engine.dispose()
+    return SERVER_URL
+
+
 @pytest.fixture
-def store(tmp_path):
-    labels = LabelStore(f"sqlite:///{tmp_path}/labels.db", create=True)
+def store(store_url):
+    labels = LabelStore(store_url, create=True)
     labels.add_pairs(pair_rows(5), seed=0)
     yield labels
     labels.close()
@@ -35,8 +58,8 @@ def test_winning_response_by_hand():
     assert winning_response("both_unacceptable", "b") is None
 
 
-def test_shown_order_is_drawn_per_pair_and_recorded(tmp_path):
-    labels = LabelStore(f"sqlite:///{tmp_path}/many.db", create=True)
+def test_shown_order_is_drawn_per_pair_and_recorded(store_url):
+    labels = LabelStore(store_url, create=True)
     labels.add_pairs(pair_rows(40), seed=3)
     shown = [labels.next_pair(f"client{i:06d}") for i in range(40)]
     lefts = [pair.left[0] for pair in shown]
@@ -116,8 +139,8 @@ def test_refused_labels_write_nothing(store):
     assert len(store.judgements()) == 1
 
 
-def test_an_expired_lease_lets_another_client_take_the_pair(tmp_path):
-    labels = LabelStore(f"sqlite:///{tmp_path}/lease.db", create=True, lease_seconds=-1.0)  # every lease already over
+def test_an_expired_lease_lets_another_client_take_the_pair(store_url):
+    labels = LabelStore(store_url, create=True, lease_seconds=-1.0)  # every lease already over
     labels.add_pairs(pair_rows(1))
     held = labels.next_pair(A)
     assert labels.next_pair(B) == held
@@ -125,8 +148,8 @@ def test_an_expired_lease_lets_another_client_take_the_pair(tmp_path):
         labels.add_label(held.id, A, "left", "ann")
 
 
-def test_two_clients_at_once_never_hold_the_same_pair_and_lose_no_label(tmp_path):
-    url = f"sqlite:///{tmp_path}/race.db"
+def test_two_clients_at_once_never_hold_the_same_pair_and_lose_no_label(store_url):
+    url = store_url
     LabelStore(url, create=True).add_pairs(pair_rows(60))
     judged: dict[str, list[int]] = {A: [], B: []}
     errors: list[BaseException] = []
@@ -180,3 +203,11 @@ def test_a_file_that_is_not_a_label_store_is_refused_and_kept(tmp_path):
     with pytest.raises(LabelStoreError, match="cannot be opened"):
         LabelStore(f"sqlite:///{text}")
     assert text.read_text() == "not a database\n" * 100
+
+
+def test_an_unreachable_server_database_is_one_line():
+    from tests.label_helpers import free_port
+
+    url = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/labels"  # nothing listens there
+    with pytest.raises(LabelStoreError, match="cannot be reached .* - check that the database server runs"):
+        LabelStore(url)
