@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from flan_rlhf.quiet import library_progress_bars_off
 from flan_rlhf.t5_fused import encode_prompts, fused_decode, fused_forward
 from flan_rlhf.tokens import PromptTokenLimit
 
@@ -255,7 +256,8 @@ def load_seq2seq_model(name_or_path: str, trust_remote_code: bool = False, dtype
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map=quantized_device_map())
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
+        with library_progress_bars_off():
+            return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(_load_hint("model", name_or_path, err)) from err
     except (ImportError, RuntimeError) as err:  # transformers' bitsandbytes checks (version, backend of this device)
@@ -624,16 +626,9 @@ def save_adapter(actor: ActorCritic, tokenizer, out_dir: str, final_dir: str | N
             adapter_config = json.load(handle)
         recorded = adapter_config.get("base_model_name_or_path")
         if not recorded:  # built from t5_config: the base itself goes beside the adapter
-            from transformers.utils import logging as hf_logging
-
             base = copy.deepcopy(actor.policy).unload()  # peft: the LoRA layers out, base weights untouched
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # no "Writing model shards" bar for one small file
-            try:
+            with library_progress_bars_off():  # no "Writing model shards" bar for one small file
                 base.save_pretrained(os.path.join(out_dir, BASE_SUBFOLDER), safe_serialization=True)
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(os.path.join(out_dir, BASE_SUBFOLDER))
             del base

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 # (message regex, category, why it is harmless) for the ``warnings`` module.
 HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
@@ -56,6 +58,30 @@ HARMLESS_LOG_RECORDS: tuple[tuple[str, str, str], ...] = (
      "well inside float16's range, and the feed-forward output `wo`, whose inputs are large, stays float32 "
      "(transformers' T5 `_keep_in_fp32_modules`)"),
 )
+
+
+@contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """transformers' (and the Hub's) and ``datasets``' own progress bars off inside the block, restored after.
+
+    For steps of a fraction of a second inside a command that shows its own progress: loading a saved
+    model ("Loading weights"), writing one small file, filtering a small table ("Filter"); their bars
+    would be the only foreign lines around the project's.
+    """
+    from datasets.utils import logging as datasets_logging
+    from transformers.utils import logging as hf_logging
+
+    transformers_on, datasets_on = hf_logging.is_progress_bar_enabled(), datasets_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+        if datasets_on:
+            datasets_logging.enable_progress_bar()
+
 
 class _DropMatching(logging.Filter):
     """A ``logging`` filter that drops the records whose message matches ``pattern``."""

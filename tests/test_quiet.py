@@ -59,3 +59,24 @@ def test_warnings(message, category, dropped):
         warnings.warn(message, category)
     assert (not caught) == dropped, [str(w.message) for w in caught]
     assert len(HARMLESS_WARNINGS) == len({pattern for pattern, _, _ in HARMLESS_WARNINGS})
+
+
+def test_loading_a_saved_model_and_filtering_pairs_print_no_library_bar(tiny_model_dir, tmp_path, capfd):
+    """transformers' "Loading weights" and datasets' "Filter" bars stay off inside the block, and are on after."""
+    import json
+
+    from datasets.utils import logging as datasets_logging
+    from transformers.utils import logging as hf_logging
+
+    from flan_rlhf.policy import load_seq2seq_model
+    from flan_rlhf.reward_model import PreferenceDataModule
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"
+                             for i in range(40)))
+    capfd.readouterr()
+    load_seq2seq_model(tiny_model_dir, False)
+    PreferenceDataModule(dataset=str(pairs), prompt_column="prompt").setup("fit")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Filter" not in err, err
+    assert hf_logging.is_progress_bar_enabled() and datasets_logging.is_progress_bar_enabled()

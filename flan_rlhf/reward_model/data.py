@@ -18,6 +18,7 @@ from flan_rlhf.data.loading import DataConfigError, load_source
 from flan_rlhf.data.stream import PromptBatchStream, stream_position
 from flan_rlhf.errors import first_line
 from flan_rlhf.io import table_format
+from flan_rlhf.quiet import library_progress_bars_off
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # the flan_rlhf.io.FORMATS read as preference files
 #: the columns of the pairs a label store gives (:func:`flan_rlhf.label_store.preference_pairs`, TRL's names)
@@ -226,7 +227,8 @@ class PreferenceDataModule(L.LightningDataModule):
             return bool(str(chosen).strip() and str(rejected).strip())
 
         before = len(data)
-        data = data.filter(has_preference)
+        with library_progress_bars_off():  # the project's data line says what was dropped
+            data = data.filter(has_preference)
         self.dropped[split] = before - len(data)
         if self.dropped[split]:
             rank_zero_info(
