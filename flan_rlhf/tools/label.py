@@ -119,6 +119,8 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
     """
     if not serve and data is None and export is None:
         raise UsageError("nothing to do: pass --data to sample pairs, --serve true to label, or --export FILE")
+    if data is None and any(option is not None for option in (model, adapter, model_b, adapter_b)):
+        raise UsageError("a policy (--model/--adapter) samples pairs only for prompts: add --data prompts.jsonl")
     if export is not None and data is not None:
         raise UsageError("--export writes the labels already in the store; drop --data (sample and serve first)")
     path = sqlite_path(store)  # a bad URL is refused first

@@ -87,6 +87,7 @@ def test_export_round_trips_the_preferences(tmp_path):
      "does not exist"),
     (["--store", "sqlite:///{tmp}/l.db", "--serve", "false", "--data", "{prompts}"], "--data needs --model"),
     (["--store", "sqlite:///{tmp}/l.db"], "no label store at"),
+    (["--store", "sqlite:///{tmp}/empty.db", "--model", "m"], "add --data prompts.jsonl"),
     (["--store", "sqlite:///{tmp}/empty.db"], "holds no pairs to label"),
     (["--store", "sqlite:///{tmp}/l.db", "--serve", "false", "--data", "{prompts}", "--model", "m", "--top_p", "2"],
      "top_p"),
