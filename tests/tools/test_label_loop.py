@@ -1,6 +1,6 @@
 """The whole loop on a tiny policy, through benchmarks/label_loop.py's own steps: sample pairs and label
-them through the page's API, train DPO from the store (configs/demo_dpo_labels.yaml), sample again
-from the new policy against the old one."""
+them through the page's API, train DPO from the store (configs/demo_dpo_labels.yaml), sample the next
+round's pairs from the new policy against the old one."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,7 @@ import pytest
 
 from flan_rlhf.eval.report import read_scalar_curves
 from flan_rlhf.label_store import LabelStore
-from tests.conftest import CHECKOUT, PROMPTS
+from tests.conftest import CHECKOUT, PROMPTS, run_command
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,14 @@ def test_label_train_and_sample_again(tmp_path, tiny_model_dir, label_loop):
     (curves,) = read_scalar_curves(tmp_path / "logs").values()
     assert len(curves["rewards/accuracies"][0]) == 2  # two DPO steps on the labelled pairs
 
-    second = f"sqlite:///{tmp_path}/round2.db"
-    label_loop.label_on_the_page(second, [*sampling, "--model", tiny_model_dir, "--adapter_b", str(adapter)], log,
-                                 longer_is_better)
-    round2 = LabelStore(second).judgements()
-    assert round2 and all(j["source_a"]["adapter"] is None and j["source_b"]["adapter"] == str(adapter) for j in round2)
+    second = f"sqlite:///{tmp_path}/round2.db"  # the next round's pairs (served as round 1's were)
+    code, _, err = run_command("label", "--store", second, *sampling, "--model", tiny_model_dir, "--adapter_b",
+                               str(adapter), "--serve", "false")
+    assert code == 0, err[-2000:]
+    store = LabelStore(second)
+    while (pair := store.next_pair("clientNEXT")) is not None:
+        store.add_label(pair.id, "clientNEXT", longer_is_better(pair.left, pair.right), "ann")
+    assert store.progress()["labelled"] == store.progress()["total"] > 0
+    assert all(j["source_a"]["adapter"] is None and j["source_b"]["adapter"] == str(adapter)
+               for j in store.judgements())
     assert "Traceback" not in (tmp_path / "commands.log").read_text()
