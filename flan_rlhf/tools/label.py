@@ -9,8 +9,9 @@
 
 Sampling adds a pair for each prompt of ``--data`` the store has no pair for from the same two
 sources (so a restart samples nothing and serves where it stopped); two responses per prompt from
-``--model``/``--adapter``, or one from it and one from ``--model_b``/``--adapter_b``. Pairs whose
-two responses are the same text are not stored (nothing to choose between).
+``--model``/``--adapter``, or one from it and one from ``--model_b``/``--adapter_b``. A pair whose
+two responses are the same text has its second drawn again (``--redraws``, 2), and is not stored if
+they stay the same (nothing to choose between).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time
 from typing import Any
 
 import torch
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from flan_rlhf.interrupts import set_activity
 from flan_rlhf.label_store import LabelStore, LabelStoreError, preference_pairs, sqlite_path
@@ -43,21 +44,35 @@ def source_of(model: str, adapter: str | None, generation: GenerationSettings, s
             "seed": seed, "draw": draw}
 
 
-def sample_pairs(prompts: list[str], policy_a: tuple, policy_b: tuple | None, generation: GenerationSettings,
-                 seed: int, batch_size: int, max_prompt_tokens: int) -> tuple[list[str], list[str]]:
-    """``(responses_a, responses_b)`` for ``prompts``: two draws from ``policy_a`` (a ``(model, tokenizer)``),
-    or one from it and one from ``policy_b``."""
-    with RowProgress(len(prompts) * 2, "sample") as progress:
-        def draw(policy, texts: list[str], offset: int) -> list[str]:
-            torch.manual_seed(seed + offset)
-            net, tokenizer = policy
-            return decode(tokenizer, generate_ids(net, tokenizer, texts, generation, batch_size=batch_size,
-                                                  max_prompt_tokens=max_prompt_tokens, progress=progress))
+def same_text(a: str, b: str) -> bool:
+    """Two responses a labeller could not tell apart (equal but for surrounding whitespace)."""
+    return a.strip() == b.strip()
 
+
+def sample_pairs(prompts: list[str], policy_a: tuple, policy_b: tuple | None, generation: GenerationSettings,
+                 seed: int, batch_size: int, max_prompt_tokens: int, redraws: int = 0) -> tuple[list[str], list[str]]:
+    """``(responses_a, responses_b)`` for ``prompts``: two draws from ``policy_a`` (a ``(model, tokenizer)``),
+    or one from it and one from ``policy_b``. While a pair's two responses are the same text, its ``b``
+    response is drawn again, up to ``redraws`` times (seed ``seed + 1 + r`` for the r-th redraw)."""
+    def draw(policy, texts: list[str], offset: int, progress: RowProgress | None) -> list[str]:
+        torch.manual_seed(seed + offset)
+        net, tokenizer = policy
+        return decode(tokenizer, generate_ids(net, tokenizer, texts, generation, batch_size=batch_size,
+                                              max_prompt_tokens=max_prompt_tokens, progress=progress))
+
+    with RowProgress(len(prompts) * 2, "sample") as progress:
         if policy_b is None:
-            both = draw(policy_a, prompts + prompts, 0)  # one call: the two draws of a prompt are independent samples
-            return both[:len(prompts)], both[len(prompts):]
-        return draw(policy_a, prompts, 0), draw(policy_b, prompts, 1)
+            both = draw(policy_a, prompts + prompts, 0, progress)  # one call: a prompt's two draws are independent
+            responses_a, responses_b = both[:len(prompts)], both[len(prompts):]
+        else:
+            responses_a, responses_b = draw(policy_a, prompts, 0, progress), draw(policy_b, prompts, 1, progress)
+    for redraw in range(1, redraws + 1):
+        same = [i for i, (a, b) in enumerate(zip(responses_a, responses_b)) if same_text(a, b)]
+        if not same:
+            break
+        for i, text in zip(same, draw(policy_b or policy_a, [prompts[i] for i in same], 1 + redraw, None)):
+            responses_b[i] = text
+    return responses_a, responses_b
 
 
 def export_pairs(store: LabelStore, path: str, overwrite: bool) -> str:
@@ -76,7 +91,7 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
           tokenizer: str | None = None, prompt_column: str = "prompt", template: str = "raw",
           max_prompts: PositiveInt | None = None, max_new_tokens: PositiveInt = 64, temperature: PositiveFloat = 1.0,
           top_k: int = 0, top_p: PositiveFloat = 1.0, batch_size: PositiveInt = 16, max_prompt_tokens: PositiveInt = 512,
-          seed: int = 0, serve: bool = True, host: str = "127.0.0.1", port: PositiveInt = 8765,
+          seed: int = 0, redraws: NonNegativeInt = 2, serve: bool = True, host: str = "127.0.0.1", port: PositiveInt = 8765,
           token: str | None = None, labeller: str | None = None, lease_seconds: PositiveFloat = 600.0,
           export: str | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> str:
     """Sample pairs of responses, serve a page to judge them, and export the judgements.
@@ -102,6 +117,9 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
         batch_size: prompts per decoding call.
         max_prompt_tokens: prompts are truncated to this many tokens.
         seed: the sampling seed (and the draw of which response is shown on the left).
+        redraws: while a pair's two responses are the same text, draw its second response again, up
+            to this many times; pairs still the same are left out (nothing to choose between). A
+            confident policy (a fine-tuned summariser) gives many such pairs.
         serve: serve the labelling page after sampling (``false``: only sample).
         host: the address to serve on. 127.0.0.1 (default) is this machine only; any other address
             needs a ``token`` (one is made and printed if none is given).
@@ -136,7 +154,7 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
         added = 0
         if data is not None:
             added = add_sampled_pairs(labels, prompts, generation, model, adapter, model_b, adapter_b, tokenizer,
-                                      batch_size, max_prompt_tokens, seed, trust_remote_code)
+                                      batch_size, max_prompt_tokens, seed, redraws, trust_remote_code)
         progress = labels.progress()
         summary = f"label: {added} new pairs; {progress['labelled']} of {progress['total']} labelled in {store}"
         if serve:
@@ -164,12 +182,12 @@ def prompts_to_sample(data: str, model: str | None, prompt_column: str, template
 
 def add_sampled_pairs(labels: LabelStore, prompts: list[str], generation: GenerationSettings, model: str,
                       adapter: str | None, model_b: str | None, adapter_b: str | None, tokenizer: str | None,
-                      batch_size: int, max_prompt_tokens: int, seed: int, trust_remote_code: bool) -> int:
+                      batch_size: int, max_prompt_tokens: int, seed: int, redraws: int, trust_remote_code: bool) -> int:
     """Sample and store a pair for each of ``prompts`` the store lacks; returns how many were added."""
     two_policies = model_b is not None or adapter_b is not None
     name_b = model_b or model
     source_a = source_of(model, adapter, generation, seed, 1)
-    source_b = source_of(name_b, adapter_b, generation, seed, 1 if two_policies else 2)
+    source_b = {**source_of(name_b, adapter_b, generation, seed, 1 if two_policies else 2), "redraws": redraws}
     have = labels.prompts_with_pairs(source_a, source_b)
     todo = [prompt for prompt in prompts if prompt not in have]
     if not todo:
@@ -181,12 +199,12 @@ def add_sampled_pairs(labels: LabelStore, prompts: list[str], generation: Genera
         net_b, tok_b, _ = load_generation_model(name_b, adapter_b, tokenizer, None, trust_remote_code)
         policy_b = (net_b, tok_b)
     responses_a, responses_b = sample_pairs(todo, (net_a, tok_a), policy_b, generation, seed, batch_size,
-                                            max_prompt_tokens)
+                                            max_prompt_tokens, redraws)
     pairs = [{"prompt": prompt, "response_a": a, "response_b": b, "source_a": source_a, "source_b": source_b}
-             for prompt, a, b in zip(todo, responses_a, responses_b) if a.strip() != b.strip()]
+             for prompt, a, b in zip(todo, responses_a, responses_b) if not same_text(a, b)]
     added = labels.add_pairs(pairs, seed=seed)
     print(f"label: sampled {len(todo)} pairs in {seconds(time.perf_counter() - started)}; stored {added} "
-          f"({len(todo) - added} with two identical responses left out)", flush=True)
+          f"({len(todo) - added} with two identical responses after {redraws} redraws left out)", flush=True)
     return added
 
 

@@ -211,3 +211,34 @@ def test_the_token_can_come_from_the_environment(tmp_path):
     finally:
         server.stop()
     assert "from-env-token" not in (tmp_path / "server.log").read_text()  # not printed: its owner set it
+
+
+def test_a_pair_of_the_same_text_is_drawn_again(monkeypatch):
+    """``b`` responses equal to their ``a`` are drawn again, each redraw with its own seed, only for those prompts."""
+    import torch
+
+    from flan_rlhf.settings import GenerationSettings
+    from flan_rlhf.tools import label
+
+    calls = []
+    scripted = {0: ["x", "y", "z", "x", "q", "z"],  # the first call: a then b for 3 prompts; prompts 0 and 2 the same
+                2: ["x", "w"],                      # redraw 1 of prompts 0 and 2: prompt 0 still the same
+                3: ["v"]}                           # redraw 2 of prompt 0
+
+    def fake_generate_ids(net, tokenizer, prompts, generation, **kwargs):
+        offset = int(torch.initial_seed()) - 7
+        calls.append((offset, list(prompts)))
+        return scripted[offset]
+
+    monkeypatch.setattr(label, "generate_ids", fake_generate_ids)
+    monkeypatch.setattr(label, "decode", lambda tokenizer, ids: list(ids))
+    prompts = ["p0", "p1", "p2"]
+    a, b = label.sample_pairs(prompts, ("net", "tok"), None, GenerationSettings(), seed=7, batch_size=4,
+                              max_prompt_tokens=32, redraws=2)
+    assert (a, b) == (["x", "y", "z"], ["v", "q", "w"])
+    assert calls == [(0, prompts + prompts), (2, ["p0", "p2"]), (3, ["p0"])]
+    calls.clear()
+    scripted[0] = ["x", "y", "z", "x", "q", "z"]
+    assert label.sample_pairs(prompts, ("net", "tok"), None, GenerationSettings(), seed=7, batch_size=4,
+                              max_prompt_tokens=32, redraws=0) == (["x", "y", "z"], ["x", "q", "z"])
+    assert len(calls) == 1
