@@ -144,6 +144,9 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
     path = sqlite_path(store)  # a bad URL is refused first
     if data is None and export is None and path is not None and not os.path.isfile(path):
         raise UsageError(f"no label store at {path} - pass --data prompts.jsonl and --model to sample pairs into it")
+    database_files = {os.path.abspath(path) + suffix for suffix in ("", "-wal", "-shm", "-journal")} if path else set()
+    if export is not None and os.path.abspath(export) in database_files:
+        raise UsageError(f"--export {export} would write over the label store itself - name a .jsonl file")
     if data is not None:  # checked before the store is made
         prompts, generation = prompts_to_sample(data, model, prompt_column, template, max_prompts, max_new_tokens,
                                                 temperature, top_k, top_p)
@@ -160,12 +163,20 @@ def label(store: str = "sqlite:///labels.db", data: str | None = None, model: st
         if serve:
             if progress["total"] == 0:
                 raise UsageError(f"the store {store} holds no pairs to label - pass --data prompts.jsonl and --model")
-            serve_page(labels, host, port, token, labeller or getpass.getuser())
+            serve_page(labels, host, port, token, labeller or user_name())
             progress = labels.progress()
             summary = f"label: {progress['labelled']} of {progress['total']} labelled in {store}"
         return summary
     finally:
         labels.close()
+
+
+def user_name() -> str:
+    """The login name, the default labeller (``labeller`` where there is none, as in some containers)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "labeller"
 
 
 def prompts_to_sample(data: str, model: str | None, prompt_column: str, template: str, max_prompts: int | None,

@@ -77,6 +77,10 @@ def test_export_round_trips_the_preferences(tmp_path):
     code, _, err = run_command("label", "--store", url, "--export", str(out_file))  # never overwritten unasked
     assert code == 2 and "already exists - pass --overwrite true" in error_lines(err)[0]
     assert [json.loads(line) for line in out_file.read_text().splitlines()] == rows
+    database = (tmp_path / "labels.db").read_bytes()
+    code, _, err = run_command("label", "--store", url, "--export", str(tmp_path / "labels.db"), "--overwrite", "true")
+    assert code == 2 and "would write over the label store itself" in error_lines(err)[0]
+    assert (tmp_path / "labels.db").read_bytes() == database
 
 
 @pytest.mark.parametrize("args, message", [
