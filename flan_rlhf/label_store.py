@@ -167,12 +167,12 @@ class LabelStore:
                                   "pass a label store written by `flan-rlhf label`, or a new file") from None
 
     def _open(self, create: bool) -> None:
-        tables = set(sa.inspect(self.engine).get_table_names())
-        if not tables and create:
-            with self.engine.begin() as conn:
+        with self.engine.begin() as conn:  # looked at and made in one transaction: two commands starting on
+            tables = set(sa.inspect(conn).get_table_names())  # one new file make it once (BEGIN IMMEDIATE)
+            if not tables and create:
                 metadata.create_all(conn)
                 conn.execute(meta_table.insert().values(key="schema", value=SCHEMA))
-            return
+                return
         if "meta" not in tables:
             what = "an empty database" if not tables else f"a database of other tables ({', '.join(sorted(tables))})"
             raise LabelStoreError(f"label store {self.url!r} is {what}, not a label store - "

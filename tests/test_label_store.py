@@ -211,3 +211,24 @@ def test_an_unreachable_server_database_is_one_line():
     url = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/labels"  # nothing listens there
     with pytest.raises(LabelStoreError, match="cannot be reached .* - check that the database server runs"):
         LabelStore(url)
+
+
+def test_two_commands_starting_on_one_new_file_make_the_store_once(tmp_path):
+    url = f"sqlite:///{tmp_path}/new.db"
+    start, errors = threading.Barrier(4), []
+
+    def open_store() -> None:
+        start.wait()
+        try:
+            LabelStore(url, create=True).close()
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    with sqlite3.connect(tmp_path / "new.db") as conn:
+        assert conn.execute("SELECT key, value FROM meta").fetchall() == [("schema", "flan-rlhf-labels 1")]
