@@ -11,7 +11,8 @@ Routes: ``GET /`` the page (it holds no data); ``GET /api/next?client=ID`` the p
 should judge (leased to it) and the progress; ``POST /api/label`` one judgement; ``POST /api/undo``
 the page's latest judgement taken back. Errors are ``{"error": "<one line>"}`` with 401 (token),
 404 (unknown pair), 409 (a replayed label, a pair another page holds, nothing to undo) or 422
-(a malformed body, or a body not sent as ``application/json``, which a cross-site form cannot send).
+(a malformed body, or a body not sent as ``application/json``, which a cross-site form cannot send),
+or 503 when the database fails (a full disk, a lost server: the transaction is rolled back).
 With a token set, every ``/api`` request must carry it in ``X-Label-Token``; the page asks for it.
 Served on loopback, only requests naming a loopback host are answered (400 otherwise).
 """
@@ -22,6 +23,7 @@ import ipaddress
 from importlib import resources
 from typing import Literal
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -111,6 +113,12 @@ def create_app(store: LabelStore, default_labeller: str = "labeller", token: str
         problems = "; ".join(f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}"
                              for e in err.errors()[:3])
         return JSONResponse({"error": f"malformed request ({problems}) - nothing was written"}, status_code=422)
+
+    @app.exception_handler(sa.exc.SQLAlchemyError)
+    async def store_failed(_request: Request, err: sa.exc.SQLAlchemyError):  # a full disk, a lost database server
+        reason = str(getattr(err, "orig", None) or err).splitlines()[0]
+        return JSONResponse({"error": f"the label store could not be used ({reason}) - its transaction was rolled "
+                                      "back, nothing was written; press again once it is fixed"}, status_code=503)
 
     @app.exception_handler(LabelRefused)
     async def refused(_request: Request, err: LabelRefused):

@@ -113,3 +113,28 @@ def test_a_body_not_sent_as_json_is_refused(store):
     body = json.dumps({"pair_id": pair["pair_id"], "client": A, "choice": "left", "labeller": "ann"})
     response = client.post("/api/label", content=body, headers={"Content-Type": "text/plain"})
     assert response.status_code == 422 and store.judgements() == []
+
+
+def test_a_failing_database_is_a_503_line_and_the_label_is_not_stored(store, tmp_path):
+    import sqlite3
+
+    client = TestClient(create_app(store))
+    pair = client.get("/api/next", params={"client": A}).json()["pair"]
+    store_insert = store.engine.dialect.do_execute
+
+    def full_disk(cursor, statement, parameters, context=None):
+        if statement.startswith("INSERT INTO labels"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return store_insert(cursor, statement, parameters, context)
+
+    store.engine.dialect.do_execute = full_disk
+    try:
+        response = client.post("/api/label", json={"pair_id": pair["pair_id"], "client": A, "choice": "left",
+                                                   "labeller": "ann"})
+    finally:
+        store.engine.dialect.do_execute = store_insert
+    assert response.status_code == 503
+    assert "database or disk is full" in response.json()["error"] and "nothing was written" in response.json()["error"]
+    assert store.judgements() == []
+    retried = client.post("/api/label", json={"pair_id": pair["pair_id"], "client": A, "choice": "left", "labeller": "ann"})
+    assert retried.status_code == 200 and len(store.judgements()) == 1  # the pair is still this page's
