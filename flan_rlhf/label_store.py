@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -124,8 +125,6 @@ def _engine(url: str) -> sa.Engine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA busy_timeout = 30000")
-            if sqlite_path(url) is not None:
-                cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = FULL")
             cursor.close()
 
@@ -169,10 +168,13 @@ class LabelStore:
     def _open(self, create: bool) -> None:
         with self.engine.begin() as conn:  # looked at and made in one transaction: two commands starting on
             tables = set(sa.inspect(conn).get_table_names())  # one new file make it once (BEGIN IMMEDIATE)
-            if not tables and create:
+            made = not tables and create
+            if made:
                 metadata.create_all(conn)
                 conn.execute(meta_table.insert().values(key="schema", value=SCHEMA))
-                return
+        if made:
+            self._use_write_ahead_log()
+            return
         if "meta" not in tables:
             what = "an empty database" if not tables else f"a database of other tables ({', '.join(sorted(tables))})"
             raise LabelStoreError(f"label store {self.url!r} is {what}, not a label store - "
@@ -181,6 +183,28 @@ class LabelStore:
             schema = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema")).scalar()
         if schema != SCHEMA:
             raise LabelStoreError(f"label store {self.url!r} has schema {schema!r}; this flan-rlhf reads {SCHEMA!r}")
+
+    def _use_write_ahead_log(self) -> None:
+        """A new SQLite store switches to WAL once (the mode is kept in the file): readers never wait for the
+        writer. The switch needs the file to itself and SQLite's busy timeout does not cover it, so it is
+        retried while another command opening the store holds it (up to 30 s)."""
+        path = sqlite_path(self.url)
+        if path is None:
+            return
+        connection = self.engine.raw_connection()  # pysqlite in autocommit: the switch is refused in a transaction
+        try:
+            for attempt in range(300):
+                try:
+                    connection.cursor().execute("PRAGMA journal_mode = WAL")
+                    return
+                except sqlite3.OperationalError as err:
+                    if "locked" not in str(err):
+                        raise
+                    time.sleep(0.1)
+            raise LabelStoreError(f"label store {self.url!r} stayed locked by another process for 30 s - stop it "
+                                  "or wait, then run the command again")
+        finally:
+            connection.close()
 
     def close(self) -> None:
         self.engine.dispose()

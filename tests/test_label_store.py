@@ -232,3 +232,4 @@ def test_two_commands_starting_on_one_new_file_make_the_store_once(tmp_path):
     assert not errors
     with sqlite3.connect(tmp_path / "new.db") as conn:
         assert conn.execute("SELECT key, value FROM meta").fetchall() == [("schema", "flan-rlhf-labels 1")]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # kept in the file by its maker

@@ -74,9 +74,18 @@ def test_loading_a_saved_model_and_filtering_pairs_print_no_library_bar(tiny_mod
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"
                              for i in range(40)))
-    capfd.readouterr()
-    load_seq2seq_model(tiny_model_dir, False)
-    PreferenceDataModule(dataset=str(pairs), prompt_column="prompt").setup("fit")
-    err = capfd.readouterr().err
-    assert "Loading weights" not in err and "Filter" not in err, err
-    assert hf_logging.is_progress_bar_enabled() and datasets_logging.is_progress_bar_enabled()
+    was_on = hf_logging.is_progress_bar_enabled(), datasets_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # a tool run earlier in this process may have turned them off for good
+    datasets_logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        load_seq2seq_model(tiny_model_dir, False)
+        PreferenceDataModule(dataset=str(pairs), prompt_column="prompt").setup("fit")
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "Filter" not in err, err
+        assert hf_logging.is_progress_bar_enabled() and datasets_logging.is_progress_bar_enabled()
+    finally:
+        if not was_on[0]:
+            hf_logging.disable_progress_bar()
+        if not was_on[1]:
+            datasets_logging.disable_progress_bar()
