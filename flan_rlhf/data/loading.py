@@ -28,6 +28,7 @@ import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from flan_rlhf.io import DATASETS_BUILDERS, TextFileError, file_format, read_utf8
+from flan_rlhf.quiet import library_progress_bars_off
 
 DataFiles = Union[str, Sequence[str], dict[str, Union[str, Sequence[str]]]]
 
@@ -168,7 +169,8 @@ def _load_files(builder: str, files_by_split: dict[str, list[str]], cache_dir: s
             if not _is_remote(path):
                 check_text_file(path, builder)
         try:
-            loaded = datasets.load_dataset(builder, data_files={split: files}, cache_dir=cache_dir, **extra)
+            with library_progress_bars_off():  # local files load in a blink; the data lines say what was read
+                loaded = datasets.load_dataset(builder, data_files={split: files}, cache_dir=cache_dir, **extra)
         except Exception as err:  # datasets wraps parser errors in several exception types
             cause = _root_cause(err)
             if "corresponds to no data" in str(cause):  # e.g. a CSV file with only a header
