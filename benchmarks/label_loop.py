@@ -132,7 +132,7 @@ def main() -> None:
 
     from flan_rlhf.demo.corpus import INSULT_VOCABULARY
     from flan_rlhf.eval.metrics import InsultMatcher
-    from flan_rlhf.label_store import LabelStore
+    from flan_rlhf.label_store import LabelStore, without_preference
 
     matcher = InsultMatcher(INSULT_VOCABULARY)
     choose = partial(judge, matcher)
@@ -182,7 +182,7 @@ def main() -> None:
                    "demo_dir": args.demo_dir, "out": out},
     }
     print(f"round 1: {row['round1']['pairs']} pairs labelled, {row['round1']['preference_pairs']} with a preference "
-          f"({round1['tie']} ties, {round1['both_unacceptable']} both unacceptable) in {label_s:.0f} s\n"
+          f"({without_preference(round1)}) in {label_s:.0f} s\n"
           f"DPO from the store: {args.steps} steps in {dpo_s:.0f} s\n"
           f"round 2 ({len(judgements)} test prompts): insult share SFT {row['round2']['insult_fraction_sft']:.3f} -> "
           f"new policy {row['round2']['insult_fraction_new']:.3f}; the new policy wins {new_wins} of "

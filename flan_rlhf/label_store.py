@@ -147,7 +147,7 @@ class LabelStore:
     def __init__(self, url: str, create: bool = False, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.url = url
         self.lease_seconds = lease_seconds
-        path = sqlite_path(url)
+        self.path = path = sqlite_path(url)  # None: not a SQLite file
         if path is not None and not create and not os.path.isfile(path):
             raise LabelStoreError(f"no label store at {path} ({url}) - label pairs first with "
                                   f"`flan-rlhf label --store {url} ...`, or fix the path")
@@ -188,8 +188,7 @@ class LabelStore:
         """A new SQLite store switches to WAL once (the mode is kept in the file): readers never wait for the
         writer. The switch needs the file to itself and SQLite's busy timeout does not cover it, so it is
         retried while another command opening the store holds it (up to 30 s)."""
-        path = sqlite_path(self.url)
-        if path is None:
+        if self.path is None:
             return
         connection = self.engine.raw_connection()  # pysqlite in autocommit: the switch is refused in a transaction
         try:
@@ -349,3 +348,8 @@ def preference_pairs(judgements: Sequence[dict[str, Any]]) -> tuple[list[dict[st
         else:
             rows.append({"prompt": judgement["prompt"], "chosen": judgement["chosen"], "rejected": judgement["rejected"]})
     return rows, skipped
+
+
+def without_preference(skipped: dict[str, int]) -> str:
+    """How many labels carried no preference, as messages say it: ``"2 ties, 1 both unacceptable"``."""
+    return f"{skipped['tie']} ties, {skipped['both_unacceptable']} both unacceptable"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -66,21 +67,24 @@ def library_progress_bars_off() -> Iterator[None]:
 
     For steps of a fraction of a second inside a command that shows its own progress: loading a saved
     model ("Loading weights"), writing one small file, filtering a small table ("Filter"); their bars
-    would be the only foreign lines around the project's.
+    would be the only foreign lines around the project's. ``datasets``' bars are switched only where
+    ``datasets`` is already imported (the data modules import it first), so loading a model for
+    ``generate`` or ``label`` does not import it (~0.4 s).
     """
-    from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as hf_logging
 
-    transformers_on, datasets_on = hf_logging.is_progress_bar_enabled(), datasets_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    datasets_logging.disable_progress_bar()
+    datasets_logging = sys.modules.get("datasets.utils.logging")
+    switched = [(hf_logging, hf_logging.is_progress_bar_enabled())]
+    if datasets_logging is not None:
+        switched.append((datasets_logging, datasets_logging.is_progress_bar_enabled()))
+    for library, _ in switched:
+        library.disable_progress_bar()
     try:
         yield
     finally:
-        if transformers_on:
-            hf_logging.enable_progress_bar()
-        if datasets_on:
-            datasets_logging.enable_progress_bar()
+        for library, was_on in switched:
+            if was_on:
+                library.enable_progress_bar()
 
 
 class _DropMatching(logging.Filter):

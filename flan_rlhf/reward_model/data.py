@@ -164,14 +164,14 @@ class PreferenceDataModule(L.LightningDataModule):
         ties and 'both unacceptable' labels left out are logged."""
         from datasets import Dataset
 
-        from flan_rlhf.label_store import LabelStore, preference_pairs  # sqlalchemy only, not the web server
+        from flan_rlhf.label_store import LabelStore, preference_pairs, without_preference  # sqlalchemy only
 
         labels = LabelStore(self.store)
         try:
             rows, skipped = preference_pairs(labels.judgements())
         finally:
             labels.close()
-        left_out = f"{skipped['tie']} ties, {skipped['both_unacceptable']} both unacceptable"
+        left_out = without_preference(skipped)
         if not rows:
             raise DataConfigError(f"the label store {self.store} holds no label that prefers one response "
                                   f"({left_out}) - label more pairs with `flan-rlhf label`")

@@ -27,7 +27,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from flan_rlhf.interrupts import set_activity
-from flan_rlhf.label_store import LabelStore, LabelStoreError, preference_pairs, sqlite_path
+from flan_rlhf.label_store import LabelStore, LabelStoreError, preference_pairs, sqlite_path, without_preference
 from flan_rlhf.progress import RowProgress, seconds
 from flan_rlhf.settings import GenerationSettings, SettingsError, check_generation_settings
 from flan_rlhf.tools.command import UsageError, run_tool
@@ -80,10 +80,9 @@ def export_pairs(store: LabelStore, path: str, overwrite: bool) -> str:
     rows, skipped = preference_pairs(store.judgements())
     if not rows:
         raise UsageError(f"the store {store.url} holds no label that prefers one response "
-                         f"({skipped['tie']} ties, {skipped['both_unacceptable']} both unacceptable) - label pairs first")
+                         f"({without_preference(skipped)}) - label pairs first")
     write_jsonl(rows, path, overwrite)
-    return (f"label: exported {len(rows)} preference pairs to {path} (left out: {skipped['tie']} ties, "
-            f"{skipped['both_unacceptable']} both unacceptable)")
+    return f"label: exported {len(rows)} preference pairs to {path} (left out: {without_preference(skipped)})"
 
 
 def label(store: str = "sqlite:///labels.db", data: str | None = None, model: str | None = None,
@@ -226,12 +225,13 @@ def serve_page(labels: LabelStore, host: str, port: int, token: str | None, labe
 
     from flan_rlhf.tools.label_page import LOOPBACK_NAMES, create_app, is_loopback
 
+    loopback = is_loopback(host)
     token = token or os.environ.get(TOKEN_VARIABLE) or None
-    if not is_loopback(host) and token is None:
+    if not loopback and token is None:
         token = secrets.token_urlsafe(16)
         print(f"label: serving on {host} needs a token; labellers type this one into the page: {token}", flush=True)
     app = create_app(labels, default_labeller=labeller, token=token,
-                     allowed_hosts=LOOPBACK_NAMES if is_loopback(host) else None)
+                     allowed_hosts=LOOPBACK_NAMES if loopback else None)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:  # bound here, not by uvicorn, so a taken port is one line (uvicorn logs it and exits 1)
         listener = socket.create_server((host, port), family=family)
