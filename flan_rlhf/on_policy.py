@@ -545,12 +545,11 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
-        keep_base = self.policy_spec.name_or_path is None  # built from config: the base is part of the run
         kept = self.checkpointed_keys(state)
         for key in list(state):
             if key not in kept:
                 del state[key]
-        if self.actor.frozen_reference is not None and keep_base:  # sharded: every process gathers, process 0 writes
+        if self.actor.frozen_reference is not None and self.base_is_checkpointed:  # sharded: all gather, process 0 writes
             checkpoint["flan_rlhf_reference"] = (full_state_dict(self.actor.frozen_reference)
                                                  if is_sharded(self.actor) else self.actor.frozen_reference.state_dict())
         checkpoint["flan_rlhf"] = {
@@ -567,10 +566,14 @@ class OnPolicyModule(GuardedExportMixin, EvaluationMixin, PromptLimitOfPolicy, L
         """Which of the module's ``state_dict`` keys a checkpoint keeps: not the full fine-tuning reference
         (saved apart, whole, when the base was built from ``t5_config``), and with LoRA over a base that
         loads again from its name, only the trainable tensors (LoRA, value head)."""
-        keep_base = self.policy_spec.name_or_path is None  # built from config: the base is part of the run
         trainable = {f"actor.{k}" for k in self.actor.trainable_state_dict()}
         return {key for key in keys if not key.startswith("actor.frozen_reference.")
-                and (not self.actor.uses_lora or keep_base or key in trainable)}
+                and (not self.actor.uses_lora or self.base_is_checkpointed or key in trainable)}
+
+    @property
+    def base_is_checkpointed(self) -> bool:
+        """Built from ``t5_config`` (no name to load it from again): the base weights are part of the run's state."""
+        return self.policy_spec.name_or_path is None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
